@@ -1,0 +1,64 @@
+"""Shapes shared by both custom resources: camelCase fields, conditions, metadata."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "mlkube.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes quantities such as "500m", "2", "4Gi".
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class CamelModel(BaseModel):
+    """Fields are snake_case in Python and camelCase in YAML; unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=False,
+    )
+
+    def to_k8s(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes metadata mlkube reads; the rest is kept as is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Resources(CamelModel):
+    """CPU and memory for one container, as Kubernetes quantities (requests = limits)."""
+
+    cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
+    memory: str = Field(default="2Gi", pattern=QUANTITY_PATTERN)
+
+
+class MlflowSettings(CamelModel):
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; the operator's default when omitted."
+    )
+
+
+class Condition(CamelModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None

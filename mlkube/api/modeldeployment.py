@@ -1,0 +1,111 @@
+"""ModelDeployment: serve the version an MLflow alias points at, as a KServe InferenceService."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from mlkube.api.common import (
+    API_VERSION,
+    CamelModel,
+    Condition,
+    MlflowSettings,
+    ObjectMeta,
+    Resources,
+)
+from mlkube.api.trainingrun import MODEL_NAME_PATTERN
+
+DEFAULT_ALIAS = "champion"
+
+
+class ModelSelector(CamelModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.alias) && has(self.version))",
+                    "message": "give alias or version, not both",
+                }
+            ]
+        }
+    )
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="MLflow registered model name.")
+    alias: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="Alias to follow; champion when neither alias nor version is given.",
+    )
+    version: int | None = Field(default=None, ge=1, description="Pin a version (rollback).")
+
+    @model_validator(mode="after")
+    def _alias_or_version(self) -> ModelSelector:
+        if self.alias is not None and self.version is not None:
+            raise ValueError("give alias or version, not both")
+        return self
+
+    @property
+    def followed_alias(self) -> str | None:
+        if self.version is not None:
+            return None
+        return self.alias or DEFAULT_ALIAS
+
+
+class Replicas(CamelModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.min <= self.max", "message": "min must not exceed max"}
+            ]
+        }
+    )
+
+    min: int = Field(default=1, ge=0, description="0 allows scale to zero.")
+    max: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class Canary(CamelModel):
+    traffic_percent: int = Field(ge=0, le=100)
+
+
+class ModelDeploymentSpec(CamelModel):
+    model: ModelSelector
+    protocol: Literal["v1", "v2"] = "v1"
+    ttl_seconds: int = Field(default=300, ge=0, description="Evict the model after idle seconds.")
+    replicas: Replicas = Field(default_factory=Replicas)
+    canary: Canary | None = None
+    resources: Resources = Field(default_factory=Resources)
+    image: str | None = Field(default=None, description="Predictor image; operator default.")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+
+class CanaryStatus(CamelModel):
+    version: int
+    traffic_percent: int
+
+
+class ModelDeploymentStatus(CamelModel):
+    phase: Literal["Pending", "Progressing", "Ready", "Failed"] = "Pending"
+    served_version: int | None = None
+    previous_version: int | None = None
+    canary: CanaryStatus | None = None
+    url: str | None = None
+    inference_service_name: str | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+
+
+class ModelDeployment(CamelModel):
+    api_version: Literal["mlkube.io/v1alpha1"] = API_VERSION
+    kind: Literal["ModelDeployment"] = "ModelDeployment"
+    metadata: ObjectMeta
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus | None = None

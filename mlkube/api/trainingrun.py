@@ -1,0 +1,159 @@
+"""TrainingRun: a tuning search whose best model is registered and maybe promoted."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from mlkube.api.common import (
+    API_VERSION,
+    CamelModel,
+    Condition,
+    MlflowSettings,
+    ObjectMeta,
+    Resources,
+)
+
+BUILTIN_TASKS = ("tabular", "insurance", "atmos-temperature", "mnist")
+# A user's own task: `package.module:function`.
+TASK_PATTERN = r"^([a-z][a-z0-9-]*|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
+IntBounds = Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
+class ParamDistribution(CamelModel):
+    """Exactly one distribution for one hyperparameter, e.g. `{loguniform: [1e-4, 1e-1]}`."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    uniform: Bounds | None = None
+    loguniform: Bounds | None = None
+    randint: IntBounds | None = Field(default=None, description="[low, high), high excluded")
+    choice: list[Any] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ParamDistribution:
+        given = [k for k in ("uniform", "loguniform", "randint", "choice") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of uniform, loguniform, randint, choice")
+        for key in ("uniform", "loguniform", "randint"):
+            low_high = getattr(self, key)
+            if low_high and not low_high[0] < low_high[1]:
+                raise ValueError(f"{key}: low must be below high")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: bounds must be positive")
+        return self
+
+
+class Dataset(CamelModel):
+    uri: str | None = Field(
+        default=None,
+        description="Any URI pandas/fsspec reads; omitted means the task's offline sample.",
+    )
+    target: str | None = Field(default=None, description="Label column (tabular tasks).")
+
+
+class ModelName(CamelModel):
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="MLflow registered model name.")
+
+
+class Tuning(CamelModel):
+    num_trials: int = Field(default=8, ge=1, le=10000)
+    max_concurrent_trials: int = Field(default=2, ge=1, le=1000)
+    metric: str | None = Field(default=None, description="Defaults to the task's metric.")
+    mode: Literal["min", "max"] | None = Field(default=None, description="Defaults per task.")
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    search_space: dict[str, ParamDistribution] = Field(default_factory=dict)
+    timeout_seconds: int | None = Field(default=None, ge=1)
+    seed: int = Field(default=0, ge=0)
+
+
+class Promotion(CamelModel):
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    min_improvement: float = Field(
+        default=0.0, ge=0.0, description="Relative improvement needed over the champion."
+    )
+    enabled: bool = True
+
+
+class RaySettings(CamelModel):
+    image: str = "mlkube/runtime:0.1.0"
+    workers: int = Field(default=1, ge=0, le=1000)
+    head: Resources = Field(default_factory=Resources)
+    worker: Resources = Field(default_factory=Resources)
+
+
+class TrainingRunSpec(CamelModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.task in %s || self.task.contains(':')"
+                    % list(BUILTIN_TASKS),
+                    "message": "unknown task; built-in tasks are "
+                    + ", ".join(BUILTIN_TASKS)
+                    + ", or give package.module:function",
+                    "fieldPath": ".task",
+                },
+                {"rule": "self == oldSelf", "message": "spec is immutable once created"},
+            ]
+        }
+    )
+
+    task: str = Field(pattern=TASK_PATTERN)
+    dataset: Dataset = Field(default_factory=Dataset)
+    model: ModelName
+    tuning: Tuning = Field(default_factory=Tuning)
+    promotion: Promotion = Field(default_factory=Promotion)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    ttl_seconds_after_finished: int = Field(default=300, ge=0)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if ":" not in task and task not in BUILTIN_TASKS:
+            raise ValueError(
+                f"unknown task {task!r}; built-in tasks are {', '.join(BUILTIN_TASKS)}, "
+                "or give package.module:function"
+            )
+        return task
+
+
+class TrialCounts(CamelModel):
+    completed: int = 0
+    total: int = 0
+
+
+class BestTrial(CamelModel):
+    metric: str
+    value: float
+    params: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainingRunStatus(CamelModel):
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    ray_job_name: str | None = None
+    mlflow_run_id: str | None = None
+    trials: TrialCounts | None = None
+    best: BestTrial | None = None
+    model_version: int | None = None
+    promoted: bool | None = None
+    promotion_reason: str | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+class TrainingRun(CamelModel):
+    api_version: Literal["mlkube.io/v1alpha1"] = API_VERSION
+    kind: Literal["TrainingRun"] = "TrainingRun"
+    metadata: ObjectMeta
+    spec: TrainingRunSpec
+    status: TrainingRunStatus | None = None

@@ -1,0 +1,55 @@
+"""Local mode: where things live on one machine, and the defaults that keep it offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Telemetry and phone-home switches of the stack; set unless the user chose otherwise.
+OFFLINE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Keeps every Ray socket on 127.0.0.1 (otherwise Ray picks eth0 and listens on all).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray would otherwise write ~/.ray/auth_token on the first ray.init.
+    "RAY_AUTH_MODE": "disabled",
+}
+
+# Ray's dashboard reads this file before it looks at RAY_USAGE_STATS_ENABLED; when the
+# file is missing it probes cloud metadata addresses (169.254.169.254 and
+# metadata.google.internal). Ray's cluster launcher writes it on head nodes; we do the same
+# for the Ray we start ourselves.
+RAY_BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
+
+
+def apply_offline_defaults() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def mlkube_home() -> Path:
+    return Path(os.environ.get("MLKUBE_HOME") or Path.home() / ".mlkube")
+
+
+def local_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else a sqlite store under the mlkube home."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = mlkube_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def local_artifact_root() -> str:
+    return str(mlkube_home() / "mlartifacts")
+
+
+def ensure_ray_bootstrap_config() -> Path:
+    """Write `{}` to ~/ray_bootstrap_config.yaml unless it exists (see RAY_BOOTSTRAP_CONFIG)."""
+    path = Path.home() / RAY_BOOTSTRAP_CONFIG
+    if not path.exists():
+        path.write_text("{}\n")
+    return path
