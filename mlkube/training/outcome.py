@@ -27,6 +27,8 @@ TAG_MODEL_VERSION = "mlkube.model.version"
 TAG_PROMOTED = "mlkube.promoted"
 TAG_PROMOTION_REASON = "mlkube.promotion.reason"
 TAG_ERROR = "mlkube.error"
+# "parent" on the TrainingRun's run, "trial" on each nested trial run.
+TAG_ROLE = "mlkube.role"
 # Standard MLflow tag that makes a run a child of another.
 TAG_PARENT_RUN = "mlflow.parentRunId"
 
@@ -79,4 +81,4 @@ def outcome_from_tags(run_id: str, state: str, tags: dict[str, str]) -> Outcome:
 
 def trainingrun_filter(uid: str) -> str:
     """MLflow search filter for the parent run of one TrainingRun."""
-    return f"tags.`{TAG_UID}` = '{uid}' and tags.`{TAG_PARENT_RUN}` IS NULL"
+    return f"tags.`{TAG_UID}` = '{uid}' and tags.`{TAG_ROLE}` = 'parent'"
