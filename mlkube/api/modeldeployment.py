@@ -95,6 +95,8 @@ class ModelDeploymentStatus(CamelModel):
     phase: Literal["Pending", "Progressing", "Ready", "Failed"] = "Pending"
     served_version: int | None = None
     previous_version: int | None = None
+    # A version whose revision failed: not rolled out again until the alias moves on.
+    failed_version: int | None = None
     canary: CanaryStatus | None = None
     url: str | None = None
     inference_service_name: str | None = None
