@@ -1,0 +1,95 @@
+"""ModelDeployment -> KServe InferenceService (serving.kserve.io/v1beta1), built as plain data.
+
+The model version is pinned in the predictor's arguments (never an alias): pods are
+immutable, following the alias is the operator's job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlkube.api.modeldeployment import ModelDeployment
+from mlkube.operator.names import (
+    ANNOTATION_DEPLOYMENT_MODE,
+    ANNOTATION_MODEL_VERSION,
+    LABEL_MODELDEPLOYMENT,
+    MANAGED_BY,
+    OPERATOR_NAME,
+    inferenceservice_name,
+)
+from mlkube.operator.settings import RAW_DEPLOYMENT_MODES, TELEMETRY_OFF_ENV
+
+ISVC_API_VERSION = "serving.kserve.io/v1beta1"
+# KServe routes to the container with this name.
+PREDICTOR_CONTAINER = "kserve-container"
+PREDICTOR_MODULE = "mlkube.model_servers"
+
+
+def model_uri(name: str, version: int) -> str:
+    return f"models:/{name}/{version}"
+
+
+def is_raw_mode(deployment_mode: str | None) -> bool:
+    return deployment_mode in RAW_DEPLOYMENT_MODES
+
+
+def predictor_args(deployment: ModelDeployment, version: int, http_port: int) -> list[str]:
+    spec = deployment.spec
+    return [
+        "--model-name", spec.model.name,
+        "--model-uri", model_uri(spec.model.name, version),
+        "--ttl-seconds", str(spec.ttl_seconds),
+        "--protocol", spec.protocol,
+        "--http_port", str(http_port),
+    ]  # fmt: skip
+
+
+def build_inferenceservice(
+    deployment: ModelDeployment,
+    version: int,
+    *,
+    tracking_uri: str,
+    image: str,
+    http_port: int = 8080,
+    canary_traffic_percent: int | None = None,
+    deployment_mode: str | None = None,
+) -> dict[str, Any]:
+    """The InferenceService serving `version`; the owner reference is added by the caller.
+
+    `canary_traffic_percent` sends that share to this version and the rest to the last
+    rolled-out one (KServe keeps track of it); it is dropped in raw deployment mode, where
+    KServe does not support it.
+    """
+    spec = deployment.spec
+    amounts = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV}
+    container = {
+        "name": PREDICTOR_CONTAINER,
+        "image": spec.image or image,
+        "command": ["python", "-m", PREDICTOR_MODULE],
+        "args": predictor_args(deployment, version, http_port),
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "ports": [{"containerPort": http_port, "protocol": "TCP"}],
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+    }
+    predictor: dict[str, Any] = {
+        "minReplicas": spec.replicas.min,
+        "maxReplicas": spec.replicas.max,
+        "containers": [container],
+    }
+    if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):
+        predictor["canaryTrafficPercent"] = canary_traffic_percent
+    annotations = {ANNOTATION_MODEL_VERSION: str(version)}
+    if deployment_mode:
+        annotations[ANNOTATION_DEPLOYMENT_MODE] = deployment_mode
+    return {
+        "apiVersion": ISVC_API_VERSION,
+        "kind": "InferenceService",
+        "metadata": {
+            "name": inferenceservice_name(deployment.metadata.name),
+            "namespace": deployment.metadata.namespace,
+            "labels": {MANAGED_BY: OPERATOR_NAME, LABEL_MODELDEPLOYMENT: deployment.metadata.name},
+            "annotations": annotations,
+        },
+        "spec": {"predictor": predictor},
+    }

@@ -1,0 +1,108 @@
+"""The few Kubernetes API calls the handlers make, on the official client."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, cast
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+FIELD_MANAGER = "mlkube-operator"
+
+_api: client.ApiClient | None = None
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+
+RAYJOB = Kind("ray.io", "v1", "rayjobs", "RayJob")
+INFERENCESERVICE = Kind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService")
+
+
+def configure() -> None:
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    global _api
+    with _lock:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        _api = client.ApiClient()
+
+
+def _custom() -> client.CustomObjectsApi:
+    if _api is None:
+        configure()
+    return client.CustomObjectsApi(_api)
+
+
+def get(kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        found = _custom().get_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, name
+        )
+        return cast(dict[str, Any], found)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def patch(kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch (a None value removes a field; lists are replaced whole)."""
+    patched = _custom().patch_namespaced_custom_object(
+        kind.group, kind.version, namespace, kind.plural, name, body, field_manager=FIELD_MANAGER
+    )
+    return cast(dict[str, Any], patched)
+
+
+def _owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner_uid for ref in refs)
+
+
+def create_or_adopt(
+    kind: Kind, manifest: dict[str, Any], owner_uid: str
+) -> tuple[dict[str, Any], bool]:
+    """Create the child; on 409 take the existing one if it is ours or nobody's.
+
+    Returns (object, created). A child of the same name that belongs to another owner
+    (say, a deleted TrainingRun's RayJob that the garbage collector has not removed yet)
+    is a temporary error: kopf retries later.
+    """
+    meta = manifest["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        created = _custom().create_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, manifest,
+            field_manager=FIELD_MANAGER,
+        )  # fmt: skip
+        return cast(dict[str, Any], created), True
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    existing = get(kind, namespace, name)
+    if existing is None:
+        raise kopf.TemporaryError(f"{kind.kind} {name} was being deleted; retrying", delay=2)
+    if _owned_by(existing, owner_uid):
+        return existing, False
+    controllers = [
+        ref for ref in existing["metadata"].get("ownerReferences") or [] if ref.get("controller")
+    ]
+    if controllers:
+        raise kopf.TemporaryError(
+            f"{kind.kind} {name} belongs to {controllers[0].get('kind')} "
+            f"{controllers[0].get('name')} (uid {controllers[0].get('uid')}); waiting for it to go",
+            delay=5,
+        )
+    refs = [*(existing["metadata"].get("ownerReferences") or []), *meta["ownerReferences"]]
+    return patch(kind, namespace, name, {"metadata": {"ownerReferences": refs}}), False

@@ -1,0 +1,110 @@
+"""TrainingRun -> KubeRay RayJob (ray.io/v1), built as plain data."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+import yaml
+
+from mlkube.api.common import Resources
+from mlkube.api.trainingrun import TrainingRun
+from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
+from mlkube.operator.settings import TELEMETRY_OFF_ENV
+
+RAYJOB_API_VERSION = "ray.io/v1"
+TRAIN_MODULE = "mlkube.flows.train"
+
+
+def tracking_uri_for(run: TrainingRun, default: str) -> str:
+    return run.spec.mlflow.tracking_uri or default
+
+
+def handed_over(run: TrainingRun) -> dict[str, Any]:
+    """The TrainingRun as the train flow receives it: identity and spec, no status."""
+    meta = run.metadata
+    metadata = {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid}
+    return {
+        "apiVersion": run.api_version,
+        "kind": run.kind,
+        "metadata": {k: v for k, v in metadata.items() if v is not None},
+        "spec": run.spec.to_k8s(),
+    }
+
+
+def entrypoint(run: TrainingRun) -> str:
+    spec_json = json.dumps(handed_over(run), separators=(",", ":"), sort_keys=True)
+    return f"python -m {TRAIN_MODULE} --spec-json {shlex.quote(spec_json)}"
+
+
+def runtime_env_yaml(tracking_uri: str) -> str:
+    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV}
+    return yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
+
+
+def _resources(resources: Resources) -> dict[str, Any]:
+    amounts = {"cpu": resources.cpu, "memory": resources.memory}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _pod_template(container_name: str, image: str, resources: Resources) -> dict[str, Any]:
+    env = [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())]
+    return {
+        "spec": {
+            "containers": [
+                {
+                    "name": container_name,
+                    "image": image,
+                    "resources": _resources(resources),
+                    "env": env,
+                }
+            ]
+        }
+    }
+
+
+def ray_cluster_spec(run: TrainingRun) -> dict[str, Any]:
+    ray = run.spec.ray
+    cluster: dict[str, Any] = {
+        "headGroupSpec": {
+            "rayStartParams": {},
+            "template": _pod_template("ray-head", ray.image, ray.head),
+        }
+    }
+    if ray.workers > 0:
+        cluster["workerGroupSpecs"] = [
+            {
+                "groupName": "workers",
+                "replicas": ray.workers,
+                "minReplicas": ray.workers,
+                "maxReplicas": ray.workers,
+                "rayStartParams": {},
+                "template": _pod_template("ray-worker", ray.image, ray.worker),
+            }
+        ]
+    return cluster
+
+
+def build_rayjob(run: TrainingRun, default_tracking_uri: str) -> dict[str, Any]:
+    """The RayJob for a TrainingRun; the owner reference is added by the caller (kopf.adopt)."""
+    spec: dict[str, Any] = {
+        "entrypoint": entrypoint(run),
+        "runtimeEnvYAML": runtime_env_yaml(tracking_uri_for(run, default_tracking_uri)),
+        "rayClusterSpec": ray_cluster_spec(run),
+        # KubeRay's default (false) leaves the Ray cluster running after the job ends.
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": run.spec.ttl_seconds_after_finished,
+    }
+    if run.spec.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = run.spec.active_deadline_seconds
+    return {
+        "apiVersion": RAYJOB_API_VERSION,
+        "kind": "RayJob",
+        "metadata": {
+            "name": rayjob_name(run.metadata.name),
+            "namespace": run.metadata.namespace,
+            "labels": {MANAGED_BY: OPERATOR_NAME, LABEL_TRAININGRUN: run.metadata.name},
+        },
+        "spec": spec,
+    }

@@ -1,0 +1,328 @@
+"""Foreign status -> our status: RayJob (+ the MLflow outcome) -> TrainingRun, and the
+InferenceService's conditions and url as the rollout logic needs them. Pure functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from mlkube.api.common import Condition
+from mlkube.api.trainingrun import BestTrial, TrainingRunStatus, TrialCounts
+from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_VERSION
+from mlkube.training.outcome import Outcome
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+# TrainingRun condition types.
+SUCCEEDED = "Succeeded"
+MLFLOW_REACHABLE = "MlflowReachable"
+# jobStatus FAILED seen while jobDeploymentStatus still said Running; since its transition.
+JOB_FAILING = "JobFailing"
+
+
+def timestamp(moment: dt.datetime) -> str:
+    """RFC 3339 UTC at second precision, as Kubernetes writes metav1.Time."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def find_condition(conditions: list[Condition], kind: str) -> Condition | None:
+    return next((c for c in conditions if c.type == kind), None)
+
+
+def set_condition(
+    conditions: list[Condition],
+    kind: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: dt.datetime,
+) -> list[Condition]:
+    """Conditions with `kind` set; lastTransitionTime moves only when the status does."""
+    old = find_condition(conditions, kind)
+    since = old.last_transition_time if old is not None and old.status == status else None
+    new = Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since or timestamp(now),
+    )
+    return [*(c for c in conditions if c.type != kind), new]
+
+
+def drop_condition(conditions: list[Condition], kind: str) -> list[Condition]:
+    return [c for c in conditions if c.type != kind]
+
+
+class _Foreign(BaseModel):
+    """A foreign object's status: camelCase, unknown fields ignored (they evolve upstream)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class RayJobStatus(_Foreign):
+    job_deployment_status: str = ""
+    job_status: str = ""
+    reason: str = ""
+    message: str = ""
+    start_time: str | None = None
+    end_time: str | None = None
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """Ray's failure message carries a log tail: keep the first line and the last line
+    of the tail (the train flow's one-line error)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':,')}: {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+JobVerdict = Literal["pending", "running", "succeeded", "failed"]
+
+
+class JobReading(BaseModel):
+    verdict: JobVerdict
+    reason: str
+    message: str = ""
+
+
+def read_rayjob(
+    job: RayJobStatus, failing_since: dt.datetime | None, now: dt.datetime, grace_seconds: float
+) -> JobReading:
+    deployment, state = job.job_deployment_status, job.job_status
+    if deployment == "Complete":
+        if state == "SUCCEEDED":
+            return JobReading(verdict="succeeded", reason="JobSucceeded")
+        reason = job.reason or f"Job{state.title() or 'Ended'}"
+        return JobReading(verdict="failed", reason=reason, message=one_line(job.message))
+    if deployment in ("Failed", "ValidationFailed"):
+        fallback = "ValidationFailed" if deployment == "ValidationFailed" else "RayJobFailed"
+        reason = job.reason or fallback
+        return JobReading(verdict="failed", reason=reason, message=one_line(job.message))
+    if state == "FAILED":
+        # KubeRay may still say Running while the job already failed; give it a grace period.
+        since = parse_timestamp(job.end_time) or failing_since or now
+        if (now - since).total_seconds() >= grace_seconds:
+            message = one_line(job.message) or "the Ray job failed"
+            return JobReading(verdict="failed", reason="JobFailed", message=message)
+        return JobReading(verdict="running", reason="JobFailing", message=one_line(job.message))
+    if deployment in ("Running", "Retrying") or state == "RUNNING":
+        return JobReading(verdict="running", reason="Running")
+    if deployment in ("Suspended", "Suspending"):
+        return JobReading(verdict="pending", reason=deployment)
+    return JobReading(verdict="pending", reason=deployment or "WaitingForRayJob")
+
+
+def _apply_outcome(status: TrainingRunStatus, outcome: Outcome) -> None:
+    status.mlflow_run_id = outcome.run_id
+    if outcome.trials_total:
+        status.trials = TrialCounts(completed=outcome.trials_completed, total=outcome.trials_total)
+    if outcome.best_metric is not None and outcome.best_value is not None:
+        status.best = BestTrial(
+            metric=outcome.best_metric, value=outcome.best_value, params=outcome.best_params
+        )
+    if outcome.model_version is not None:
+        status.model_version = outcome.model_version
+    if outcome.promoted is not None:
+        status.promoted = outcome.promoted
+    if outcome.reason is not None:
+        status.promotion_reason = outcome.reason
+
+
+def trainingrun_status(
+    previous: TrainingRunStatus,
+    *,
+    rayjob_status: dict[str, Any] | None,
+    rayjob_exists: bool,
+    outcome: Outcome | None,
+    mlflow_error: str | None,
+    mlflow_checked: bool,
+    now: dt.datetime,
+    grace_seconds: float,
+) -> TrainingRunStatus:
+    """The TrainingRun's next status from its RayJob's status and its MLflow parent run.
+
+    MLflow is the source of truth for what the run produced; the RayJob says whether the
+    process ran and how it ended. Terminal phases are final.
+    """
+    if previous.phase in TERMINAL_PHASES:
+        return previous
+    status = previous.model_copy(deep=True)
+    conditions = status.conditions
+    if mlflow_error is not None:
+        conditions = set_condition(
+            conditions, MLFLOW_REACHABLE, "False", "Unreachable", mlflow_error, now
+        )
+    elif mlflow_checked:
+        conditions = set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+    if outcome is not None:
+        _apply_outcome(status, outcome)
+
+    if rayjob_exists:
+        job = RayJobStatus.model_validate(rayjob_status or {})
+        failing = find_condition(conditions, JOB_FAILING)
+        failing_since = (
+            parse_timestamp(failing.last_transition_time)
+            if failing is not None and failing.status == "True"
+            else None
+        )
+        reading = read_rayjob(job, failing_since, now, grace_seconds)
+        if reading.reason == "JobFailing":
+            conditions = set_condition(
+                conditions, JOB_FAILING, "True", "JobFailing", reading.message, now
+            )
+        else:
+            conditions = drop_condition(conditions, JOB_FAILING)
+        if job.start_time and not status.start_time:
+            status.start_time = job.start_time
+        ended_at = parse_timestamp(job.end_time) or now
+    elif outcome is not None and outcome.finished:
+        # The RayJob is gone (deleted by hand?) but MLflow knows how the run ended.
+        ok = outcome.state == "FINISHED"
+        reading = JobReading(
+            verdict="succeeded" if ok else "failed",
+            reason="JobSucceeded" if ok else "RunFailed",
+            message=outcome.error or "",
+        )
+        ended_at = now
+    elif status.phase == "Pending":
+        reading = JobReading(verdict="pending", reason="WaitingForRayJob")
+        ended_at = now
+    else:
+        reading = JobReading(
+            verdict="failed", reason="RayJobDeleted", message="the RayJob was deleted"
+        )
+        ended_at = now
+
+    if reading.verdict == "succeeded":
+        reading, phase = _success(reading, outcome, mlflow_error, ended_at, now, grace_seconds)
+    elif reading.verdict == "failed":
+        phase = "Failed"
+        if outcome is not None and outcome.error:
+            reading = reading.model_copy(update={"message": outcome.error})
+    else:
+        phase = "Running" if reading.verdict == "running" else "Pending"
+
+    if phase in ("Running", "Succeeded", "Failed") and not status.start_time:
+        status.start_time = timestamp(now)
+    if phase in TERMINAL_PHASES:
+        status.completion_time = timestamp(ended_at)
+        conditions = drop_condition(conditions, JOB_FAILING)
+    verdict_status: ConditionStatus = {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown")  # type: ignore[assignment]
+    conditions = set_condition(
+        conditions, SUCCEEDED, verdict_status, reading.reason, reading.message, now
+    )
+    status.phase = phase  # type: ignore[assignment]
+    status.message = reading.message or None
+    status.conditions = conditions
+    return status
+
+
+def _success(
+    reading: JobReading,
+    outcome: Outcome | None,
+    mlflow_error: str | None,
+    ended_at: dt.datetime,
+    now: dt.datetime,
+    grace_seconds: float,
+) -> tuple[JobReading, str]:
+    """The job succeeded: Succeeded once MLflow has the finished parent run."""
+    if outcome is not None and outcome.state == "FINISHED":
+        reason = "Promoted" if outcome.promoted else "NotPromoted"
+        if outcome.promoted is None:
+            reason = "Completed"
+        return JobReading(verdict="succeeded", reason=reason, message=outcome.reason or ""), (
+            "Succeeded"
+        )
+    if outcome is not None and outcome.finished:
+        message = outcome.error or f"the MLflow parent run ended {outcome.state}"
+        return JobReading(verdict="failed", reason="RunFailed", message=message), "Failed"
+    if mlflow_error is not None:
+        message = "the Ray job succeeded; waiting for MLflow to read the outcome"
+        return JobReading(verdict="running", reason="WaitingForMlflow", message=message), (
+            "Running"
+        )
+    if (now - ended_at).total_seconds() >= grace_seconds:
+        message = "the Ray job succeeded but MLflow has no finished parent run for it"
+        return JobReading(verdict="failed", reason="OutcomeMissing", message=message), "Failed"
+    return JobReading(verdict="running", reason="ReadingOutcome"), "Running"
+
+
+# --------------------------------------------------------------------------- InferenceService
+
+RolloutState = Literal["Ready", "Failed", "Progressing"]
+
+
+class InferenceServiceView(BaseModel):
+    """What the rollout logic reads off an InferenceService."""
+
+    version: int | None
+    canary_traffic_percent: int | None
+    deployment_mode: str | None
+    state: RolloutState
+    reason: str = ""
+    message: str = ""
+    url: str | None = None
+
+
+def _conditions_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {str(c.get("type")): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+
+
+def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
+    meta = isvc.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    predictor = (isvc.get("spec") or {}).get("predictor") or {}
+    status = isvc.get("status") or {}
+    version_text = annotations.get(ANNOTATION_MODEL_VERSION, "")
+    version = int(version_text) if version_text.isdigit() else None
+    canary = predictor.get("canaryTrafficPercent")
+
+    conditions = _conditions_of(status)
+    observed = status.get("observedGeneration")
+    # Until KServe has looked at this generation, its conditions describe an older spec.
+    current = observed is None or int(observed) >= int(meta.get("generation") or 0)
+    failed = [
+        c
+        for kind in ("LatestDeploymentReady", "PredictorReady", "Ready")
+        if (c := conditions.get(kind)) is not None and c.get("status") == "False"
+    ]
+    ready = conditions.get("Ready", {}).get("status") == "True"
+    component = (status.get("components") or {}).get("predictor") or {}
+    latest_created = component.get("latestCreatedRevision")
+    latest_ready = component.get("latestReadyRevision")
+    latest_is_ready = not latest_created or latest_created == latest_ready
+
+    state: RolloutState = "Progressing"
+    reason = message = ""
+    if current and failed:
+        state, reason, message = "Failed", failed[0].get("reason", ""), failed[0].get("message", "")
+    elif current and ready and latest_is_ready:
+        state = "Ready"
+    elif conditions.get("Ready"):
+        reason = conditions["Ready"].get("reason", "")
+        message = conditions["Ready"].get("message", "")
+    return InferenceServiceView(
+        version=version,
+        canary_traffic_percent=int(canary) if canary is not None else None,
+        deployment_mode=annotations.get(ANNOTATION_DEPLOYMENT_MODE) or status.get("deploymentMode"),
+        state=state,
+        reason=reason or "",
+        message=one_line(message or ""),
+        url=status.get("url") or (status.get("address") or {}).get("url") or None,
+    )
