@@ -1,0 +1,5 @@
+import sys
+
+from mlkube.model_servers.entrypoint import main
+
+sys.exit(main())

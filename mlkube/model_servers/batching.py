@@ -1,0 +1,103 @@
+"""Micro-batching: concurrent requests for one model become one predict() call.
+
+There is no timer: while a predict runs (in a worker thread, off the event loop), new
+requests queue up; the next round takes all of them, up to `max_rows`. One request alone
+is predicted at once, so latency at concurrency 1 pays only the thread hop. The model sees
+rows in the same dtypes whether batched or not, and a batch whose predict fails, or whose
+output cannot be cut back per request, is retried request by request, so one bad request
+never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from mlkube.model_servers.codec import Codec, Rows, normalize_output, split_output
+
+BatchObserver = Callable[[int, int], None]  # (requests, rows) of each predict call
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        predict: Callable[[Any], Any],
+        codec: Codec,
+        max_rows: int = 256,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self._predict = predict
+        self._codec = codec
+        self._max_rows = max_rows
+        self._on_batch = on_batch
+        self._queue: deque[tuple[Rows, asyncio.Future[Any]]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, rows: Rows) -> Any:
+        """This request's share of the model output (an array or a DataFrame)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((rows, future))
+        if self._worker is None:
+            self._worker = loop.create_task(self._drain())
+        return await future
+
+    def _take(self) -> list[tuple[Rows, asyncio.Future[Any]]]:
+        first = self._queue.popleft()
+        batch = [first]
+        if not self._codec.batchable:
+            return batch
+        key, rows = self._codec.batch_key(first[0]), first[0].n
+        while self._queue and rows + self._queue[0][0].n <= self._max_rows:
+            if self._codec.batch_key(self._queue[0][0]) != key:
+                break  # different optional columns: next round
+            item = self._queue.popleft()
+            batch.append(item)
+            rows += item[0].n
+        return batch
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = [item for item in self._take() if not item[1].cancelled()]
+                if batch:
+                    await self._run(batch)
+        finally:
+            self._worker = None
+
+    async def _run(self, batch: list[tuple[Rows, asyncio.Future[Any]]]) -> None:
+        parts = [rows for rows, _ in batch]
+        if self._on_batch:
+            self._on_batch(len(parts), sum(p.n for p in parts))
+        try:
+            output = await asyncio.to_thread(self._call, parts)
+            results = (
+                [normalize_output(output)]
+                if len(parts) == 1
+                else split_output(output, [p.n for p in parts])
+            )
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=error)
+                return
+            for item in batch:  # find which request is at fault; the others still succeed
+                await self._run([item])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result=result)
+
+    def _call(self, parts: list[Rows]) -> Any:
+        return self._predict(self._codec.concat(parts))
+
+
+def _settle(
+    future: asyncio.Future[Any], result: Any = None, error: BaseException | None = None
+) -> None:
+    if future.done():
+        return  # the caller went away
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

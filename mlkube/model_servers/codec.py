@@ -1,0 +1,452 @@
+"""Requests <-> model input and output, through the model's MLflow signature.
+
+A codec turns one request (v1 JSON body or v2 InferRequest) into a `Rows` value the
+batcher can concatenate with others, and turns the model's output for those rows back into
+a response. Inputs take the dtypes of the signature, never the request's: a float64 model
+gets float64 columns even when a v2 client says FP32, so v1 and v2 predict the same.
+Every problem with the input raises kserve's InvalidInput (a 400) with a message that
+names the column, row or tensor.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+
+NUMERIC = {"integer": np.int32, "long": np.int64, "float": np.float32, "double": np.float64}
+INTEGRAL = {"integer", "long"}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # an MLflow DataType name: double, long, string, boolean, ...
+    required: bool = True
+
+
+@dataclass
+class Rows:
+    """One request's input: named columns (tabular) or one array (tensor)."""
+
+    data: dict[str, np.ndarray] | np.ndarray | pd.DataFrame
+    n: int
+
+
+# -- values --------------------------------------------------------------------------------
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def convert_column(column: Column, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Values of one column as the signature's numpy dtype, or InvalidInput naming the cell."""
+    kind, name = column.kind, column.name
+    if isinstance(values, np.ndarray) and kind in NUMERIC and values.dtype.kind in "biuf":
+        return values.reshape(-1).astype(NUMERIC[kind], copy=False)
+    if isinstance(values, np.ndarray):
+        values = values.reshape(-1).tolist()
+    for row, value in enumerate(values):
+        if value is None:
+            if column.required:
+                raise InvalidInput(f"column {name!r}: missing value in row {row}")
+            continue
+        if kind in NUMERIC:
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+                raise InvalidInput(
+                    f"column {name!r}: expected {kind} (a number), got {_describe(value)} "
+                    f"in row {row}"
+                )
+            if kind in INTEGRAL and not float(value).is_integer():
+                raise InvalidInput(
+                    f"column {name!r}: expected {kind} (a whole number), got {value!r} in row {row}"
+                )
+        elif kind == "string":
+            if isinstance(value, bytes):
+                continue
+            if not isinstance(value, str):
+                raise InvalidInput(
+                    f"column {name!r}: expected string, got {_describe(value)} in row {row}"
+                )
+        elif kind == "boolean" and not isinstance(value, bool | np.bool_):
+            raise InvalidInput(
+                f"column {name!r}: expected boolean, got {_describe(value)} in row {row}"
+            )
+    if kind in NUMERIC:
+        if any(v is None for v in values):
+            return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+        return np.asarray(values, dtype=NUMERIC[kind])
+    if kind == "string":
+        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+    if kind == "boolean":
+        return np.asarray(values, dtype=bool)
+    if kind == "datetime":
+        try:
+            return np.asarray(pd.to_datetime(list(values)))
+        except (ValueError, TypeError) as error:
+            raise InvalidInput(f"column {name!r}: not a datetime: {error}") from None
+    return np.asarray(values, dtype=object)
+
+
+def _flat(values: Any) -> list[Any]:
+    """[[1], [2]] (shape [n, 1]) or [1, 2] -> [1, 2]."""
+    if values and all(isinstance(v, list) and len(v) == 1 for v in values):
+        return [v[0] for v in values]
+    return list(values)
+
+
+def _request_data(inp: InferInput) -> Any:
+    """The raw JSON/gRPC values, not kserve's as_numpy() (which casts to the request dtype)."""
+    if getattr(inp, "_raw_data", None) is not None:
+        return inp.as_numpy()
+    return inp.data
+
+
+def v1_payload(body: Any) -> Any:
+    """The `instances` or `inputs` of a v1 request body."""
+    if not isinstance(body, dict):
+        raise InvalidInput('expected a JSON object with "instances" or "inputs"')
+    if "instances" in body and "inputs" in body:
+        raise InvalidInput('give "instances" or "inputs", not both')
+    if "instances" in body:
+        return body["instances"]
+    if "inputs" in body:
+        return body["inputs"]
+    raise InvalidInput(f'expected "instances" or "inputs", got keys: {", ".join(body) or "none"}')
+
+
+# -- outputs -------------------------------------------------------------------------------
+def normalize_output(output: Any) -> np.ndarray | pd.DataFrame:
+    if isinstance(output, pd.DataFrame):
+        return output
+    if isinstance(output, pd.Series):
+        return output.to_numpy()
+    if hasattr(output, "detach"):  # a torch tensor from a custom pyfunc
+        return output.detach().cpu().numpy()
+    if isinstance(output, dict):
+        return pd.DataFrame({k: list(np.asarray(v)) for k, v in output.items()})
+    return np.asarray(output)
+
+
+def split_output(output: Any, sizes: list[int]) -> list[np.ndarray | pd.DataFrame]:
+    """The model's output for a concatenated batch, cut back into one part per request."""
+    out = normalize_output(output)
+    total = sum(sizes)
+    if len(out) != total:
+        raise ValueError(f"model returned {len(out)} rows for {total} inputs")
+    parts, start = [], 0
+    for size in sizes:
+        part = (
+            out.iloc[start : start + size]
+            if isinstance(out, pd.DataFrame)
+            else out[start : start + size]
+        )
+        parts.append(part)
+        start += size
+    return parts
+
+
+def to_json(output: np.ndarray | pd.DataFrame) -> Any:
+    if isinstance(output, pd.DataFrame):
+        return output.to_dict(orient="records")
+    if output.dtype.kind == "O":
+        return [v.decode() if isinstance(v, bytes) else v for v in output.tolist()]
+    return output.tolist()
+
+
+def _infer_output(name: str, array: np.ndarray) -> InferOutput:
+    if array.dtype.kind in "OUS":
+        data = [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+        return InferOutput(name=name, shape=list(array.shape), datatype="BYTES", data=data)
+    from kserve.utils.numpy_codec import from_np_dtype
+
+    return InferOutput(
+        name=name,
+        shape=list(array.shape),
+        datatype=from_np_dtype(array.dtype),
+        data=array.reshape(-1).tolist(),
+    )
+
+
+def to_infer_response(
+    output: np.ndarray | pd.DataFrame, model_name: str, request_id: str, output_name: str
+) -> InferResponse:
+    if isinstance(output, pd.DataFrame):
+        outputs = [_infer_output(str(col), output[col].to_numpy()) for col in output.columns]
+    else:
+        outputs = [_infer_output(output_name, output)]
+    return InferResponse(response_id=request_id, model_name=model_name, infer_outputs=outputs)
+
+
+# -- codecs --------------------------------------------------------------------------------
+class Codec:
+    """Base: how requests become model input. `batchable` says rows may be concatenated."""
+
+    batchable = True
+    output_name = "predict"
+
+    def decode_v1(self, body: Any) -> Rows:
+        raise NotImplementedError
+
+    def decode_v2(self, request: InferRequest) -> Rows:
+        raise NotImplementedError
+
+    def concat(self, parts: list[Rows]) -> Any:
+        raise NotImplementedError
+
+    def batch_key(self, rows: Rows) -> tuple[str, ...]:
+        """Requests with equal keys may share one predict call."""
+        return ()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Input metadata for /v2/models/{name}."""
+        return []
+
+
+class TabularCodec(Codec):
+    """Named columns (a ColSpec signature): v1 records, rows or columns; v2 one input a column."""
+
+    def __init__(self, columns: list[Column]) -> None:
+        self.columns = columns
+        self.names = [c.name for c in columns]
+        self._by_name = {c.name: c for c in columns}
+
+    def decode_v1(self, body: Any) -> Rows:
+        data = v1_payload(body)
+        if isinstance(data, dict):
+            if data and all(isinstance(v, list) for v in data.values()):
+                return self._from_columns(data)  # {"age": [..], "bmi": [..]}
+            data = [data]  # one record
+        if not isinstance(data, list) or not data:
+            raise InvalidInput("expected a non-empty list of rows or records")
+        if all(isinstance(r, dict) for r in data):
+            return self._from_records(data)
+        if all(isinstance(r, list) for r in data):
+            return self._from_rows(data)
+        raise InvalidInput("expected rows (lists) or records (objects), not a mix or scalars")
+
+    def _check_names(self, given: Sequence[str], where: str = "") -> None:
+        required = {c.name for c in self.columns if c.required}
+        missing = [n for n in self.names if n in required and n not in given]
+        extra = [n for n in given if n not in self._by_name]
+        if missing:
+            raise InvalidInput(f"missing column(s){where}: {', '.join(missing)}")
+        if extra:
+            raise InvalidInput(
+                f"unknown column(s){where}: {', '.join(map(str, extra))}; "
+                f"expected {', '.join(self.names)}"
+            )
+
+    def _from_records(self, records: list[dict[str, Any]]) -> Rows:
+        for i, record in enumerate(records):
+            self._check_names(list(record), f" in record {i}" if len(records) > 1 else "")
+        cols = {
+            c.name: convert_column(c, [r.get(c.name) for r in records])
+            for c in self.columns
+            if c.required or any(c.name in r for r in records)
+        }
+        return Rows(cols, len(records))
+
+    def _from_rows(self, rows: list[list[Any]]) -> Rows:
+        width = len(self.names)
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                raise InvalidInput(
+                    f"row {i} has {len(row)} values, expected {width} ({', '.join(self.names)})"
+                )
+        cols = {c.name: convert_column(c, [r[j] for r in rows]) for j, c in enumerate(self.columns)}
+        return Rows(cols, len(rows))
+
+    def _from_columns(self, data: dict[str, list[Any]]) -> Rows:
+        self._check_names(list(data))
+        lengths = {name: len(values) for name, values in data.items()}
+        if len(set(lengths.values())) != 1:
+            raise InvalidInput(f"columns have different lengths: {lengths}")
+        cols = {name: convert_column(self._by_name[name], values) for name, values in data.items()}
+        n = next(iter(lengths.values()))
+        if n == 0:
+            raise InvalidInput("no rows given")
+        return Rows(cols, n)
+
+    def decode_v2(self, request: InferRequest) -> Rows:
+        inputs = request.inputs
+        if not inputs:
+            raise InvalidInput("no inputs given")
+        self._check_names([i.name for i in inputs], " (v2 inputs are named after columns)")
+        cols: dict[str, Any] = {}
+        for inp in inputs:
+            values = _request_data(inp)
+            if isinstance(values, list):
+                values = _flat(values)
+            cols[inp.name] = convert_column(self._by_name[inp.name], values)
+        lengths = {name: len(v) for name, v in cols.items()}
+        if len(set(lengths.values())) != 1:
+            raise InvalidInput(f"inputs have different lengths: {lengths}")
+        n = next(iter(lengths.values()))
+        if n == 0:
+            raise InvalidInput("no rows given")
+        return Rows(cols, n)
+
+    def concat(self, parts: list[Rows]) -> pd.DataFrame:
+        if len(parts) == 1:
+            cols = parts[0].data
+        else:
+            cols = {name: np.concatenate([p.data[name] for p in parts]) for name in parts[0].data}
+        return pd.DataFrame(cols)
+
+    def batch_key(self, rows: Rows) -> tuple[str, ...]:
+        return tuple(rows.data)
+
+    def describe(self) -> list[dict[str, Any]]:
+        from kserve.utils.numpy_codec import from_np_dtype
+
+        out = []
+        for c in self.columns:
+            dtype = from_np_dtype(np.dtype(NUMERIC[c.kind])) if c.kind in NUMERIC else "BYTES"
+            out.append({"name": c.name, "datatype": dtype, "shape": [-1]})
+        return out
+
+
+class TensorCodec(Codec):
+    """One tensor (a TensorSpec signature, e.g. a torch model): rows along the first axis."""
+
+    def __init__(self, dtype: np.dtype, shape: Sequence[int], name: str | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape)
+        self.name = name
+
+    def _array(self, data: Any, what: str) -> np.ndarray:
+        if isinstance(data, np.ndarray):
+            array = data
+        else:
+            try:
+                array = np.asarray(data)
+            except ValueError:
+                raise InvalidInput(f"{what}: not a rectangular array") from None
+        if array.dtype.kind not in "biuf":
+            raise InvalidInput(
+                f"{what}: expected numbers ({self.dtype}), got {array.dtype.kind!r} values"
+                if array.dtype.kind != "O"
+                else f"{what}: not a rectangular array of numbers"
+            )
+        self._check_shape(array.shape, what)
+        return array.astype(self.dtype, copy=False)
+
+    def _check_shape(self, shape: tuple[int, ...], what: str) -> None:
+        expected = self.shape
+        ok = len(shape) == len(expected) and all(
+            e == -1 or e == s for e, s in zip(expected[1:], shape[1:], strict=True)
+        )
+        if not ok or shape[0] == 0:
+            want = "(" + ", ".join("N" if e == -1 else str(e) for e in expected) + ")"
+            raise InvalidInput(f"{what}: expected shape {want}, got {tuple(shape)}")
+
+    def decode_v1(self, body: Any) -> Rows:
+        data = v1_payload(body)
+        if isinstance(data, dict):
+            if self.name is None or set(data) != {self.name}:
+                raise InvalidInput(
+                    f"expected a list of instances (tensor rows of shape {self.shape[1:]})"
+                )
+            data = data[self.name]
+        array = self._array(data, "instances" if "instances" in body else "inputs")
+        return Rows(array, array.shape[0])
+
+    def decode_v2(self, request: InferRequest) -> Rows:
+        if len(request.inputs) != 1:
+            names = ", ".join(i.name for i in request.inputs) or "none"
+            raise InvalidInput(f"expected one input tensor, got {len(request.inputs)} ({names})")
+        inp = request.inputs[0]
+        raw = _request_data(inp)
+        try:
+            array = np.asarray(raw)
+            if array.size != int(np.prod(inp.shape)):
+                raise InvalidInput(
+                    f"input {inp.name!r}: shape {list(inp.shape)} needs {int(np.prod(inp.shape))} "
+                    f"values, got {array.size}"
+                )
+            array = array.reshape(inp.shape)
+        except ValueError:
+            raise InvalidInput(f"input {inp.name!r}: not a rectangular array") from None
+        array = self._array(array, f"input {inp.name!r}")
+        return Rows(array, array.shape[0])
+
+    def concat(self, parts: list[Rows]) -> np.ndarray:
+        if len(parts) == 1:
+            return parts[0].data  # type: ignore[return-value]
+        return np.concatenate([p.data for p in parts])
+
+    def batch_key(self, rows: Rows) -> tuple[str, ...]:
+        return ()
+
+    def describe(self) -> list[dict[str, Any]]:
+        from kserve.utils.numpy_codec import from_np_dtype
+
+        return [
+            {
+                "name": self.name or "input-0",
+                "datatype": from_np_dtype(self.dtype),
+                "shape": list(self.shape),
+            }
+        ]
+
+
+class SchemalessCodec(Codec):
+    """No signature: records become a DataFrame, rows an array; each request predicted alone."""
+
+    batchable = False
+
+    def decode_v1(self, body: Any) -> Rows:
+        data = v1_payload(body)
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list) or not data:
+            raise InvalidInput("expected a non-empty list of rows or records")
+        if all(isinstance(r, dict) for r in data):
+            return Rows(pd.DataFrame.from_records(data), len(data))
+        try:
+            array = np.asarray(data)
+        except ValueError:
+            raise InvalidInput("instances: not a rectangular array") from None
+        return Rows(array, len(array))
+
+    def decode_v2(self, request: InferRequest) -> Rows:
+        if len(request.inputs) == 1:
+            inp = request.inputs[0]
+            array = np.asarray(_request_data(inp)).reshape(inp.shape)
+            return Rows(array, array.shape[0])
+        cols = {i.name: np.asarray(_flat(_request_data(i))) for i in request.inputs}
+        return Rows(pd.DataFrame(cols), len(next(iter(cols.values()))))
+
+    def concat(self, parts: list[Rows]) -> Any:
+        if len(parts) != 1:
+            raise ValueError("schemaless inputs are not batched")
+        return parts[0].data
+
+    def batch_key(self, rows: Rows) -> tuple[str, ...]:
+        return ()
+
+
+def codec_for_schema(schema: Any) -> Codec:
+    """The codec for an MLflow input Schema (or None)."""
+    if schema is None:
+        return SchemalessCodec()
+    if schema.is_tensor_spec():
+        specs = schema.inputs
+        if len(specs) == 1:
+            spec = specs[0]
+            return TensorCodec(spec.type, spec.shape, spec.name)
+        return SchemalessCodec()
+    columns = []
+    for spec in schema.inputs:
+        kind = getattr(spec.type, "name", None)
+        if spec.name is None or not isinstance(kind, str):
+            return SchemalessCodec()  # unnamed or nested columns (arrays, objects)
+        columns.append(Column(spec.name, kind, bool(getattr(spec, "required", True))))
+    return TabularCodec(columns)

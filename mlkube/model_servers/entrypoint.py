@@ -1,0 +1,112 @@
+"""`python -m mlkube.model_servers ...`: the predictor container's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from mlkube.model_servers.settings import ServerSettings
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line and exit status 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-uri",
+        "--model_uri",
+        dest="model_uri",
+        help="models:/name/version, models:/name@alias, runs:/... or a path",
+    )
+    parser.add_argument(
+        "--model-name",
+        "--model_name",
+        dest="model_name",
+        help="endpoint name (default: the registered model name)",
+    )
+    parser.add_argument(
+        "--multi-model",
+        action="store_true",
+        help="serve any registered model by name (models:/{name}@{alias})",
+    )
+    parser.add_argument("--alias", default="champion", help="alias for --multi-model")
+    parser.add_argument(
+        "--ttl-seconds",
+        "--ttl_seconds",
+        dest="ttl_seconds",
+        type=float,
+        default=300,
+        help="evict after this many idle seconds (0: never)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        "--memory_budget",
+        dest="memory_budget",
+        help="bytes of loaded models, e.g. 512Mi; least recently used go first",
+    )
+    parser.add_argument("--protocol", choices=["v1", "v2", "grpc-v2"], default="v1")
+    parser.add_argument("--http_port", "--http-port", dest="http_port", type=int, default=8080)
+    parser.add_argument("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=8081)
+    parser.add_argument(
+        "--enable_grpc",
+        "--enable-grpc",
+        dest="enable_grpc",
+        default="true",
+        choices=["true", "false"],
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="listen address (pods: 0.0.0.0)")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
+    parser.add_argument("--cache-dir", dest="cache_dir", help="disk cache of model artifacts")
+    parser.add_argument("--disk-cache-size", dest="disk_cache_bytes", default="4Gi")
+    parser.add_argument("--max-batch-rows", dest="max_batch_rows", type=int, default=256)
+    parser.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        help="do not download the artifacts at start",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    fields: dict[str, Any] = {
+        key: value
+        for key, value in vars(args).items()
+        if key in ServerSettings.model_fields and value is not None
+    }
+    if fields.get("protocol") == "grpc-v2":
+        fields["protocol"] = "v2"
+    if "enable_grpc" in fields:
+        fields["enable_grpc"] = fields["enable_grpc"] == "true"
+    return ServerSettings(**fields)
+
+
+def format_settings_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "arguments"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(
+        prog="python -m mlkube.model_servers",
+        description="Serve MLflow models as a KServe predictor.",
+    )
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        print(f"{parser.prog}: error: {format_settings_error(error)}", file=sys.stderr)
+        return 2
+    from mlkube.model_servers.server import run
+
+    run(settings)
+    return 0

@@ -1,0 +1,106 @@
+"""From a model URI to a model in memory: resolve -> disk cache -> mlflow.pyfunc.load_model."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlkube.model_servers.artifacts import ArtifactCache, tree_bytes
+from mlkube.model_servers.batching import MicroBatcher
+from mlkube.model_servers.codec import Codec, codec_for_schema
+from mlkube.model_servers.sources import ModelSource, resolve
+
+log = logging.getLogger(__name__)
+
+# Imported at start-up so the first request pays only for reading the weights.
+STARTUP_IMPORTS = ("mlflow.pyfunc", "mlflow.sklearn", "sklearn", "skops.io", "pandas")
+# Flavour name in MLmodel -> modules worth importing before the load.
+FLAVOUR_IMPORTS = {
+    "sklearn": ("mlflow.sklearn", "sklearn", "skops.io"),
+    "pytorch": ("mlflow.pytorch", "torch"),
+    "python_function": ("mlflow.pyfunc",),
+}
+
+Explainer = Callable[[Any], Any]
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    pyfunc: Any
+    codec: Codec
+    batcher: MicroBatcher
+    explainer: Explainer | None
+    size: int
+
+
+def import_modules(names: tuple[str, ...] | list[str]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:  # an image without torch still serves sklearn
+            log.debug("not importing %s: %s", name, error)
+
+
+def flavours(model_dir: Path) -> list[str]:
+    try:
+        meta = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return list(meta.get("flavors", {}))
+
+
+def find_explainer(pyfunc: Any) -> Explainer | None:
+    """The `explain(model_input)` of a pyfunc's python model, if it has one (the contract)."""
+    try:
+        python_model = pyfunc.unwrap_python_model()
+    except Exception:  # not a PythonModel-based flavour
+        return None
+    explain = getattr(python_model, "explain", None)
+    return explain if callable(explain) else None
+
+
+class ModelLoader:
+    def __init__(
+        self,
+        artifacts: ArtifactCache,
+        max_batch_rows: int = 256,
+        on_batch: Callable[[str, int, int], None] | None = None,
+        resolver: Callable[[str], ModelSource] = resolve,
+    ) -> None:
+        self.artifacts = artifacts
+        self.max_batch_rows = max_batch_rows
+        self._on_batch = on_batch
+        self._resolve = resolver
+
+    def prefetch(self, uri: str) -> Path:
+        """Download (not load) and import the flavour's modules: makes the first request fast."""
+        path = self.artifacts.fetch(self._resolve(uri))
+        for flavour in flavours(path):
+            import_modules(FLAVOUR_IMPORTS.get(flavour, ()))
+        return path
+
+    def load(self, name: str, uri: str) -> tuple[LoadedModel, int]:
+        """Blocking: run it in a thread. Returns the model and its size in bytes."""
+        import mlflow.pyfunc
+
+        source = self._resolve(uri)
+        path = self.artifacts.fetch(source)
+        pyfunc = mlflow.pyfunc.load_model(str(path))
+        codec = codec_for_schema(pyfunc.metadata.get_input_schema())
+        on_batch = self._on_batch
+
+        def observe(requests: int, rows: int) -> None:
+            if on_batch:
+                on_batch(name, requests, rows)
+
+        batcher = MicroBatcher(pyfunc.predict, codec, self.max_batch_rows, observe)
+        size = tree_bytes(path)
+        log.info("loaded %s (%s) from %s, %d bytes", name, source.label, path, size)
+        return LoadedModel(source, pyfunc, codec, batcher, find_explainer(pyfunc), size), size

@@ -1,0 +1,91 @@
+"""What one predictor process serves and how: the validated boundary of the CLI and entrypoint."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")
+_FACTORS = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def parse_quantity(text: str | int) -> int:
+    """Bytes in a Kubernetes-style quantity: "512Mi", "1G", "1048576"."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("must not be negative")
+        return text
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size like 512Mi or 2Gi: {text!r}")
+    return int(float(match.group(1)) * _FACTORS[match.group(2)])
+
+
+def default_cache_dir() -> Path:
+    home = Path(os.environ.get("MLKUBE_HOME", Path.home() / ".mlkube"))
+    return home / "model-cache"
+
+
+class ServerSettings(BaseModel):
+    """Everything the server needs; built by `python -m mlkube.model_servers` or `mlkube serve`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_uri: str | None = Field(
+        default=None, description="models:/name/version, models:/name@alias, runs:/... or a path"
+    )
+    model_name: str | None = Field(default=None, description="Endpoint name; from the URI if unset")
+    multi_model: bool = Field(default=False, description="Serve any registered model by name")
+    alias: str = Field(default="champion", description="Alias resolved in multi-model mode")
+    ttl_seconds: float = Field(
+        default=300, ge=0, description="Idle seconds before eviction; 0 keeps"
+    )
+    memory_budget: int | None = Field(default=None, description="Bytes of loaded models (LRU)")
+    protocol: Literal["v1", "v2"] = "v1"
+    host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_port: int = Field(default=8081, ge=0, le=65535)
+    enable_grpc: bool = True
+    tracking_uri: str | None = None
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    disk_cache_bytes: int = Field(default=4 * 2**30, description="Bound of the artifact cache")
+    max_batch_rows: int = Field(default=256, ge=1, description="Rows in one micro-batch")
+    prefetch: bool = Field(default=True, description="Download artifacts at start (not weights)")
+
+    @field_validator("memory_budget", "disk_cache_bytes", mode="before")
+    @classmethod
+    def _quantity(cls, value: str | int | None) -> int | None:
+        return None if value is None else parse_quantity(value)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> ServerSettings:
+        if self.multi_model and self.model_uri:
+            raise ValueError("give --model-uri or --multi-model, not both")
+        if not self.multi_model and not self.model_uri:
+            raise ValueError("model_uri: required unless --multi-model is given")
+        if self.model_name is None and self.model_uri:
+            self.model_name = name_from_uri(self.model_uri)
+        return self
+
+
+def name_from_uri(uri: str) -> str:
+    """The registered model name in `models:/name/1` or `models:/name@alias`, else "model"."""
+    if uri.startswith("models:/"):
+        rest = uri.removeprefix("models:/")
+        return re.split(r"[/@]", rest, maxsplit=1)[0] or "model"
+    return "model"
