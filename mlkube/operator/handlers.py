@@ -18,7 +18,7 @@ from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
-from mlkube.operator.inferenceservice import build_inferenceservice
+from mlkube.operator.inferenceservice import build_inferenceservice, carries
 from mlkube.operator.metrics import CHILDREN_CREATED, MLFLOW_ERRORS, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowUnavailable, reader_for
 from mlkube.operator.names import (
@@ -38,6 +38,7 @@ from mlkube.operator.status import (
     find_condition,
     inferenceservice_view,
     set_condition,
+    status_patch,
     trainingrun_status,
 )
 
@@ -85,15 +86,6 @@ def _status_of(model: type[BaseModel], status: kopf.Status) -> Any:
         return model.model_validate({k: v for k, v in status.items() if k in known})
     except ValidationError:
         return model()
-
-
-def status_patch(previous: BaseModel, new: BaseModel) -> dict[str, Any]:
-    """The merge patch from one status to the next: changed keys, None for removed ones."""
-    before = previous.model_dump(by_alias=True, exclude_none=True, mode="json")
-    after = new.model_dump(by_alias=True, exclude_none=True, mode="json")
-    changes: dict[str, Any] = {k: v for k, v in after.items() if before.get(k) != v}
-    changes.update({k: None for k in before if k not in after})
-    return changes
 
 
 def _mlflow(uri: str) -> GuardedReader:
@@ -285,19 +277,6 @@ def _desired_version(
     return version, conditions
 
 
-def _matches(want: Any, have: Any) -> bool:
-    """`have` carries everything `want` says (the API server may add defaults)."""
-    if isinstance(want, dict):
-        return isinstance(have, dict) and all(_matches(v, have.get(k)) for k, v in want.items())
-    if isinstance(want, list):
-        return (
-            isinstance(have, list)
-            and len(want) == len(have)
-            and all(_matches(w, h) for w, h in zip(want, have, strict=True))
-        )
-    return bool(want == have)
-
-
 def _reconcile_deployment(
     body: kopf.Body,
     meta: kopf.Meta,
@@ -353,9 +332,9 @@ def _reconcile_deployment(
                 "canaryTrafficPercent" not in predictor
             )
             if (
-                not _matches(predictor, current)
+                not carries(current, predictor)
                 or canary_changed
-                or not _matches(annotations, current_annotations)
+                or not carries(current_annotations, annotations)
             ):
                 predictor = {"canaryTrafficPercent": None, **predictor}
                 kube.patch(

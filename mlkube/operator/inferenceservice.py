@@ -93,3 +93,17 @@ def build_inferenceservice(
         },
         "spec": {"predictor": predictor},
     }
+
+
+def carries(have: Any, want: Any) -> bool:
+    """`have` (the live object) says everything `want` (ours) says; the API server may
+    have added defaults, which do not count as a difference."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(carries(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(want) == len(have)
+            and all(carries(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return bool(want == have)

@@ -67,6 +67,15 @@ def drop_condition(conditions: list[Condition], kind: str) -> list[Condition]:
     return [c for c in conditions if c.type != kind]
 
 
+def status_patch(previous: BaseModel, new: BaseModel) -> dict[str, Any]:
+    """The merge patch from one status to the next: changed keys, None for removed ones."""
+    before = previous.model_dump(by_alias=True, exclude_none=True, mode="json")
+    after = new.model_dump(by_alias=True, exclude_none=True, mode="json")
+    changes: dict[str, Any] = {k: v for k, v in after.items() if before.get(k) != v}
+    changes.update({k: None for k in before if k not in after})
+    return changes
+
+
 class _Foreign(BaseModel):
     """A foreign object's status: camelCase, unknown fields ignored (they evolve upstream)."""
 

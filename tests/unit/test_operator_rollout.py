@@ -1,0 +1,121 @@
+"""ModelDeployment rollout decisions: first deploy, follow the alias, canary, failure."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from mlkube.api import ModelDeployment
+from mlkube.api.modeldeployment import ModelDeploymentStatus
+from mlkube.operator.rollout import CANARY_SUPPORTED, ROLLOUT, Rollout, plan_rollout
+from mlkube.operator.status import InferenceServiceView, RolloutState, find_condition
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def deployment(**spec: object) -> ModelDeployment:
+    return ModelDeployment.model_validate(
+        {"metadata": {"name": "d", "namespace": "ns"}, "spec": {"model": {"name": "m"}, **spec}}
+    )
+
+
+def view(
+    version: int, state: RolloutState, canary: int | None = None, mode: str | None = None
+) -> InferenceServiceView:
+    return InferenceServiceView(
+        version=version, canary_traffic_percent=canary, deployment_mode=mode, state=state,
+        reason="RevisionFailed" if state == "Failed" else "", message="exit 1",
+        url="http://isvc",
+    )  # fmt: skip
+
+
+def step(
+    md: ModelDeployment,
+    status: ModelDeploymentStatus,
+    desired: int | None,
+    isvc: InferenceServiceView | None,
+    mode: str | None = None,
+) -> Rollout:
+    return plan_rollout(
+        md, status, desired_version=desired, isvc=isvc, deployment_mode=mode, now=NOW
+    )
+
+
+def test_first_deploy_then_ready() -> None:
+    md = deployment()
+    first = step(md, ModelDeploymentStatus(), 1, None)
+    assert (first.target_version, first.canary_traffic_percent) == (1, None)
+    assert first.status.phase == "Progressing"
+    assert [e.reason for e in first.events] == ["RolloutStarted"]
+    ready = step(md, first.status, 1, view(1, "Ready"))
+    assert ready.status.phase == "Ready"
+    assert ready.status.served_version == 1 and ready.status.url == "http://isvc"
+    assert [e.reason for e in ready.events] == ["RolledOut"]
+    # Nothing to do: no events.
+    assert step(md, ready.status, 1, view(1, "Ready")).events == []
+
+
+def test_no_alias_yet_makes_nothing() -> None:
+    nothing = step(deployment(), ModelDeploymentStatus(), None, None)
+    assert nothing.target_version is None and nothing.status.phase == "Pending"
+
+
+def test_alias_moves_with_canary_then_promotes() -> None:
+    md = deployment(canary={"trafficPercent": 25})
+    serving = ModelDeploymentStatus(phase="Ready", served_version=1)
+    start = step(md, serving, 2, view(1, "Ready"))
+    assert (start.target_version, start.canary_traffic_percent) == (2, 25)
+    assert start.status.canary and start.status.canary.version == 2
+    assert start.status.canary.traffic_percent == 25
+    supported = find_condition(start.status.conditions, CANARY_SUPPORTED)
+    assert supported and supported.status == "True"
+    rolling = step(md, start.status, 2, view(2, "Progressing", canary=25))
+    assert (rolling.target_version, rolling.canary_traffic_percent) == (2, 25)
+    assert rolling.status.phase == "Progressing"
+    promoted = step(md, rolling.status, 2, view(2, "Ready", canary=25))
+    assert (promoted.target_version, promoted.canary_traffic_percent) == (2, None)
+    assert promoted.status.served_version == 2 and promoted.status.previous_version == 1
+    assert promoted.status.canary is None and promoted.status.phase == "Ready"
+    assert "CanaryPromoted" in [e.reason for e in promoted.events]
+
+
+def test_failed_revision_keeps_traffic_on_the_previous_version() -> None:
+    md = deployment(canary={"trafficPercent": 10})
+    rolling = ModelDeploymentStatus(phase="Progressing", served_version=1)
+    failed = step(md, rolling, 2, view(2, "Failed", canary=10))
+    assert (failed.target_version, failed.canary_traffic_percent) == (1, None)
+    assert failed.status.failed_version == 2
+    assert failed.status.message and "traffic stays on version 1" in failed.status.message
+    assert [e.type for e in failed.events] == ["Warning"]
+    # The alias still points at 2: not rolled out again; the status keeps saying why.
+    back = step(md, failed.status, 2, view(1, "Ready"))
+    assert back.target_version == 1 and back.status.phase == "Ready"
+    rolled = find_condition(back.status.conditions, ROLLOUT)
+    assert rolled and rolled.status == "False" and rolled.reason == "RevisionFailed"
+    # The alias moves on to 3: rolled out.
+    assert step(md, back.status, 3, view(1, "Ready")).target_version == 3
+
+
+def test_pinned_rollback_is_whole_not_a_canary() -> None:
+    md = deployment(model={"name": "m", "version": 1}, canary={"trafficPercent": 10})
+    serving = ModelDeploymentStatus(phase="Ready", served_version=2, previous_version=1)
+    back = step(md, serving, 1, view(2, "Ready"))
+    assert (back.target_version, back.canary_traffic_percent) == (1, None)
+
+
+def test_first_deployment_failing_is_failed() -> None:
+    md = deployment()
+    failed = step(md, ModelDeploymentStatus(phase="Progressing"), 1, view(1, "Failed"))
+    assert failed.status.phase == "Failed" and failed.target_version == 1
+    again = step(md, failed.status, 1, view(1, "Failed"))
+    assert again.events == []
+
+
+def test_raw_mode_reports_canary_unsupported() -> None:
+    md = deployment(canary={"trafficPercent": 25})
+    serving = ModelDeploymentStatus(phase="Ready", served_version=1)
+    start = step(md, serving, 2, view(1, "Ready", mode="RawDeployment"))
+    assert (start.target_version, start.canary_traffic_percent) == (2, None)
+    unsupported = find_condition(start.status.conditions, CANARY_SUPPORTED)
+    assert unsupported and unsupported.status == "False" and unsupported.reason == "RawDeployment"
+    also = step(md, serving, 2, view(1, "Ready"), mode="Standard")
+    assert also.canary_traffic_percent is None

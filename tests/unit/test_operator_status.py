@@ -1,0 +1,196 @@
+"""RayJob status + MLflow outcome -> TrainingRun status; InferenceService -> rollout view."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from mlkube.api.trainingrun import TrainingRunStatus
+from mlkube.operator.status import (
+    JOB_FAILING,
+    MLFLOW_REACHABLE,
+    SUCCEEDED,
+    find_condition,
+    inferenceservice_view,
+    one_line,
+    trainingrun_status,
+)
+from mlkube.training.outcome import Outcome
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
+GRACE = 30.0
+
+
+def sync(previous: TrainingRunStatus, rayjob: dict | None, **kw: object) -> TrainingRunStatus:
+    args: dict = {
+        "rayjob_status": rayjob,
+        "rayjob_exists": rayjob is not None,
+        "outcome": None,
+        "mlflow_error": None,
+        "mlflow_checked": True,
+        "now": T0,
+        "grace_seconds": GRACE,
+    }
+    args.update(kw)
+    return trainingrun_status(previous, **args)
+
+
+def outcome(state: str = "RUNNING", **kw: object) -> Outcome:
+    return Outcome(run_id="r1", state=state, **kw)  # type: ignore[arg-type]
+
+
+def started() -> TrainingRunStatus:
+    return TrainingRunStatus(phase="Pending", ray_job_name="ins")
+
+
+def test_initializing_is_pending_and_running_reads_progress() -> None:
+    pending = sync(started(), {"jobDeploymentStatus": "Initializing"}, mlflow_checked=False)
+    assert pending.phase == "Pending"
+    assert find_condition(pending.conditions, MLFLOW_REACHABLE) is None
+    running = sync(
+        pending,
+        {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
+         "startTime": "2026-01-01T11:59:00Z"},
+        outcome=outcome(trials_completed=1, trials_total=2, best_metric="mae", best_value=2.5,
+                        best_params={"lr": "0.1"}),
+    )  # fmt: skip
+    assert running.phase == "Running"
+    assert running.start_time == "2026-01-01T11:59:00Z"
+    assert running.trials and (running.trials.completed, running.trials.total) == (1, 2)
+    assert running.best and running.best.value == 2.5 and running.best.params == {"lr": "0.1"}
+    assert running.mlflow_run_id == "r1"
+
+
+def test_success_takes_the_outcome_from_mlflow() -> None:
+    done = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+            "endTime": "2026-01-01T12:00:00Z"}  # fmt: skip
+    final = outcome("FINISHED", model_version=3, promoted=True, reason="beats champion by 5%")
+    status = sync(started(), done, outcome=final)
+    assert status.phase == "Succeeded"
+    assert (status.model_version, status.promoted) == (3, True)
+    assert status.promotion_reason == "beats champion by 5%"
+    assert status.completion_time == "2026-01-01T12:00:00Z"
+    verdict = find_condition(status.conditions, SUCCEEDED)
+    assert verdict and (verdict.status, verdict.reason) == ("True", "Promoted")
+    # Terminal phases are final.
+    assert sync(status, {"jobDeploymentStatus": "Failed"}) == status
+
+
+def test_success_waits_for_mlflow_then_gives_up_without_an_outcome() -> None:
+    done = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+            "endTime": "2026-01-01T12:00:00Z"}  # fmt: skip
+    down = sync(started(), done, mlflow_error="connection refused")
+    assert down.phase == "Running"
+    reachable = find_condition(down.conditions, MLFLOW_REACHABLE)
+    assert reachable and reachable.status == "False" and "refused" in reachable.message
+    soon = sync(started(), done, now=T0 + dt.timedelta(seconds=5))
+    assert soon.phase == "Running"
+    late = sync(started(), done, now=T0 + dt.timedelta(seconds=GRACE + 1))
+    assert late.phase == "Failed"
+    verdict = find_condition(late.conditions, SUCCEEDED)
+    assert verdict and verdict.reason == "OutcomeMissing"
+
+
+def test_failed_rayjob_reason_and_message() -> None:
+    message = (
+        "Job entrypoint command failed with exit code 1, last available logs (truncated "
+        "to 20,000 chars):\nTraceback...\nerror: dataset not found: /nope.csv\n"
+    )
+    status = sync(
+        started(),
+        {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
+         "message": message},
+    )  # fmt: skip
+    assert status.phase == "Failed"
+    verdict = find_condition(status.conditions, SUCCEEDED)
+    assert verdict and (verdict.status, verdict.reason) == ("False", "AppFailed")
+    assert status.message and status.message.endswith("error: dataset not found: /nope.csv")
+    # The flow's own error tag in MLflow wins over Ray's log tail.
+    tagged = sync(
+        started(), {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": message},
+        outcome=outcome("FAILED", error="FileNotFoundError: /nope.csv"),
+    )  # fmt: skip
+    assert tagged.message == "FileNotFoundError: /nope.csv"
+
+
+def test_job_failed_while_deployment_running_fails_after_grace() -> None:
+    failing = {"jobDeploymentStatus": "Running", "jobStatus": "FAILED", "message": "boom"}
+    first = sync(started(), failing)
+    assert first.phase == "Running"
+    marker = find_condition(first.conditions, JOB_FAILING)
+    assert marker and marker.status == "True"
+    still = sync(first, failing, now=T0 + dt.timedelta(seconds=GRACE - 1))
+    assert still.phase == "Running"
+    after = sync(still, failing, now=T0 + dt.timedelta(seconds=GRACE))
+    assert after.phase == "Failed" and after.message == "boom"
+    assert find_condition(after.conditions, JOB_FAILING) is None
+
+
+def test_deadline_exceeded_and_deleted_rayjob() -> None:
+    deadline = sync(
+        started(), {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "x"}
+    )
+    verdict = find_condition(deadline.conditions, SUCCEEDED)
+    assert verdict and verdict.reason == "DeadlineExceeded"
+    running = TrainingRunStatus(phase="Running", ray_job_name="ins")
+    gone = sync(running, None)
+    assert gone.phase == "Failed" and gone.message == "the RayJob was deleted"
+    # ... unless MLflow says the run finished.
+    recorded = sync(running, None, outcome=outcome("FINISHED", model_version=1, promoted=False))
+    assert recorded.phase == "Succeeded" and recorded.promoted is False
+    assert sync(started(), None).phase == "Pending"
+
+
+def test_one_line() -> None:
+    assert one_line("") == ""
+    assert one_line("plain") == "plain"
+    assert one_line("head:\n  a\n  last words \n") == "head: last words"
+
+
+def isvc(generation: int, status: dict, annotations: dict | None = None, **predictor: object):
+    return {
+        "metadata": {"generation": generation,
+                     "annotations": {"mlkube.io/model-version": "2", **(annotations or {})}},
+        "spec": {"predictor": predictor},
+        "status": status,
+    }  # fmt: skip
+
+
+def conds(**kinds: str) -> list[dict]:
+    return [
+        {"type": k, "status": v, "reason": f"R{k}", "message": f"m {k}"} for k, v in kinds.items()
+    ]
+
+
+def test_inferenceservice_view() -> None:
+    ready = inferenceservice_view(
+        isvc(2, {"observedGeneration": 2, "url": "http://x", "conditions": conds(Ready="True"),
+                 "components": {"predictor": {"latestCreatedRevision": "a-2",
+                                              "latestReadyRevision": "a-2"}}},
+             canaryTrafficPercent=10),
+    )  # fmt: skip
+    assert (ready.state, ready.version, ready.canary_traffic_percent, ready.url) == (
+        "Ready",
+        2,
+        10,
+        "http://x",
+    )
+    stale = inferenceservice_view(
+        isvc(3, {"observedGeneration": 2, "conditions": conds(Ready="True")})
+    )
+    assert stale.state == "Progressing"
+    starting = inferenceservice_view(
+        isvc(2, {"observedGeneration": 2, "conditions": conds(Ready="True"),
+                 "components": {"predictor": {"latestCreatedRevision": "a-3",
+                                              "latestReadyRevision": "a-2"}}})
+    )  # fmt: skip
+    assert starting.state == "Progressing"
+    failed = inferenceservice_view(
+        isvc(2, {"observedGeneration": 2,
+                 "conditions": conds(Ready="False", PredictorReady="False")},
+             annotations={"serving.kserve.io/deploymentMode": "Standard"})
+    )  # fmt: skip
+    assert (failed.state, failed.reason, failed.deployment_mode) == (
+        "Failed",
+        "RPredictorReady",
+        "Standard",
+    )
