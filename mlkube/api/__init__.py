@@ -1,6 +1,7 @@
 """The contract: pydantic models of mlkube's custom resources. Imports nothing of ours."""
 
 from mlkube.api.common import API_VERSION, GROUP, VERSION, Condition, ObjectMeta
+from mlkube.api.errors import UserError
 from mlkube.api.manifest import ManifestError, load_manifest, parse_resource
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
 from mlkube.api.trainingrun import (
@@ -24,6 +25,7 @@ __all__ = [
     "TrainingRun",
     "TrainingRunSpec",
     "TrainingRunStatus",
+    "UserError",
     "load_manifest",
     "parse_resource",
 ]

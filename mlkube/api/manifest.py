@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mlkube.api.common import API_VERSION
+from mlkube.api.errors import UserError
 from mlkube.api.modeldeployment import ModelDeployment
 from mlkube.api.trainingrun import TrainingRun
 
@@ -19,7 +20,7 @@ KINDS: dict[str, type[TrainingRun] | type[ModelDeployment]] = {
 ResourceT = TypeVar("ResourceT", TrainingRun, ModelDeployment)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A custom resource that cannot be used; the message is one line for the user."""
 
 

@@ -91,8 +91,7 @@ class TrainingRunSpec(CamelModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.task in %s || self.task.contains(':')"
-                    % list(BUILTIN_TASKS),
+                    "rule": f"self.task in {list(BUILTIN_TASKS)} || self.task.contains(':')",
                     "message": "unknown task; built-in tasks are "
                     + ", ".join(BUILTIN_TASKS)
                     + ", or give package.module:function",

@@ -1,0 +1,5 @@
+import sys
+
+from mlkube.cli import main
+
+sys.exit(main())

@@ -1,0 +1,320 @@
+"""The train flow: tune -> fit -> evaluate -> register -> promote, after load and validate.
+
+Runs in-process for `mlkube train`, and as a RayJob's entrypoint on a cluster:
+`python -m mlkube.flows.train --spec-json '<TrainingRun as JSON>'` (or `--spec-file F`).
+Loading and validating happen before the flow run starts, so that bad input is refused
+with one line and leaves nothing behind: no flow run, no MLflow run, no model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE as NO_CACHE
+from pydantic import BaseModel
+
+from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, parse_resource
+from mlkube.flows.logs import quiet_console
+from mlkube.local import apply_offline_defaults, local_artifact_root, local_tracking_uri
+from mlkube.training import outcome, registry
+from mlkube.training.search_space import merged_space
+from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
+from mlkube.training.tracking import RunTracker, TrialRecord
+from mlkube.training.tune import SearchSettings, run_search
+
+
+class TrainingFailed(UserError):
+    """The flow could not finish; the message is one line for the user."""
+
+
+class TrialSummary(BaseModel):
+    number: int
+    params: dict[str, Any]
+    value: float | None
+    epochs: int
+    error: str | None = None
+
+
+class TrainResult(BaseModel):
+    trainingrun: str
+    run_id: str
+    experiment_id: str
+    metric: str
+    mode: str
+    trials: list[TrialSummary]
+    best_params: dict[str, Any]
+    best_value: float
+    holdout: dict[str, float]
+    model_name: str
+    version: int
+    promoted: bool
+    alias: str
+    reason: str
+    champion_version: int | None
+
+
+@dataclass
+class Prepared:
+    """A TrainingRun checked against its task and data, ready to train."""
+
+    run: TrainingRun
+    task: Task
+    data: TaskData
+    settings: SearchSettings
+
+
+def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
+    """What to search, with the task's defaults filled in; refuses what the task can't do."""
+    tuning = run.spec.tuning
+    metric = tuning.metric or the_task.metric
+    if metric not in the_task.metric_names():
+        raise TaskError(
+            f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
+            f"(it reports {', '.join(the_task.metric_names())})"
+        )
+    if tuning.scheduler == "asha" and not the_task.has_epochs:
+        raise TaskError(
+            f"spec.tuning.scheduler: asha needs a task with epochs, not {run.spec.task}"
+        )
+    unknown = sorted(set(tuning.search_space) - set(the_task.search_space))
+    if unknown:
+        raise TaskError(
+            f"spec.tuning.searchSpace.{unknown[0]}: task {run.spec.task} has no such "
+            f"parameter (it tunes {', '.join(the_task.search_space)})"
+        )
+    override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
+    return SearchSettings(
+        num_trials=tuning.num_trials,
+        max_concurrent_trials=tuning.max_concurrent_trials,
+        metric=metric,
+        mode=tuning.mode or the_task.mode,
+        scheduler=tuning.scheduler,
+        search_space=merged_space(the_task.search_space, override),
+        timeout_seconds=tuning.timeout_seconds,
+        seed=tuning.seed,
+        max_epochs=the_task.max_epochs,
+    )
+
+
+def prepare(run: TrainingRun) -> Prepared:
+    """Load and validate: raises UserError with one line when the run cannot train."""
+    the_task = resolve_task(run.spec.task)
+    data = the_task.load(run.spec.dataset.uri, run.spec.dataset.target, run.spec.tuning.seed)
+    # The metric can depend on the data (classification or regression): validate after.
+    return Prepared(run, the_task, data, search_settings(run, the_task))
+
+
+def experiment_for(client: Any, model_name: str, tracking_uri: str) -> str:
+    """The experiment named after the model; local stores keep artifacts under MLKUBE_HOME."""
+    found = client.get_experiment_by_name(model_name)
+    if found is not None:
+        return str(found.experiment_id)
+    local = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    location = f"{local_artifact_root()}/{model_name}" if local else None
+    return str(client.create_experiment(model_name, artifact_location=location))
+
+
+@task(name="tune", cache_policy=NO_CACHE)
+def tune_task(prepared: Prepared, tracker: RunTracker) -> TrialRecord:
+    run_search(prepared.task, prepared.data, prepared.settings, tracker)
+    tracker.finish_open_trials()
+    if tracker.best is None:
+        errors = [t.error for t in tracker.trials.values() if t.error]
+        raise TrainingFailed(
+            "no trial finished" + (f"; first error: {errors[0]}" if errors else "")
+        )
+    return tracker.best
+
+
+@task(name="fit-and-log", cache_policy=NO_CACHE)
+def fit_and_log(prepared: Prepared, best: TrialRecord, run_id: str) -> str:
+    """Refits the best configuration on all of the search data and logs it to MLflow."""
+    import mlflow
+
+    model = prepared.task.fit(best.params, prepared.data, prepared.settings.seed)
+    with mlflow.start_run(run_id=run_id):
+        return prepared.task.log_model(model, prepared.data, name="model")
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(prepared: Prepared, client: Any, model_uri: str) -> registry.Evaluation:
+    spec = prepared.run.spec
+    return registry.evaluate(
+        client, prepared.task, prepared.data, model_uri, spec.model.name, spec.promotion.alias
+    )
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(
+    prepared: Prepared, model_uri: str, evaluation: registry.Evaluation, decision: registry.Decision
+) -> int:
+    run = prepared.run
+    metric = evaluation.metric
+    tags = {
+        outcome.TAG_NAME: run.metadata.name,
+        outcome.TAG_UID: run.metadata.uid or "",
+        f"holdout.{metric}": repr(evaluation.new[metric]),
+    }
+    return registry.register(model_uri, run.spec.model.name, tags, decision.reason)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(prepared: Prepared, client: Any, version: int, decision: registry.Decision) -> str:
+    spec = prepared.run.spec
+    return registry.apply_decision(client, spec.model.name, version, spec.promotion.alias, decision)
+
+
+def default_progress(trial: TrialRecord, tracker: RunTracker) -> None:
+    value = trial.metrics.get(tracker.metric)
+    shown = f"failed: {trial.error}" if trial.error else f"{tracker.metric}={value:.6g}"
+    best = tracker.best.metrics[tracker.metric] if tracker.best else float("nan")
+    print(
+        f"trial {tracker.completed}/{tracker.total} done (#{trial.number}): {shown}"
+        f"  best {tracker.metric}={best:.6g}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def parent_run_tags(run: TrainingRun, settings: SearchSettings) -> dict[str, str]:
+    return {
+        outcome.TAG_ROLE: "parent",
+        outcome.TAG_UID: run.metadata.uid or "",
+        outcome.TAG_NAME: run.metadata.name,
+        outcome.TAG_NAMESPACE: run.metadata.namespace or "",
+        outcome.TAG_TASK: run.spec.task,
+        outcome.TAG_TRIALS_TOTAL: str(settings.num_trials),
+        outcome.TAG_TRIALS_COMPLETED: "0",
+        outcome.TAG_MODEL_NAME: run.spec.model.name,
+    }
+
+
+@flow(name="train", log_prints=False, validate_parameters=False)
+def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    run, settings = prepared.run, prepared.settings
+    tracking_uri = run.spec.mlflow.tracking_uri or local_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = experiment_for(client, run.spec.model.name, tracking_uri)
+    run_id = client.create_run(
+        experiment_id, run_name=run.metadata.name, tags=parent_run_tags(run, settings)
+    ).info.run_id
+    try:
+        described = prepared.data.description.items()
+        client.log_batch(run_id, params=[Param(f"data.{k}", str(v)[:500]) for k, v in described])
+        tracker = RunTracker(
+            client, experiment_id, run_id, settings.metric, settings.mode, settings.num_trials,
+            default_progress if show_progress else None,
+        )  # fmt: skip
+        best = tune_task(prepared, tracker)
+        model_uri = fit_and_log(prepared, best, run_id)
+        evaluation = evaluate_task(prepared, client, model_uri)
+        decision = registry.decide(
+            evaluation,
+            settings.mode,
+            run.spec.promotion.min_improvement,
+            run.spec.promotion.enabled,
+        )
+        version = register_task(prepared, model_uri, evaluation, decision)
+        promote_task(prepared, client, version, decision)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(f"holdout_{k}", v, 0, 0) for k, v in evaluation.new.items()],
+            tags=[
+                RunTag(outcome.TAG_HOLDOUT_VALUE, repr(evaluation.new[settings.metric])),
+                RunTag(outcome.TAG_MODEL_VERSION, str(version)),
+                RunTag(outcome.TAG_PROMOTED, str(decision.promote).lower()),
+                RunTag(outcome.TAG_PROMOTION_REASON, decision.reason),
+            ],
+        )
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as error:
+        client.set_tag(run_id, outcome.TAG_ERROR, one_line(error))
+        client.set_terminated(
+            run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        )
+        raise
+    return TrainResult(
+        trainingrun=run.metadata.name,
+        run_id=run_id,
+        experiment_id=experiment_id,
+        metric=settings.metric,
+        mode=settings.mode,
+        trials=[
+            TrialSummary(
+                number=t.number,
+                params=t.params,
+                value=t.metrics.get(settings.metric),
+                epochs=t.epochs,
+                error=t.error,
+            )
+            for t in sorted(tracker.trials.values(), key=lambda t: t.number)
+        ],
+        best_params=best.params,
+        best_value=best.metrics[settings.metric],
+        holdout=evaluation.new,
+        model_name=run.spec.model.name,
+        version=version,
+        promoted=decision.promote,
+        alias=run.spec.promotion.alias,
+        reason=decision.reason,
+        champion_version=evaluation.champion_version,
+    )
+
+
+def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
+    """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do."""
+    apply_offline_defaults()
+    if not run.metadata.uid:
+        run = run.model_copy(deep=True)
+        run.metadata.uid = f"local-{uuid.uuid4()}"
+    return train_flow(prepare(run), show_progress)
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:
+    if spec_file:
+        return load_manifest(Path(spec_file), TrainingRun)
+    try:
+        document = json.loads(spec_json or "")
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"--spec-json: malformed JSON: {error.msg}") from None
+    resource = parse_resource(document, "--spec-json", TrainingRun)
+    assert isinstance(resource, TrainingRun)
+    return resource
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlkube.flows.train", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec-file", help="TrainingRun YAML file")
+    source.add_argument("--spec-json", help="TrainingRun object as JSON")
+    args = parser.parse_args(argv)
+    quiet_console(verbose=True)
+    try:
+        result = train(read_trainingrun(args.spec_json, args.spec_file))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
