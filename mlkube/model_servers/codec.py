@@ -231,16 +231,16 @@ class TabularCodec(Codec):
             return self._from_rows(data)
         raise InvalidInput("expected rows (lists) or records (objects), not a mix or scalars")
 
-    def _check_names(self, given: Sequence[str], where: str = "") -> None:
+    def _check_names(self, given: Sequence[str], where: str = "", hint: str = "") -> None:
         required = {c.name for c in self.columns if c.required}
         missing = [n for n in self.names if n in required and n not in given]
         extra = [n for n in given if n not in self._by_name]
         if missing:
-            raise InvalidInput(f"missing column(s){where}: {', '.join(missing)}")
+            raise InvalidInput(f"missing column(s){where}: {', '.join(missing)}{hint}")
         if extra:
             raise InvalidInput(
                 f"unknown column(s){where}: {', '.join(map(str, extra))}; "
-                f"expected {', '.join(self.names)}"
+                f"expected {', '.join(self.names)}{hint}"
             )
 
     def _from_records(self, records: list[dict[str, Any]]) -> Rows:
@@ -278,7 +278,7 @@ class TabularCodec(Codec):
         inputs = request.inputs
         if not inputs:
             raise InvalidInput("no inputs given")
-        self._check_names([i.name for i in inputs], " (v2 inputs are named after columns)")
+        self._check_names([i.name for i in inputs], hint=" (v2: one input per column)")
         cols: dict[str, Any] = {}
         for inp in inputs:
             values = _request_data(inp)
@@ -363,17 +363,17 @@ class TensorCodec(Codec):
             names = ", ".join(i.name for i in request.inputs) or "none"
             raise InvalidInput(f"expected one input tensor, got {len(request.inputs)} ({names})")
         inp = request.inputs[0]
-        raw = _request_data(inp)
         try:
-            array = np.asarray(raw)
-            if array.size != int(np.prod(inp.shape)):
-                raise InvalidInput(
-                    f"input {inp.name!r}: shape {list(inp.shape)} needs {int(np.prod(inp.shape))} "
-                    f"values, got {array.size}"
-                )
-            array = array.reshape(inp.shape)
+            array = np.asarray(_request_data(inp))
         except ValueError:
             raise InvalidInput(f"input {inp.name!r}: not a rectangular array") from None
+        needed = int(np.prod(inp.shape))
+        if array.size != needed:
+            raise InvalidInput(
+                f"input {inp.name!r}: shape {list(inp.shape)} needs {needed} values, "
+                f"got {array.size}"
+            )
+        array = array.reshape(inp.shape)
         array = self._array(array, f"input {inp.name!r}")
         return Rows(array, array.shape[0])
 

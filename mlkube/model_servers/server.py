@@ -117,19 +117,14 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
 
     from mlkube.model_servers.artifacts import ArtifactCache
     from mlkube.model_servers.cache import CachePolicy, ModelCache
-    from mlkube.model_servers.loader import (
-        STARTUP_IMPORTS,
-        LoadedModel,
-        ModelLoader,
-        import_modules,
-    )
+    from mlkube.model_servers.loader import LoadedModel, ModelLoader, warm_up
     from mlkube.model_servers.metrics import ServerMetrics
     from mlkube.model_servers.model import LazyModel
     from mlkube.model_servers.repository import RegistryModelRepository
     from mlkube.model_servers.sources import UnknownModel
 
     prepare_environment(settings)
-    import_modules(STARTUP_IMPORTS)
+    warm_up()
     metrics = ServerMetrics()
     artifacts = ArtifactCache(
         settings.cache_dir / "artifacts",

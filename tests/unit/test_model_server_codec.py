@@ -1,0 +1,152 @@
+"""Requests -> model input through the signature, and outputs back; batching keeps predictions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferRequest
+
+from mlkube.model_servers.batching import MicroBatcher
+from mlkube.model_servers.codec import (
+    Column,
+    TabularCodec,
+    TensorCodec,
+    split_output,
+    to_infer_response,
+    to_json,
+)
+
+TABULAR = TabularCodec([Column("age", "long"), Column("bmi", "double"), Column("smoker", "string")])
+RECORD = {"age": 30, "bmi": 25.123456789, "smoker": "no"}
+
+
+def v2(*inputs: tuple[str, list[int], str, list[Any]]) -> InferRequest:
+    return InferRequest(
+        model_name="m",
+        infer_inputs=[InferInput(n, shape, dtype, data) for n, shape, dtype, data in inputs],
+    )
+
+
+def test_records_rows_and_columns_give_the_same_frame() -> None:
+    frames = [
+        TABULAR.concat([TABULAR.decode_v1(body)])
+        for body in (
+            {"instances": [RECORD]},
+            {"instances": [[30, 25.123456789, "no"]]},
+            {"inputs": {"age": [30], "bmi": [25.123456789], "smoker": ["no"]}},
+            {"inputs": RECORD},
+        )
+    ]
+    for frame in frames:
+        pd.testing.assert_frame_equal(frame, frames[0])
+    assert frames[0].dtypes.to_dict() == {
+        "age": np.dtype("int64"),
+        "bmi": np.dtype("float64"),
+        "smoker": np.dtype("O"),
+    }
+
+
+def test_v2_takes_the_signature_dtype_not_the_request_dtype() -> None:
+    request = v2(
+        ("age", [1], "FP32", [30]),
+        ("bmi", [1, 1], "FP32", [[25.123456789]]),
+        ("smoker", [1], "BYTES", ["no"]),
+    )
+    frame = TABULAR.concat([TABULAR.decode_v2(request)])
+    assert frame["bmi"].dtype == np.float64
+    assert frame["bmi"].iloc[0] == 25.123456789  # not rounded through float32
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"instances": [{"age": 30, "bmi": 25.0}]}, "missing column(s): smoker"),
+        ({"instances": [{**RECORD, "x": 1}]}, "unknown column(s): x"),
+        ({"instances": [{**RECORD, "bmi": "high"}]}, "column 'bmi': expected double"),
+        ({"instances": [{**RECORD, "age": 30.5}]}, "column 'age': expected long (a whole number)"),
+        ({"instances": [{**RECORD, "smoker": 1}]}, "column 'smoker': expected string"),
+        ({"instances": [{**RECORD, "age": None}]}, "column 'age': missing value in row 0"),
+        ({"instances": [[30, 25.0]]}, "row 0 has 2 values, expected 3"),
+        ({"instances": [RECORD, [30, 25.0, "no"]]}, "not a mix"),
+        ({"instances": []}, "non-empty"),
+        ({"inputs": {"age": [1, 2], "bmi": [1.0], "smoker": ["a"]}}, "different lengths"),
+        ({"data": []}, 'expected "instances" or "inputs"'),
+        ("text", "expected a JSON object"),
+    ],
+)
+def test_tabular_errors_name_the_problem(body: Any, message: str) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        TABULAR.decode_v1(body)
+    assert message in str(raised.value)
+
+
+def test_tensor_codec_checks_shape_and_casts_to_the_signature() -> None:
+    codec = TensorCodec(np.dtype("float32"), (-1, 4))
+    rows = codec.decode_v1({"instances": [[1, 2, 3, 4], [5, 6, 7, 8]]})
+    assert rows.n == 2 and rows.data.dtype == np.float32
+    request = v2(("x", [2, 4], "FP64", list(range(8))))
+    assert codec.decode_v2(request).data.shape == (2, 4)
+    for body, message in (
+        ({"instances": [[1, 2, 3]]}, "expected shape (N, 4), got (1, 3)"),
+        ({"instances": [[1, 2, 3, 4], [1, 2]]}, "not a rectangular array"),
+        ({"instances": [["a", "b", "c", "d"]]}, "expected numbers"),
+    ):
+        with pytest.raises(InvalidInput) as raised:
+            codec.decode_v1(body)
+        assert message in str(raised.value)
+    with pytest.raises(InvalidInput, match="needs 8 values, got 6"):
+        codec.decode_v2(v2(("x", [2, 4], "FP32", list(range(6)))))
+    with pytest.raises(InvalidInput, match="expected one input tensor"):
+        codec.decode_v2(v2(("x", [1, 4], "FP32", [1, 2, 3, 4]), ("y", [1], "FP32", [1])))
+
+
+def test_outputs_split_per_request_and_encode() -> None:
+    parts = split_output(np.array([1.0, 2.0, 3.0]), [1, 2])
+    assert [to_json(p) for p in parts] == [[1.0], [2.0, 3.0]]
+    with pytest.raises(ValueError, match="returned 2 rows for 3 inputs"):
+        split_output(np.array([1.0, 2.0]), [1, 2])
+    response = to_infer_response(np.array([[1.0, 2.0]]), "m", "id-1", "predict")
+    assert response.outputs[0].datatype == "FP64" and response.outputs[0].shape == [1, 2]
+
+
+def test_batched_predictions_equal_one_by_one_predictions() -> None:
+    rng = np.random.default_rng(0)
+    weights = rng.random(3)
+    calls: list[int] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        calls.append(len(frame))
+        if (frame["smoker"] == "boom").any():
+            raise ValueError("bad row")
+        return frame[["age", "bmi"]].to_numpy() @ weights[:2] + (frame["smoker"] == "yes")
+
+    records = [
+        {"age": int(a), "bmi": float(b), "smoker": s}
+        for a, b, s in zip(
+            rng.integers(18, 65, 40), rng.random(40) * 40, ["yes", "no"] * 20, strict=True
+        )
+    ]
+    records[7]["smoker"] = "boom"
+    alone = [
+        predict(TABULAR.concat([TABULAR.decode_v1({"instances": [r]})])) if i != 7 else None
+        for i, r in enumerate(records)
+    ]
+    calls.clear()
+
+    async def main() -> list[Any]:
+        batcher = MicroBatcher(predict, TABULAR, max_rows=16)
+        jobs = [batcher.submit(TABULAR.decode_v1({"instances": [r]})) for r in records]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[7], ValueError)  # only the bad request fails
+    for i, result in enumerate(results):
+        if i != 7:
+            assert to_json(result) == alone[i].tolist()
+    assert max(calls) > 1  # requests were merged
+    assert max(calls) <= 16
