@@ -28,8 +28,8 @@ def print_train_result(result: TrainResult) -> None:
     table.add_column("trial", justify="right")
     for name in param_names:
         table.add_column(name, justify="right")
-    table.add_column(f"{result.metric} (cv)", justify="right")
-    table.add_column("epochs", justify="right")
+    table.add_column(f"{result.metric} (search)", justify="right")
+    table.add_column("reports", justify="right")
     for trial in ordered:
         table.add_row(
             str(trial.number),
