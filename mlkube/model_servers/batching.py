@@ -1,5 +1,10 @@
 """Micro-batching: concurrent requests for one model become one predict() call.
 
+Batching is only switched on for a model whose predictions do not depend on the batch: BLAS
+takes other code paths for one row than for many, so a linear model or a neural network can
+differ in the last bit between a 1-row call and the same row inside a batch.
+`is_batch_invariant` checks that on the model's input example at load time.
+
 There is no timer: while a predict runs (in a worker thread, off the event loop), new
 requests queue up; the next round takes all of them, up to `max_rows`. One request alone
 is predicted at once, so latency at concurrency 1 pays only the thread hop. The model sees
@@ -15,6 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from mlkube.model_servers.codec import Codec, Rows, normalize_output, split_output
 
 BatchObserver = Callable[[int, int], None]  # (requests, rows) of each predict call
@@ -27,7 +35,9 @@ class MicroBatcher:
         codec: Codec,
         max_rows: int = 256,
         on_batch: BatchObserver | None = None,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled and codec.batchable
         self._predict = predict
         self._codec = codec
         self._max_rows = max_rows
@@ -47,7 +57,7 @@ class MicroBatcher:
     def _take(self) -> list[tuple[Rows, asyncio.Future[Any]]]:
         first = self._queue.popleft()
         batch = [first]
-        if not self._codec.batchable:
+        if not self.enabled:
             return batch
         key, rows = self._codec.batch_key(first[0]), first[0].n
         while self._queue and rows + self._queue[0][0].n <= self._max_rows:
@@ -101,3 +111,35 @@ def _settle(
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, pd.DataFrame) or isinstance(b, pd.DataFrame):
+        return (
+            isinstance(a, pd.DataFrame)
+            and isinstance(b, pd.DataFrame)
+            and a.reset_index(drop=True).equals(b.reset_index(drop=True))
+        )
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def is_batch_invariant(
+    predict: Callable[[Any], Any],
+    codec: Codec,
+    rows: list[Rows],
+    sizes: tuple[int, ...] = (2, 3, 8, 16),
+) -> bool:
+    """True when each row predicts bit-for-bit the same alone and inside batches of `sizes`."""
+    if not codec.batchable or not rows:
+        return False
+    try:
+        alone = [normalize_output(predict(codec.concat([row]))) for row in rows]
+        for size in sizes:
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                parts = split_output(predict(codec.concat(chunk)), [r.n for r in chunk])
+                if not all(_same(p, a) for p, a in zip(parts, alone[start:], strict=False)):
+                    return False
+    except Exception:
+        return False
+    return True

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 from mlkube.model_servers.artifacts import ArtifactCache, tree_bytes
-from mlkube.model_servers.batching import MicroBatcher
-from mlkube.model_servers.codec import Codec, codec_for_schema
+from mlkube.model_servers.batching import MicroBatcher, is_batch_invariant
+from mlkube.model_servers.codec import Codec, Rows, codec_for_schema
 from mlkube.model_servers.sources import ModelSource, resolve
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,26 @@ def find_explainer(pyfunc: Any) -> Explainer | None:
     return explain if callable(explain) else None
 
 
+def example_rows(pyfunc: Any, path: Path, codec: Codec, count: int = 16) -> list[Rows]:
+    """One-row inputs from the model's input example, repeated up to `count` rows."""
+    try:
+        example = pyfunc.metadata.load_input_example(str(path))
+    except Exception:
+        return []
+    if example is None:
+        return []
+    try:
+        if hasattr(example, "to_dict"):
+            records = example.to_dict(orient="records")
+            rows = [codec.decode_v1({"instances": [record]}) for record in records]
+        else:
+            array = example if not isinstance(example, dict) else next(iter(example.values()))
+            rows = [codec.decode_v1({"instances": [item]}) for item in list(array)]
+    except Exception:  # an example the codec cannot read: no batching
+        return []
+    return [rows[i % len(rows)] for i in range(count)] if rows else []
+
+
 class ModelLoader:
     def __init__(
         self,
@@ -93,6 +113,7 @@ class ModelLoader:
         self.max_batch_rows = max_batch_rows
         self._on_batch = on_batch
         self._resolve = resolver
+        self._invariant: dict[str, bool] = {}  # per model version: immutable, kept over evictions
 
     def prefetch(self, uri: str) -> Path:
         """Download (not load) and import the flavour's modules: makes the first request fast."""
@@ -115,7 +136,17 @@ class ModelLoader:
             if on_batch:
                 on_batch(name, requests, rows)
 
-        batcher = MicroBatcher(pyfunc.predict, codec, self.max_batch_rows, observe)
+        if source.key not in self._invariant:
+            rows = example_rows(pyfunc, path, codec)
+            self._invariant[source.key] = is_batch_invariant(pyfunc.predict, codec, rows)
+            log.info(
+                "%s: micro-batching %s",
+                name,
+                "on" if self._invariant[source.key] else "off (predictions depend on the batch)",
+            )
+        batcher = MicroBatcher(
+            pyfunc.predict, codec, self.max_batch_rows, observe, enabled=self._invariant[source.key]
+        )
         size = tree_bytes(path)
         log.info("loaded %s (%s) from %s, %d bytes", name, source.label, path, size)
         return LoadedModel(source, pyfunc, codec, batcher, find_explainer(pyfunc), size), size

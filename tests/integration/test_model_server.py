@@ -277,11 +277,15 @@ def _artifact_bytes(name: str, where: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _direct(models: Models, name: str, model_input: Any, where: Path) -> np.ndarray:
+def _direct_model(name: str, where: Path) -> Any:
     import mlflow
 
     path = mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(where))
-    return np.asarray(mlflow.pyfunc.load_model(path).predict(model_input))
+    return mlflow.pyfunc.load_model(path)
+
+
+def _direct(models: Models, name: str, model_input: Any, where: Path) -> np.ndarray:
+    return np.asarray(_direct_model(name, where).predict(model_input))
 
 
 def _poll(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -394,8 +398,10 @@ def test_concurrent_requests_are_batched_without_changing_predictions(
 ) -> None:
     a, name = servers["A"], models.sklearn_name
     frame = _insurance_frame()[COLUMNS].head(32)
-    expected = _direct(models, name, frame, tmp_path).tolist()
     records = frame.to_dict(orient="records")
+    model = _direct_model(name, tmp_path)
+    # what a bare model answers to each 1-row request
+    expected = [model.predict(frame.iloc[i : i + 1]).tolist()[0] for i in range(len(frame))]
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=a.url, timeout=120) as client:

@@ -11,7 +11,7 @@ import pytest
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
 
-from mlkube.model_servers.batching import MicroBatcher
+from mlkube.model_servers.batching import MicroBatcher, is_batch_invariant
 from mlkube.model_servers.codec import (
     Column,
     TabularCodec,
@@ -150,3 +150,17 @@ def test_batched_predictions_equal_one_by_one_predictions() -> None:
             assert to_json(result) == alone[i].tolist()
     assert max(calls) > 1  # requests were merged
     assert max(calls) <= 16
+
+
+def test_models_whose_output_depends_on_the_batch_are_not_batched() -> None:
+    rows = [TABULAR.decode_v1({"instances": [RECORD]}) for _ in range(16)]
+
+    def invariant(frame: pd.DataFrame) -> np.ndarray:
+        return frame["bmi"].to_numpy() * 2
+
+    def one_row_path(frame: pd.DataFrame) -> np.ndarray:  # like BLAS: 1 row takes another path
+        return frame["bmi"].to_numpy() * 2 + (1e-12 if len(frame) == 1 else 0.0)
+
+    assert is_batch_invariant(invariant, TABULAR, rows)
+    assert not is_batch_invariant(one_row_path, TABULAR, rows)
+    assert not is_batch_invariant(invariant, TABULAR, [])
