@@ -71,8 +71,9 @@ flock 9
 tmp=""
 ticker=""
 cleanup() {
-  [[ -n "$ticker" ]] && kill "$ticker" 2>/dev/null || true
-  [[ -n "$tmp" ]] && rm -f "$tmp"
+  if [[ -n "$ticker" ]]; then kill "$ticker" 2>/dev/null || true; fi
+  if [[ -n "$tmp" ]]; then rm -f "$tmp"; fi
+  return 0
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

@@ -1,0 +1,230 @@
+"""Manifests of the shape mlkube builds are accepted by the real KubeRay/KServe CRD schemas,
+and a misspelt field is refused by the server, with the field named."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.crds import names_unknown_field
+
+RAYJOB: dict[str, Any] = {
+    "apiVersion": "ray.io/v1",
+    "kind": "RayJob",
+    "metadata": {"name": "shape"},
+    "spec": {
+        "entrypoint": "python -m mlkube.flows.train --help",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 60,
+        "activeDeadlineSeconds": 3600,
+        "runtimeEnvYAML": "env_vars:\n  MLFLOW_TRACKING_URI: http://mlflow:5000\n",
+        "rayClusterSpec": {
+            "rayVersion": "2.60.0",
+            "headGroupSpec": {
+                "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "ray-head",
+                                "image": "rayproject/ray:2.60.0",
+                                "resources": {"limits": {"cpu": "1", "memory": "2Gi"}},
+                            }
+                        ]
+                    }
+                },
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": 2,
+                    "minReplicas": 0,
+                    "maxReplicas": 4,
+                    "rayStartParams": {},
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "ray-worker",
+                                    "image": "rayproject/ray:2.60.0",
+                                    "resources": {"limits": {"cpu": "1", "memory": "2Gi"}},
+                                }
+                            ]
+                        }
+                    },
+                }
+            ],
+        },
+    },
+}
+
+ISVC: dict[str, Any] = {
+    "apiVersion": "serving.kserve.io/v1beta1",
+    "kind": "InferenceService",
+    "metadata": {"name": "shape"},
+    "spec": {
+        "predictor": {
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "canaryTrafficPercent": 10,
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": "mlkube/predictor:latest",
+                    "command": ["python", "-m", "mlkube.model_servers"],
+                    "args": ["--model-uri", "models:/insurance/3", "--ttl-seconds", "600"],
+                    "env": [{"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"}],
+                    "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                }
+            ],
+        },
+    },
+}
+
+
+def _apply(
+    cp: ControlPlane,
+    namespace: str,
+    manifest: dict[str, Any],
+    check: bool = True,
+    server_side: bool = True,
+) -> Any:
+    mode = ["--server-side"] if server_side else []
+    return cp.kubectl(
+        "apply",
+        *mode,
+        "--validate=strict",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(manifest),
+        check=check,
+    )
+
+
+@pytest.mark.parametrize("manifest", [RAYJOB, ISVC], ids=["rayjob", "inferenceservice"])
+def test_intended_shape_is_accepted(
+    control_plane: ControlPlane,
+    foreign_crds: list[str],
+    namespace: str,
+    manifest: dict[str, Any],
+) -> None:
+    _apply(control_plane, namespace, manifest)
+    plural = {"RayJob": "rayjob", "InferenceService": "inferenceservice"}[manifest["kind"]]
+    stored = yaml.safe_load(
+        control_plane.kubectl(
+            "get", plural, manifest["metadata"]["name"], "-n", namespace, "-o", "yaml"
+        ).stdout
+    )
+    # Nothing was pruned: what we sent is what the server kept.
+    assert _contains(stored["spec"], manifest["spec"])
+
+
+def _contains(have: Any, want: Any) -> bool:
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(
+            k in have and _contains(have[k], v) for k, v in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(_contains(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return bool(have == want)
+
+
+MISSPELT = [
+    pytest.param(
+        RAYJOB, ("spec",), "shutdownAfterJobFinishes", "shutdownAfterJobFinish", id="rayjob-spec"
+    ),
+    pytest.param(
+        RAYJOB,
+        ("spec", "rayClusterSpec", "workerGroupSpecs", 0),
+        "replicas",
+        "replica",
+        id="rayjob-workergroup",
+    ),
+    pytest.param(
+        ISVC,
+        ("spec", "predictor"),
+        "canaryTrafficPercent",
+        "canaryTraficPercent",
+        id="isvc-predictor",
+    ),
+    pytest.param(
+        ISVC, ("spec", "predictor", "containers", 0), "image", "imagee", id="isvc-container"
+    ),
+]
+
+
+def _misspell(manifest: dict[str, Any], path: tuple[Any, ...], good: str, bad: str) -> str:
+    """Rename one field in place; returns its dotted path as the server names it."""
+    node: Any = manifest
+    dotted: list[str] = []
+    for key in path:
+        node = node[key]
+        dotted.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    node[bad] = node.pop(good)
+    return ("".join(dotted) + f".{bad}").lstrip(".")
+
+
+@pytest.mark.parametrize("server_side", [False, True], ids=["apply", "apply-server-side"])
+@pytest.mark.parametrize(("base", "path", "good", "bad"), MISSPELT)
+def test_misspelt_field_is_rejected_by_kubectl(
+    control_plane: ControlPlane,
+    foreign_crds: list[str],
+    namespace: str,
+    base: dict[str, Any],
+    path: tuple[Any, ...],
+    good: str,
+    bad: str,
+    server_side: bool,
+) -> None:
+    manifest = copy.deepcopy(base)
+    field = _misspell(manifest, path, good, bad)
+    result = _apply(control_plane, namespace, manifest, check=False, server_side=server_side)
+    assert result.returncode != 0
+    assert names_unknown_field(result.stderr, field), result.stderr
+
+
+@pytest.mark.parametrize(("base", "path", "good", "bad"), MISSPELT)
+def test_misspelt_field_is_rejected_by_the_api(
+    kube_api: client.ApiClient,
+    foreign_crds: list[str],
+    namespace: str,
+    base: dict[str, Any],
+    path: tuple[Any, ...],
+    good: str,
+    bad: str,
+) -> None:
+    manifest = copy.deepcopy(base)
+    field = _misspell(manifest, path, good, bad)
+    group, version = manifest["apiVersion"].split("/")
+    plural = {"RayJob": "rayjobs", "InferenceService": "inferenceservices"}[manifest["kind"]]
+    with pytest.raises(ApiException) as err:
+        client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+            group, version, namespace, plural, manifest, field_validation="Strict"
+        )
+    assert err.value.status == 400
+    message = json.loads(err.value.body)["message"]
+    assert names_unknown_field(message, field), message
+
+
+def test_wrong_type_is_rejected_with_the_field_named(
+    control_plane: ControlPlane, foreign_crds: list[str], namespace: str
+) -> None:
+    manifest = copy.deepcopy(RAYJOB)
+    manifest["spec"]["shutdownAfterJobFinishes"] = "yes"
+    result = _apply(control_plane, namespace, manifest, check=False)
+    assert result.returncode != 0
+    assert "spec.shutdownAfterJobFinishes" in result.stderr, result.stderr
