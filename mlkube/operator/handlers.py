@@ -48,6 +48,13 @@ OURS = {MANAGED_BY: OPERATOR_NAME}
 SETTINGS = get_settings()
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; elsewhere $KUBECONFIG, read now (the kubernetes
+    client kopf would otherwise use fixes its kubeconfig path when it is imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.configure()
@@ -120,20 +127,6 @@ def _owner_uids(meta: kopf.Meta, kind: str) -> list[str]:
 @kopf.index("ray.io", "v1", "rayjobs", labels=OURS)
 def rayjobs_by_owner(meta: kopf.Meta, status: kopf.Status, **_: Any) -> dict[str, Any]:
     return {uid: dict(status) for uid in _owner_uids(meta, "TrainingRun")}
-
-
-@kopf.index("serving.kserve.io", "v1beta1", "inferenceservices", labels=OURS)
-def inferenceservices_by_owner(body: kopf.Body, meta: kopf.Meta, **_: Any) -> dict[str, Any]:
-    snapshot = {
-        "metadata": {
-            "name": meta.get("name"),
-            "generation": meta.get("generation"),
-            "annotations": dict(meta.annotations),
-        },
-        "spec": dict(body.spec),
-        "status": dict(body.status),
-    }
-    return {uid: snapshot for uid in _owner_uids(meta, "ModelDeployment")}
 
 
 def _first(index: kopf.Index[str, Any], key: str) -> Any | None:
@@ -282,7 +275,6 @@ def _reconcile_deployment(
     meta: kopf.Meta,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    index: kopf.Index[str, Any],
     *,
     force_resolve: bool,
 ) -> None:
@@ -292,10 +284,9 @@ def _reconcile_deployment(
     desired, working.conditions = _desired_version(
         deployment, memo, working.conditions, force=force_resolve
     )
-    isvc = _first(index, meta["uid"])
-    if isvc is None:
-        name = inferenceservice_name(meta["name"])
-        isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], name)
+    # Read, not indexed: a promotion or rollback must see the result of the previous
+    # step, never a watch that lags behind it. ModelDeployments are few.
+    isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
     view = inferenceservice_view(isvc) if isvc is not None else None
     mode = (
         meta.annotations.get(ANNOTATION_DEPLOYMENT_MODE)
@@ -357,28 +348,26 @@ def _reconcile_deployment(
 
 @kopf.on.create(*MODELDEPLOYMENTS)
 @kopf.on.resume(*MODELDEPLOYMENTS)
-@kopf.on.update(*MODELDEPLOYMENTS, field="spec")  # type: ignore[arg-type]
+@kopf.on.update(*MODELDEPLOYMENTS, field="spec")
 @measured("modeldeployment", "change")
 def deployment_changed(
     body: kopf.Body,
     meta: kopf.Meta,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    inferenceservices_by_owner: kopf.Index[str, Any],
     **_: Any,
 ) -> None:
-    _reconcile_deployment(body, meta, patch, memo, inferenceservices_by_owner, force_resolve=True)
+    _reconcile_deployment(body, meta, patch, memo, force_resolve=True)
 
 
-@kopf.timer(*MODELDEPLOYMENTS, interval=SETTINGS.status_poll_seconds)  # type: ignore[arg-type]
+@kopf.timer(*MODELDEPLOYMENTS, interval=SETTINGS.status_poll_seconds)
 @measured("modeldeployment", "sync")
 def sync_deployment(
     body: kopf.Body,
     meta: kopf.Meta,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    inferenceservices_by_owner: kopf.Index[str, Any],
     **_: Any,
 ) -> None:
     """Follow the alias (resolved every alias_poll_seconds) and the InferenceService."""
-    _reconcile_deployment(body, meta, patch, memo, inferenceservices_by_owner, force_resolve=False)
+    _reconcile_deployment(body, meta, patch, memo, force_resolve=False)

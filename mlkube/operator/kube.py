@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, cast
@@ -35,7 +36,8 @@ def configure() -> None:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            # Read $KUBECONFIG now: the client's default was fixed when it was imported.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         _api = client.ApiClient()
 
 

@@ -49,8 +49,8 @@ def plan_rollout(
     """One reconcile step.
 
     - First deployment: the desired version, no canary (there is nothing to split with).
-    - The InferenceService's revision is ready: a canary is promoted (its share removed),
-      otherwise the version is recorded as served.
+    - The InferenceService's revision is ready: a canary is promoted (its share removed);
+      without a split, the version is recorded as served.
     - Its revision failed: back to the served version (traffic never left it), and the
       failed version is recorded so that it is not rolled out again.
     - The desired version differs from the pinned one: a rollout starts, as a canary when
@@ -84,19 +84,22 @@ def plan_rollout(
         status.url = isvc.url
         target, canary = isvc.version, isvc.canary_traffic_percent
         served = status.served_version
-        if isvc.state == "Ready" and target is not None:
-            if canary is not None:
-                canary = None
-                events.append(Event(
-                    reason="CanaryPromoted",
-                    message=f"version {target} is ready; it now takes all traffic",
-                ))  # fmt: skip
-            if served != target or status.canary is not None:
-                if served != target:
-                    status.previous_version = served
-                    events.append(Event(reason="RolledOut", message=f"serving version {target}"))
+        if isvc.state == "Ready" and target is not None and canary is not None:
+            # The canary's revision is ready: promote it (drop the split). It counts as
+            # served once the InferenceService is ready without the split.
+            canary = None
+            events.append(Event(
+                reason="CanaryPromoted",
+                message=f"version {target} is ready; it now takes all traffic",
+            ))  # fmt: skip
+            status.phase = "Progressing"
+            status.conditions = set_condition(status.conditions, READY, "True", "Ready", "", now)
+        elif isvc.state == "Ready" and target is not None:
+            if served != target:
+                status.previous_version = served
                 status.served_version = target
-                status.canary = None
+                events.append(Event(reason="RolledOut", message=f"serving version {target}"))
+            status.canary = None
             status.phase = "Ready"
             status.conditions = set_condition(status.conditions, READY, "True", "Ready", "", now)
             if desired_version is None or desired_version != status.failed_version:

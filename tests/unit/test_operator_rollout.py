@@ -73,9 +73,13 @@ def test_alias_moves_with_canary_then_promotes() -> None:
     assert rolling.status.phase == "Progressing"
     promoted = step(md, rolling.status, 2, view(2, "Ready", canary=25))
     assert (promoted.target_version, promoted.canary_traffic_percent) == (2, None)
-    assert promoted.status.served_version == 2 and promoted.status.previous_version == 1
-    assert promoted.status.canary is None and promoted.status.phase == "Ready"
-    assert "CanaryPromoted" in [e.reason for e in promoted.events]
+    assert [e.reason for e in promoted.events] == ["CanaryPromoted"]
+    # Served once the InferenceService is ready without the split.
+    assert promoted.status.served_version == 1 and promoted.status.phase == "Progressing"
+    whole = step(md, promoted.status, 2, view(2, "Ready"))
+    assert whole.status.served_version == 2 and whole.status.previous_version == 1
+    assert whole.status.canary is None and whole.status.phase == "Ready"
+    assert [e.reason for e in whole.events] == ["RolledOut"]
 
 
 def test_failed_revision_keeps_traffic_on_the_previous_version() -> None:
