@@ -1,0 +1,223 @@
+"""The local training pipeline end to end: real Ray, real MLflow store, real Prefect."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from mlkube.cli import main as cli_main
+from mlkube.flows.train import TrainResult, train
+from mlkube.training import outcome
+from tests.integration.conftest import REPO, example, trainingrun
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.usefixtures("ray_local", "prefect_api", "local_mlflow"),
+]
+
+# A budget no search can do well with: one tree-boosting iteration at a tiny rate.
+CRIPPLED = {
+    "numTrials": 1,
+    "searchSpace": {
+        "max_iter": {"randint": [1, 2]},
+        "learning_rate": {"loguniform": [0.001, 0.0011]},
+    },
+}
+
+
+def write_run(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def parent_run(client: MlflowClient, result: TrainResult) -> Any:
+    return client.get_run(result.run_id)
+
+
+def trial_runs(client: MlflowClient, result: TrainResult) -> list[Any]:
+    return client.search_runs(
+        [result.experiment_id],
+        filter_string=f"tags.`{outcome.TAG_PARENT_RUN}` = '{result.run_id}'",
+    )
+
+
+def test_insurance_example_promotes_only_a_better_model(
+    tmp_path: Path,
+    insurance_csv: Path,
+    local_mlflow: MlflowClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    document = example("insurance")
+    name = document["spec"]["model"]["name"]
+
+    # 1. A weak first model: there is no champion, so it becomes the champion.
+    weak = {**document, "spec": {**document["spec"], "tuning": CRIPPLED}}
+    weak_file = write_run(tmp_path / "weak.yaml", weak)
+    assert cli_main(["train", "-f", str(weak_file), "--dataset", str(insurance_csv)]) == 0
+    assert int(local_mlflow.get_model_version_by_alias(name, "champion").version) == 1
+
+    # 2. The example as users run it (8 trials): better, so champion moves to version 2.
+    capsys.readouterr()
+    example_file = str(REPO / "examples" / "insurance" / "trainingrun.yaml")
+    assert cli_main(["train", "-f", example_file, "--dataset", str(insurance_csv)]) == 0
+    shown = capsys.readouterr()
+    assert "trial 8/8 done" in shown.err and "best mae=" in shown.err
+    assert "version 2" in shown.out and "@champion -> v2" in shown.out
+    assert int(local_mlflow.get_model_version_by_alias(name, "champion").version) == 2
+
+    # 3. Weak again: registered as version 3 with alias challenger; champion stays.
+    assert cli_main(["train", "-f", str(weak_file), "--dataset", str(insurance_csv)]) == 0
+    assert "not better" in capsys.readouterr().out
+    assert int(local_mlflow.get_model_version_by_alias(name, "champion").version) == 2
+    assert int(local_mlflow.get_model_version_by_alias(name, "challenger").version) == 3
+
+    versions = local_mlflow.search_model_versions(f"name = '{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+
+
+def test_parent_run_records_trials_and_outcome(
+    insurance_csv: Path, model_name: str, local_mlflow: MlflowClient
+) -> None:
+    run = trainingrun(
+        "recorded",
+        {
+            "task": "insurance",
+            "dataset": {"uri": str(insurance_csv)},
+            "model": {"name": model_name},
+            "tuning": {"numTrials": 3},
+        },
+    )
+    result = train(run, show_progress=False)
+    parent = parent_run(local_mlflow, result)
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert tags[outcome.TAG_ROLE] == "parent" and tags[outcome.TAG_NAME] == "recorded"
+    assert tags[outcome.TAG_UID].startswith("local-")
+    recorded = outcome.outcome_from_tags(result.run_id, parent.info.status, tags)
+    assert recorded.trials_completed == recorded.trials_total == 3
+    assert recorded.model_version == 1 and recorded.promoted is True
+    assert recorded.best_value == pytest.approx(result.best_value)
+    assert recorded.best_params["max_iter"] == str(result.best_params["max_iter"])
+
+    trials = trial_runs(local_mlflow, result)
+    assert len(trials) == 3
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        assert {"learning_rate", "max_iter"} <= set(trial.data.params)
+        assert "mae" in trial.data.metrics
+    # The parent run is found the way the operator looks it up.
+    found = local_mlflow.search_runs(
+        [result.experiment_id], filter_string=outcome.trainingrun_filter(tags[outcome.TAG_UID])
+    )
+    assert [r.info.run_id for r in found] == [result.run_id]
+    # The registered version carries signature and input example.
+    version = local_mlflow.get_model_version(model_name, "1")
+    info = __import__("mlflow").models.get_model_info(version.source)
+    assert info.signature is not None
+    assert {"age", "smoker", "region"} <= set(info.signature.inputs.input_names())
+    assert info.saved_input_example_info is not None
+
+
+def test_same_seed_gives_the_same_search(insurance_csv: Path, model_name: str) -> None:
+    spec = {
+        "task": "insurance",
+        "dataset": {"uri": str(insurance_csv)},
+        "model": {"name": model_name},
+        "tuning": {"numTrials": 2, "seed": 7},
+    }
+    first = train(trainingrun("seeded-a", spec), show_progress=False)
+    second = train(trainingrun("seeded-b", spec), show_progress=False)
+    assert sorted(t.value or 0 for t in first.trials) == sorted(t.value or 0 for t in second.trials)
+    assert first.best_params == second.best_params
+    assert second.promoted is False and "not better" in second.reason
+
+
+@pytest.fixture
+def classification_csv(tmp_path: Path, insurance_csv: Path) -> Path:
+    """The insurance table with a yes/no label: whether a person smokes."""
+    path = tmp_path / "smokers.csv"
+    pd.read_csv(insurance_csv).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("tabular", {"tuning": {"numTrials": 2}}),
+        (
+            "atmos-temperature",
+            {
+                "tuning": {
+                    "numTrials": 2,
+                    "scheduler": "asha",
+                    "searchSpace": {"epochs": {"choice": [2]}, "hidden": {"choice": [16]}},
+                }
+            },
+        ),
+        (
+            "mnist",
+            {
+                "tuning": {
+                    "numTrials": 2,
+                    "scheduler": "asha",
+                    "searchSpace": {"epochs": {"choice": [2]}, "channels": {"choice": [8]}},
+                }
+            },
+        ),
+        ("tests.fixtures.user_task:diabetes_ridge", {"tuning": {"numTrials": 2}}),
+    ],
+)
+def test_every_task_trains_registers_and_promotes(
+    task: str,
+    extra: dict[str, Any],
+    model_name: str,
+    classification_csv: Path,
+    local_mlflow: MlflowClient,
+) -> None:
+    spec: dict[str, Any] = {"task": task, "model": {"name": model_name}, **extra}
+    if task == "tabular":
+        spec["dataset"] = {"uri": str(classification_csv), "target": "smoker"}
+    result = train(trainingrun("every-" + re.sub(r"[^a-z0-9]+", "-", task)[:30].strip("-"), spec),
+                   show_progress=False)  # fmt: skip
+    assert result.version == 1 and result.promoted
+    assert int(local_mlflow.get_model_version_by_alias(model_name, "champion").version) == 1
+    assert result.metric in result.holdout
+    if task == "tabular":
+        assert result.metric == "accuracy" and result.holdout["accuracy"] > 0.8
+    if task in ("atmos-temperature", "mnist"):
+        # Learning curves: one point per epoch in some trial's nested run.
+        histories = [
+            local_mlflow.get_metric_history(t.info.run_id, result.metric)
+            for t in trial_runs(local_mlflow, result)
+        ]
+        assert max(len(h) for h in histories) == 2
+
+
+def test_mnist_model_explains_with_nearest_training_examples(
+    model_name: str, local_mlflow: MlflowClient
+) -> None:
+    import mlflow.pyfunc
+    from sklearn.datasets import load_digits
+
+    spec = {
+        "task": "mnist",
+        "model": {"name": model_name},
+        "tuning": {"numTrials": 1, "searchSpace": {"epochs": {"choice": [3]}}},
+    }
+    train(trainingrun("explained", spec), show_progress=False)
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    digits = load_digits()
+    pixels = (digits.data[:4] / 16.0).astype("float32")
+    explained = model.unwrap_python_model().explain(pixels)
+    assert len(explained) == 4
+    for row, labels in zip(explained, model.predict(pixels), strict=True):
+        assert row["label"] == labels
+        assert len(row["nearest"]) == 3
+        assert all(0 <= n["label"] <= 9 for n in row["nearest"])
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
