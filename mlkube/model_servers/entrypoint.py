@@ -67,6 +67,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk-cache-size", dest="disk_cache_bytes", default="4Gi")
     parser.add_argument("--max-batch-rows", dest="max_batch_rows", type=int, default=256)
     parser.add_argument(
+        "--predict-threads",
+        dest="predict_threads",
+        type=int,
+        default=1,
+        help="OpenMP/BLAS/torch threads per predict (default 1: best for small requests)",
+    )
+    parser.add_argument(
         "--no-prefetch",
         dest="prefetch",
         action="store_false",

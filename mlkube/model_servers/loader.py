@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,25 @@ def import_modules(names: tuple[str, ...] | list[str]) -> None:
             importlib.import_module(name)
         except ImportError as error:  # an image without torch still serves sklearn
             log.debug("not importing %s: %s", name, error)
+
+
+def limit_threads(threads: int | None) -> None:
+    """Cap OpenMP/BLAS threads of the libraries loaded so far (call again after new imports).
+
+    A 1-row predict gains nothing from a thread team, and on a busy machine OpenMP threads
+    that wait for each other turn a 3 ms HistGradientBoosting predict into 100+ ms.
+    """
+    if not threads:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
+    except ImportError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def warm_up() -> None:
@@ -108,7 +128,9 @@ class ModelLoader:
         max_batch_rows: int = 256,
         on_batch: Callable[[str, int, int], None] | None = None,
         resolver: Callable[[str], ModelSource] = resolve,
+        predict_threads: int | None = 1,
     ) -> None:
+        self.predict_threads = predict_threads
         self.artifacts = artifacts
         self.max_batch_rows = max_batch_rows
         self._on_batch = on_batch
@@ -120,6 +142,7 @@ class ModelLoader:
         path = self.artifacts.fetch(self._resolve(uri))
         for flavour in flavours(path):
             import_modules(FLAVOUR_IMPORTS.get(flavour, ()))
+        limit_threads(self.predict_threads)
         return path
 
     def load(self, name: str, uri: str) -> tuple[LoadedModel, int]:
@@ -129,6 +152,7 @@ class ModelLoader:
         source = self._resolve(uri)
         path = self.artifacts.fetch(source)
         pyfunc = mlflow.pyfunc.load_model(str(path))
+        limit_threads(self.predict_threads)  # the flavour may have loaded torch or OpenMP
         codec = codec_for_schema(pyfunc.metadata.get_input_schema())
         on_batch = self._on_batch
 

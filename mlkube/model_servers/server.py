@@ -28,6 +28,34 @@ def quiet_fastapi() -> None:
     )
 
 
+def configure_logging() -> None:
+    """Our INFO lines (loads, evictions, batching) beside KServe's, in the same shape."""
+    logger = logging.getLogger("mlkube")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s.%(msecs)03d %(process)s %(name)s %(levelname)s %(message)s",
+                "%Y-%m-%d %H:%M:%S",
+            )
+        )
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_thread_env(threads: int | None) -> None:
+    """OpenMP reads its thread count per thread from the environment at start-up, so predicts
+    in worker threads only see a limit set here, before numpy, sklearn or torch load.
+    Variables the user set win."""
+    if threads:
+        for name in THREAD_VARIABLES:
+            os.environ.setdefault(name, str(threads))
+
+
 def prepare_environment(settings: ServerSettings) -> None:
     if settings.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
@@ -113,16 +141,18 @@ def make_model_server(settings: ServerSettings, repository: Any) -> Any:
 
 def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
     """(model_server, models to start, loader); nothing is listening yet."""
+    limit_thread_env(settings.predict_threads)  # before the imports below load OpenMP
     from kserve.model_repository import ModelRepository
 
     from mlkube.model_servers.artifacts import ArtifactCache
     from mlkube.model_servers.cache import CachePolicy, ModelCache
-    from mlkube.model_servers.loader import LoadedModel, ModelLoader, warm_up
+    from mlkube.model_servers.loader import LoadedModel, ModelLoader, limit_threads, warm_up
     from mlkube.model_servers.metrics import ServerMetrics
     from mlkube.model_servers.model import LazyModel
     from mlkube.model_servers.repository import RegistryModelRepository
     from mlkube.model_servers.sources import UnknownModel
 
+    configure_logging()
     prepare_environment(settings)
     warm_up()
     metrics = ServerMetrics()
@@ -132,7 +162,13 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
         on_download=metrics.downloaded,
         on_hit=metrics.disk_hit,
     )
-    loader = ModelLoader(artifacts, settings.max_batch_rows, on_batch=metrics.batch)
+    loader = ModelLoader(
+        artifacts,
+        settings.max_batch_rows,
+        on_batch=metrics.batch,
+        predict_threads=settings.predict_threads,
+    )
+    limit_threads(settings.predict_threads)
     policy = CachePolicy(
         ttl_seconds=settings.ttl_seconds or None,
         budget_bytes=settings.memory_budget,
@@ -167,7 +203,13 @@ def run(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT."""
     server, models, loader = build(settings)
     if settings.model_uri and settings.prefetch:
-        threading.Thread(target=_prefetch, args=(loader, settings.model_uri), daemon=True).start()
+        # Artifacts local before we listen, so the first request only reads them; an MLflow
+        # that is slow or down delays the start by at most prefetch_wait (then 503s explain).
+        prefetch = threading.Thread(
+            target=_prefetch, args=(loader, settings.model_uri), daemon=True
+        )
+        prefetch.start()
+        prefetch.join(settings.prefetch_wait)
     log.info(
         "serving %s on %s:%d",
         settings.model_uri or "registered models by name",

@@ -66,6 +66,12 @@ class ServerSettings(BaseModel):
     disk_cache_bytes: int = Field(default=4 * 2**30, description="Bound of the artifact cache")
     max_batch_rows: int = Field(default=256, ge=1, description="Rows in one micro-batch")
     prefetch: bool = Field(default=True, description="Download artifacts at start (not weights)")
+    prefetch_wait: float = Field(
+        default=60, ge=0, description="Seconds to wait for the prefetch before listening"
+    )
+    predict_threads: int | None = Field(
+        default=1, ge=1, description="OpenMP/BLAS/torch threads per predict; None: library default"
+    )
 
     @field_validator("memory_budget", "disk_cache_bytes", mode="before")
     @classmethod
