@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("mlkube.model_servers.commands", "add_serve_parser"),
         ("mlkube.model_servers.commands", "add_predict_parser"),
         ("mlkube.operator.commands", "add_operator_parser"),
+        ("mlkube.flows.commands", "add_flow_parsers"),
     ):
         _add_optional(sub, module, adder)
     return parser
