@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train -> register -> serve -> predict, offline")
     demo.add_argument("--trials", type=int, default=8)
+    demo.add_argument("--dataset", help="insurance CSV (default: ../shared/data/insurance.csv)")
     demo.set_defaults(handler=cmd_demo)
 
     for module, adder in (
