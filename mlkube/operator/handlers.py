@@ -46,6 +46,7 @@ TRAININGRUNS = (GROUP, VERSION, "trainingruns")
 MODELDEPLOYMENTS = (GROUP, VERSION, "modeldeployments")
 OURS = {MANAGED_BY: OPERATOR_NAME}
 SETTINGS = get_settings()
+LOG = logging.getLogger("mlkube.operator")
 
 
 @kopf.on.login()
@@ -58,7 +59,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.configure()
-    settings.posting.level = logging.INFO
+    # kopf would post each "Handler succeeded" log line as an Event (timers tick every few
+    # seconds); only its warnings go out, our transitions are posted explicitly.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = SETTINGS.max_workers
     settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
     settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 10
@@ -95,6 +98,14 @@ def _status_of(model: type[BaseModel], status: kopf.Status) -> Any:
         return model()
 
 
+def post(body: kopf.Body, kind: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the object, and the same line in the operator's log."""
+    kopf.event(body, type=kind, reason=reason, message=message)
+    level = logging.WARNING if kind == "Warning" else logging.INFO
+    LOG.log(level, "%s %s/%s: %s: %s", body.get("kind"), body.metadata.namespace,
+            body.metadata.name, reason, message)  # fmt: skip
+
+
 def _mlflow(uri: str) -> GuardedReader:
     return reader_for(
         uri,
@@ -109,9 +120,9 @@ def _announce_mlflow(body: kopf.Body, before: Any, after: Any) -> None:
     if new is None or (old is not None and old.status == new.status):
         return
     if new.status == "False":
-        kopf.warn(body, reason="MlflowUnreachable", message=new.message)
+        post(body, "Warning", "MlflowUnreachable", new.message)
     elif old is not None:
-        kopf.info(body, reason="MlflowReachable", message="MLflow answers again")
+        post(body, "Normal", "MlflowReachable", "MLflow answers again")
 
 
 def _owner_uids(meta: kopf.Meta, kind: str) -> list[str]:
@@ -147,9 +158,9 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
     name = manifest["metadata"]["name"]
     if created:
         CHILDREN_CREATED.labels("RayJob").inc()
-        kopf.info(body, reason="RayJobCreated", message=f"created RayJob {name}")
+        post(body, "Normal", "RayJobCreated", f"created RayJob {name}")
     else:
-        kopf.info(body, reason="RayJobAdopted", message=f"RayJob {name} already existed")
+        post(body, "Normal", "RayJobAdopted", f"RayJob {name} already existed")
     previous: TrainingRunStatus = _status_of(TrainingRunStatus, body.status)
     new = previous.model_copy(deep=True)
     new.ray_job_name = name
@@ -158,7 +169,7 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
     new.conditions = set_condition(
         new.conditions, SUCCEEDED, "Unknown", "RayJobCreated", f"RayJob {name}", _now()
     )
-    patch.status.update(status_patch(previous, new))
+    patch.status.update(status_patch(body.status, new))
 
 
 def _trainingrun_active(status: kopf.Status, **_: Any) -> bool:
@@ -206,7 +217,7 @@ def sync_trainingrun(
         grace_seconds=SETTINGS.failed_job_grace_seconds,
     )
     new.observed_generation = meta.get("generation")
-    patch.status.update(status_patch(previous, new))
+    patch.status.update(status_patch(body.status, new))
     _announce_mlflow(body, previous.conditions, new.conditions)
     if new.phase != previous.phase:
         TRANSITIONS.labels("trainingrun", new.phase).inc()
@@ -219,10 +230,7 @@ def sync_trainingrun(
                 f"{'promoted' if new.promoted else 'not promoted'}"
                 + (f" ({new.promotion_reason})" if new.promotion_reason else "")
             )
-        if new.phase == "Failed":
-            kopf.warn(body, reason=reason, message=message)
-        else:
-            kopf.info(body, reason=reason, message=message)
+        post(body, "Warning" if new.phase == "Failed" else "Normal", reason, message)
 
 
 # --------------------------------------------------------------------------- ModelDeployment
@@ -335,13 +343,10 @@ def _reconcile_deployment(
                     {"metadata": {"annotations": annotations}, "spec": {"predictor": predictor}},
                 )
     new.observed_generation = meta.get("generation")
-    patch.status.update(status_patch(previous, new))
+    patch.status.update(status_patch(body.status, new))
     _announce_mlflow(body, previous.conditions, new.conditions)
     for event in rollout.events:
-        if event.type == "Warning":
-            kopf.warn(body, reason=event.reason, message=event.message)
-        else:
-            kopf.info(body, reason=event.reason, message=event.message)
+        post(body, event.type, event.reason, event.message)
     if new.phase != previous.phase:
         TRANSITIONS.labels("modeldeployment", new.phase).inc()
 

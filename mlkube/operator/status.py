@@ -4,6 +4,7 @@ InferenceService's conditions and url as the rollout logic needs them. Pure func
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -67,12 +68,14 @@ def drop_condition(conditions: list[Condition], kind: str) -> list[Condition]:
     return [c for c in conditions if c.type != kind]
 
 
-def status_patch(previous: BaseModel, new: BaseModel) -> dict[str, Any]:
-    """The merge patch from one status to the next: changed keys, None for removed ones."""
-    before = previous.model_dump(by_alias=True, exclude_none=True, mode="json")
+def status_patch(stored: Mapping[str, Any], new: BaseModel) -> dict[str, Any]:
+    """The merge patch from the stored status to `new`: changed keys, None for removed
+    ones. Compared with what is stored, not with a parsed copy, so that defaults (phase
+    Pending) get written too. Keys our model does not know are left alone."""
     after = new.model_dump(by_alias=True, exclude_none=True, mode="json")
-    changes: dict[str, Any] = {k: v for k, v in after.items() if before.get(k) != v}
-    changes.update({k: None for k in before if k not in after})
+    known = {field.alias or name for name, field in type(new).model_fields.items()}
+    changes: dict[str, Any] = {k: v for k, v in after.items() if stored.get(k) != v}
+    changes.update({k: None for k in stored if k in known and k not in after})
     return changes
 
 

@@ -194,3 +194,12 @@ def test_inferenceservice_view() -> None:
         "RPredictorReady",
         "Standard",
     )
+
+
+def test_status_patch_writes_defaults_and_removes_what_is_gone() -> None:
+    from mlkube.operator.status import status_patch
+
+    assert status_patch({}, TrainingRunStatus()) == {"phase": "Pending", "conditions": []}
+    stored = {"phase": "Running", "message": "old", "conditions": [], "kopf": {"x": 1}}
+    new = TrainingRunStatus(phase="Running")
+    assert status_patch(stored, new) == {"message": None}
