@@ -1,0 +1,286 @@
+"""Ingest: append the hours a source has and the dataset lacks, atomically, with a ledger.
+
+The dataset (Parquet or CSV, by its name; any fsspec URI) is the truth about what is held:
+a run asks the source for rows after the dataset's last hour, keeps only hours it does not
+have (no duplicates, however often it runs), and writes the whole table to a temp file
+beside the dataset, then renames it over the dataset. A run that dies at any point leaves
+the dataset as it was; the next run finds the same gap and fills it. On object stores
+(s3://, gs://) a written object appears whole, so the rename step is a copy there.
+
+What each run added is appended to a small JSON ledger next to the dataset
+(`<dataset>.ledger.json`), written the same way, after the dataset.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from mlkube.api.common import CamelModel
+from mlkube.api.errors import UserError
+from mlkube.flows.sources import TIME_COLUMN, VALUE_COLUMN, SourceSettings
+
+LEDGER_SUFFIX = ".ledger.json"
+LEDGER_KEEP = 1000  # entries; older ones are dropped so the file stays small
+TEMP_MARK = ".tmp-"
+
+
+class DatasetError(UserError):
+    """The dataset cannot be read or written; one line for the user."""
+
+
+class DatasetSettings(CamelModel):
+    uri: str = Field(description="Parquet (.parquet/.pq) or CSV; any fsspec URI.")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngestPlan(BaseModel):
+    """What a run found: the dataset as held and the rows to add (not yet written)."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    dataset_uri: str
+    source: str
+    existing: pd.DataFrame
+    new: pd.DataFrame
+    rows_fetched: int
+
+    @property
+    def last_before(self) -> pd.Timestamp | None:
+        return last_hour(self.existing)
+
+
+class IngestRecord(BaseModel):
+    """One ledger entry, and the ingest part of a flow's report."""
+
+    dataset_uri: str
+    source: str
+    at: dt.datetime
+    flow_run_id: str | None = None
+    rows_before: int
+    rows_fetched: int
+    rows_added: int
+    rows_after: int
+    first_added: dt.datetime | None = None
+    last_added: dt.datetime | None = None
+    last_before: dt.datetime | None = None
+    committed: bool = False
+    note: str | None = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(uri, **(storage_options or {}))
+
+
+def is_parquet(uri: str) -> bool:
+    return uri.endswith((".parquet", ".pq"))
+
+
+def read_dataset(settings: DatasetSettings) -> pd.DataFrame:
+    """The table as held, `date` parsed and sorted; an empty table when there is none yet."""
+    fs, path = filesystem(settings.uri, settings.storage_options)
+    if not fs.exists(path):
+        return pd.DataFrame({TIME_COLUMN: pd.Series(dtype="datetime64[ns]"),
+                             VALUE_COLUMN: pd.Series(dtype="float64")})  # fmt: skip
+    try:
+        with fs.open(path, "rb") as handle:
+            data = handle.read()
+        frame = (
+            pd.read_parquet(io.BytesIO(data)) if is_parquet(path) else pd.read_csv(io.BytesIO(data))
+        )
+    except (OSError, ValueError) as error:
+        raise DatasetError(
+            f"dataset.uri: cannot read {settings.uri}: {first_line(error)}"
+        ) from None
+    if TIME_COLUMN not in frame.columns:
+        raise DatasetError(f"dataset.uri: {settings.uri} has no {TIME_COLUMN!r} column")
+    frame[TIME_COLUMN] = pd.to_datetime(frame[TIME_COLUMN])
+    return frame.sort_values(TIME_COLUMN, kind="stable").reset_index(drop=True)
+
+
+def last_hour(frame: pd.DataFrame) -> pd.Timestamp | None:
+    if frame.empty:
+        return None
+    return pd.Timestamp(frame[TIME_COLUMN].max())
+
+
+def only_new_hours(existing: pd.DataFrame, fetched: pd.DataFrame) -> pd.DataFrame:
+    """Hours after the last one held, each once (the source's latest answer wins)."""
+    if fetched.empty:
+        return fetched.iloc[0:0].copy()
+    rows = fetched.copy()
+    rows[TIME_COLUMN] = pd.to_datetime(rows[TIME_COLUMN]).dt.floor("h")
+    last = last_hour(existing)
+    if last is not None:
+        rows = rows[rows[TIME_COLUMN] > last]
+    rows = rows.drop_duplicates(TIME_COLUMN, keep="last")
+    return rows.sort_values(TIME_COLUMN, kind="stable").reset_index(drop=True)
+
+
+def plan_ingest(dataset: DatasetSettings, source: SourceSettings) -> IngestPlan:
+    existing = read_dataset(dataset)
+    fetched = source.fetch_after(last_hour(existing))
+    return IngestPlan(
+        dataset_uri=dataset.uri,
+        source=source.describe(),
+        existing=existing,
+        new=only_new_hours(existing, fetched),
+        rows_fetched=len(fetched),
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def temp_path_beside(path: str) -> str:
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}" if head else f".{name}{TEMP_MARK}x"
+
+
+def table_bytes(frame: pd.DataFrame, path: str) -> bytes:
+    buffer = io.BytesIO()
+    if is_parquet(path):
+        frame.to_parquet(buffer, index=False)
+    else:
+        frame.to_csv(buffer, index=False, date_format="%Y-%m-%d %H:%M:%S")
+    return buffer.getvalue()
+
+
+def write_temp(fs: Any, temp: str, data: bytes) -> None:
+    with fs.open(temp, "wb") as handle:
+        handle.write(data)
+        if is_local(fs):
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def replace_atomically(fs: Any, temp: str, path: str) -> None:
+    """The commit point: before it the old file is whole, after it the new one is."""
+    if is_local(fs):
+        os.replace(temp, path)
+        # The rename itself must reach the disk, or a crash could bring the old name back.
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    else:
+        fs.mv(temp, path)
+
+
+def write_atomically(fs: Any, path: str, data: bytes) -> None:
+    parent = path.rpartition("/")[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    temp = temp_path_beside(path)
+    try:
+        write_temp(fs, temp, data)
+        replace_atomically(fs, temp, path)
+    except BaseException:
+        if fs.exists(temp):
+            fs.rm(temp)
+        raise
+
+
+def remove_stale_temps(fs: Any, path: str) -> None:
+    """Temp files of runs that were killed before their rename (one ingest at a time)."""
+    if not is_local(fs):
+        return
+    target = Path(path)
+    for stale in target.parent.glob(f".{target.name}{TEMP_MARK}*"):
+        stale.unlink(missing_ok=True)
+
+
+def ledger_uri(dataset_uri: str) -> str:
+    return dataset_uri + LEDGER_SUFFIX
+
+
+def read_ledger(settings: DatasetSettings) -> list[dict[str, Any]]:
+    fs, path = filesystem(ledger_uri(settings.uri), settings.storage_options)
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "rb") as handle:
+        document = json.loads(handle.read() or b"{}")
+    return list(document.get("entries", []))
+
+
+def append_ledger(settings: DatasetSettings, record: IngestRecord) -> None:
+    entries = [*read_ledger(settings), record.model_dump(mode="json")][-LEDGER_KEEP:]
+    document = {"dataset": settings.uri, "entries": entries}
+    fs, path = filesystem(ledger_uri(settings.uri), settings.storage_options)
+    write_atomically(fs, path, json.dumps(document, indent=1).encode())
+
+
+def commit(
+    plan: IngestPlan, dataset: DatasetSettings, flow_run_id: str | None = None
+) -> IngestRecord:
+    """Writes existing + new rows over the dataset (if there are new rows) and the ledger."""
+    record = IngestRecord(
+        dataset_uri=dataset.uri,
+        source=plan.source,
+        at=dt.datetime.now(dt.UTC),
+        flow_run_id=flow_run_id,
+        rows_before=len(plan.existing),
+        rows_fetched=plan.rows_fetched,
+        rows_added=len(plan.new),
+        rows_after=len(plan.existing) + len(plan.new),
+        first_added=None if plan.new.empty else plan.new[TIME_COLUMN].min().to_pydatetime(),
+        last_added=None if plan.new.empty else plan.new[TIME_COLUMN].max().to_pydatetime(),
+        last_before=None if plan.last_before is None else plan.last_before.to_pydatetime(),
+    )
+    if plan.new.empty:
+        return record
+    fs, path = filesystem(dataset.uri, dataset.storage_options)
+    remove_stale_temps(fs, path)
+    parts = [frame for frame in (plan.existing, plan.new) if not frame.empty]
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    try:
+        write_atomically(fs, path, table_bytes(table, path))
+    except OSError as error:
+        raise DatasetError(
+            f"dataset.uri: cannot write {dataset.uri}: {first_line(error)}"
+        ) from None
+    record.committed = True
+    append_ledger(dataset, record)
+    return record
+
+
+def not_committed(
+    plan: IngestPlan, dataset: DatasetSettings, why: str, flow_run_id: str | None = None
+) -> IngestRecord:
+    """The record of a run whose rows were refused by the checks (nothing written)."""
+    last = plan.last_before
+    return IngestRecord(
+        dataset_uri=dataset.uri,
+        source=plan.source,
+        at=dt.datetime.now(dt.UTC),
+        flow_run_id=flow_run_id,
+        rows_before=len(plan.existing),
+        rows_fetched=plan.rows_fetched,
+        rows_added=0,
+        rows_after=len(plan.existing),
+        last_before=None if last is None else last.to_pydatetime(),
+        note=why,
+    )
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
