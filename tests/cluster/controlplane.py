@@ -163,9 +163,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -188,8 +194,10 @@ class CertificateAuthority:
         """A leaf certificate: a client cert (CN=user, O=groups) or a serving cert."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        usage = x509.ExtendedKeyUsageOID.SERVER_AUTH if server else (
-            x509.ExtendedKeyUsageOID.CLIENT_AUTH
+        usage = (
+            x509.ExtendedKeyUsageOID.SERVER_AUTH
+            if server
+            else (x509.ExtendedKeyUsageOID.CLIENT_AUTH)
         )
         builder = (
             x509.CertificateBuilder()
@@ -293,8 +301,9 @@ def _stop_all() -> None:
 
 
 def _install_handlers() -> None:
-    """atexit + SIGTERM/SIGHUP -> clean stop. SIGINT is Python's KeyboardInterrupt already,
-    which unwinds through `with`/fixtures; SIGTERM's default would skip atexit entirely."""
+    """atexit, and SIGTERM/SIGHUP turned into KeyboardInterrupt: by default they kill
+    Python without running atexit or `finally`, while KeyboardInterrupt unwinds through
+    `with` blocks and pytest's fixture teardown (pytest stops the session on it)."""
     global _handlers_installed
     if _handlers_installed:
         return
@@ -304,12 +313,11 @@ def _install_handlers() -> None:
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) in (signal.SIG_DFL, None):
-            signal.signal(sig, _exit_on_signal)
+            signal.signal(sig, _interrupt_on_signal)
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    _stop_all()
-    raise SystemExit(128 + signum)
+def _interrupt_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --------------------------------------------------------------------------- the control plane
@@ -370,16 +378,40 @@ class ControlPlane:
         return self
 
     def stop(self) -> None:
-        """Stop kcm, then apiserver, then etcd; remove the temp dir. Idempotent."""
+        """Stop kcm, then apiserver, then etcd; remove the temp dir. Idempotent. If one
+        of them had died on its own, the temp dir (with logs/) is kept and named."""
         with self._lock:
+            died = self.dead()
             for proc in reversed(self._procs):
                 proc.stop()
             self._procs.clear()
             _LIVE.discard(self)
-            if self._own_workdir and self.workdir.exists() and not os.environ.get(
-                "MLKUBE_K8S_KEEP"
-            ):
+            keep = bool(died) or bool(os.environ.get("MLKUBE_K8S_KEEP"))
+            if died:
+                print(
+                    f"control plane: {', '.join(p.name for p in died)} had died; "
+                    f"logs kept in {self.workdir / 'logs'}",
+                    file=sys.stderr,
+                )
+            if self._own_workdir and self.workdir.exists() and not keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def dead(self) -> list[ManagedProcess]:
+        """Processes of this control plane that exited although nobody stopped them."""
+        return [p for p in self._procs if not p.alive()]
+
+    def assert_alive(self) -> None:
+        """Raise, with the exit codes and log tails, if a component has died."""
+        died = self.dead()
+        if died:
+            raise RuntimeError(
+                "control plane component died: "
+                + "; ".join(
+                    f"{p.name} exited with {p.popen.returncode} (negative: killed by that "
+                    f"signal), log {p.log}:\n{p.log_tail()}"
+                    for p in died
+                )
+            )
 
     def version(self) -> dict[str, Any]:
         """GET /version as the server reports it (gitVersion, major, minor, ...)."""
@@ -418,7 +450,10 @@ class ControlPlane:
             "HELM_DATA_HOME": str(self.workdir / "helm" / "data"),
         }
         result = subprocess.run(
-            [str(self.binaries.helm), *args], capture_output=True, text=True, env=env,
+            [str(self.binaries.helm), *args],
+            capture_output=True,
+            text=True,
+            env=env,
             timeout=timeout,
         )
         if check and result.returncode != 0:
@@ -460,13 +495,13 @@ class ControlPlane:
 
         with self.api_client() as api:
             request = client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(
-                    audiences=[], expiration_seconds=expiration_seconds
-                )
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
             )
-            token = client.CoreV1Api(api).create_namespaced_service_account_token(
-                name, namespace, request
-            ).status.token
+            token = (
+                client.CoreV1Api(api)
+                .create_namespaced_service_account_token(name, namespace, request)
+                .status.token
+            )
         user = f"system:serviceaccount:{namespace}:{name}"
         return self._write_kubeconfig(
             path or self._next_path(f"sa-{_slug(namespace)}-{_slug(name)}"),
@@ -517,8 +552,13 @@ class ControlPlane:
         serving = self.ca.issue(
             "kube-apiserver",
             server=True,
-            dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"],
+            dns=[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
             ips=["127.0.0.1", SERVICE_IP],
         )
         sa_key = ec.generate_private_key(ec.SECP256R1())
@@ -605,8 +645,9 @@ class ControlPlane:
             self.kubeconfig,
             "admin",
             {
-                "client-certificate-data": _b64((admin := self.ca.issue(
-                    "admin", ["system:masters"])).cert_pem),
+                "client-certificate-data": _b64(
+                    (admin := self.ca.issue("admin", ["system:masters"])).cert_pem
+                ),
                 "client-key-data": _b64(admin.key_pem),
             },
         )
@@ -633,8 +674,8 @@ class ControlPlane:
                 [
                     self.binaries.kube_controller_manager,
                     f"--kubeconfig={kcm_kubeconfig}",
-                    f"--authentication-kubeconfig={kcm_kubeconfig}",
-                    f"--authorization-kubeconfig={kcm_kubeconfig}",
+                    # No delegated authn/authz for its own /healthz: with it, kcm keeps
+                    # logging that the apiserver has no requestheader CA (none is needed).
                     f"--controllers={CONTROLLERS}",
                     "--leader-elect=false",
                     "--bind-address=127.0.0.1",
@@ -741,6 +782,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "where":
         print(binaries_dir())
         return 0
+    # Ctrl-C must reach us even when started from a script with `&` (SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         cp = ControlPlane()

@@ -46,8 +46,14 @@ def install(cp: ControlPlane, files: list[Path], timeout: float = 120.0) -> list
     """
     if not files:
         return []
-    args = ["apply", "--server-side", "--force-conflicts", f"--field-manager={FIELD_MANAGER}",
-            "-o", "name"]
+    args = [
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        f"--field-manager={FIELD_MANAGER}",
+        "-o",
+        "name",
+    ]
     for f in files:
         args += ["-f", str(f)]
     out = cp.kubectl(*args, timeout=timeout).stdout
@@ -90,5 +96,7 @@ def names_unknown_field(message: str, field: str) -> bool:
     """Does a server error name the unknown field `field` (e.g. `spec.foo`)? Field
     validation says `unknown field "spec.foo"`; server-side apply says
     `.spec.foo: field not declared in schema`."""
-    return (f'unknown field "{field}"' in message
-            or f".{field}: field not declared in schema" in message)
+    return (
+        f'unknown field "{field}"' in message
+        or f".{field}: field not declared in schema" in message
+    )

@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--http_port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--grpc_port", type=int, default=0, help="accepted and ignored")
-    parser.add_argument("--exit-code", type=int, default=None,
-                        help="exit at once with this code (to play a crashing predictor)")
+    parser.add_argument(
+        "--exit-code",
+        type=int,
+        default=None,
+        help="exit at once with this code (to play a crashing predictor)",
+    )
     args, _unknown = parser.parse_known_args(argv)
     if args.exit_code is not None:
         print(f"fake predictor: failing on purpose with {args.exit_code}", file=sys.stderr)

@@ -249,7 +249,11 @@ class _Player:
         status that the real CRD schema would prune fail loudly instead."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                self.group, self.version, self.namespace, self.plural, name,
+                self.group,
+                self.version,
+                self.namespace,
+                self.plural,
+                name,
                 {"status": status},
                 field_manager=FIELD_MANAGER,
                 field_validation="Strict",
@@ -365,13 +369,16 @@ class RayJobPlayer(_Player):
         cluster = selected or f"{name}-{_rand5()}"
         started = now()
         started_mono = time.monotonic()
-        if not self.patch_status(name, {
-            "jobId": job_id,
-            "rayClusterName": cluster,
-            "jobDeploymentStatus": "Initializing",
-            "startTime": started,
-            "observedGeneration": generation,
-        }):
+        if not self.patch_status(
+            name,
+            {
+                "jobId": job_id,
+                "rayClusterName": cluster,
+                "jobDeploymentStatus": "Initializing",
+                "startTime": started,
+                "observedGeneration": generation,
+            },
+        ):
             return
 
         cluster_status: Obj = {}
@@ -414,10 +421,13 @@ class RayJobPlayer(_Player):
                 start_new_session=True,
             )
         job_started = now()
-        if not self.patch_status(name, {
-            "jobStatus": "RUNNING",
-            "rayJobInfo": {"startTime": job_started},
-        }):
+        if not self.patch_status(
+            name,
+            {
+                "jobStatus": "RUNNING",
+                "rayJobInfo": {"startTime": job_started},
+            },
+        ):
             return
 
         deadline = spec.get("activeDeadlineSeconds")
@@ -426,17 +436,20 @@ class RayJobPlayer(_Player):
                 return  # deleted, or the player stops: _play kills the process
             if deadline and time.monotonic() - started_mono > float(deadline):
                 _kill_group(run.proc)
-                self.patch_status(name, {
-                    "jobDeploymentStatus": "Failed",
-                    "reason": "DeadlineExceeded",
-                    "message": (
-                        f"The RayJob has passed the activeDeadlineSeconds. StartTime: "
-                        f"{started}. ActiveDeadlineSeconds: {deadline}"
-                    ),
-                    "endTime": now(),
-                    "failed": 1,
-                    "succeeded": 0,
-                })
+                self.patch_status(
+                    name,
+                    {
+                        "jobDeploymentStatus": "Failed",
+                        "reason": "DeadlineExceeded",
+                        "message": (
+                            f"The RayJob has passed the activeDeadlineSeconds. StartTime: "
+                            f"{started}. ActiveDeadlineSeconds: {deadline}"
+                        ),
+                        "endTime": now(),
+                        "failed": 1,
+                        "succeeded": 0,
+                    },
+                )
                 self._finish_cluster(run, spec, cluster, created_cluster)
                 return
 
@@ -444,26 +457,30 @@ class RayJobPlayer(_Player):
         ended = now()
         final: Obj = {"endTime": ended, "rayJobInfo": {"startTime": job_started, "endTime": ended}}
         if code == 0:
-            final.update({
-                "jobStatus": "SUCCEEDED",
-                "jobDeploymentStatus": "Complete",
-                "message": "Job finished successfully.",
-                "succeeded": 1,
-                "failed": 0,
-            })
+            final.update(
+                {
+                    "jobStatus": "SUCCEEDED",
+                    "jobDeploymentStatus": "Complete",
+                    "message": "Job finished successfully.",
+                    "succeeded": 1,
+                    "failed": 0,
+                }
+            )
         else:
-            final.update({
-                "jobStatus": "FAILED",
-                "jobDeploymentStatus": "Failed",
-                "reason": "AppFailed",
-                # Ray's own wording, with the log tail it appends.
-                "message": (
-                    f"Job entrypoint command failed with exit code {code}, last available "
-                    f"logs (truncated to 20,000 chars):\n{_tail(run.stderr)}"
-                ),
-                "succeeded": 0,
-                "failed": 1,
-            })
+            final.update(
+                {
+                    "jobStatus": "FAILED",
+                    "jobDeploymentStatus": "Failed",
+                    "reason": "AppFailed",
+                    # Ray's own wording, with the log tail it appends.
+                    "message": (
+                        f"Job entrypoint command failed with exit code {code}, last available "
+                        f"logs (truncated to 20,000 chars):\n{_tail(run.stderr)}"
+                    ),
+                    "succeeded": 0,
+                    "failed": 1,
+                }
+            )
         self.patch_status(name, final)
         self._finish_cluster(run, spec, cluster, created_cluster)
 
@@ -481,23 +498,32 @@ class RayJobPlayer(_Player):
                     "ray.io/originated-from-cr-name": meta["name"],
                     "ray.io/originated-from-crd": "RayJob",
                 },
-                "ownerReferences": [{
-                    "apiVersion": "ray.io/v1",
-                    "kind": "RayJob",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "ray.io/v1",
+                        "kind": "RayJob",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
             },
             "spec": spec,
         }
         self.custom.create_namespaced_custom_object(
-            "ray.io", "v1", self.namespace, "rayclusters", body,
-            field_manager=FIELD_MANAGER, field_validation="Strict",
+            "ray.io",
+            "v1",
+            self.namespace,
+            "rayclusters",
+            body,
+            field_manager=FIELD_MANAGER,
+            field_validation="Strict",
         )
-        workers = sum(int(g.get("replicas", g.get("minReplicas", 0)) or 0)
-                      for g in spec.get("workerGroupSpecs") or [])
+        workers = sum(
+            int(g.get("replicas", g.get("minReplicas", 0)) or 0)
+            for g in spec.get("workerGroupSpecs") or []
+        )
         status = {
             "state": "ready",
             "desiredWorkerReplicas": workers,
@@ -508,14 +534,18 @@ class RayJobPlayer(_Player):
             "observedGeneration": 1,
         }
         self.custom.patch_namespaced_custom_object_status(
-            "ray.io", "v1", self.namespace, "rayclusters", cluster, {"status": status},
-            field_manager=FIELD_MANAGER, field_validation="Strict",
+            "ray.io",
+            "v1",
+            self.namespace,
+            "rayclusters",
+            cluster,
+            {"status": status},
+            field_manager=FIELD_MANAGER,
+            field_validation="Strict",
         )
         return status
 
-    def _finish_cluster(
-        self, run: _RayJobRun, spec: Obj, cluster: str, created: bool
-    ) -> None:
+    def _finish_cluster(self, run: _RayJobRun, spec: Obj, cluster: str, created: bool) -> None:
         # KubeRay deletes the RayCluster ttlSecondsAfterFinished after the end, and only
         # with shutdownAfterJobFinishes (default false: clusters linger).
         if not (created and spec.get("shutdownAfterJobFinishes")):
@@ -705,11 +735,16 @@ class InferenceServicePlayer(_Player):
         mode = _deployment_mode(obj, self.default_mode)
         container = self._container(obj)
         if container is None or not (container.get("command") or container.get("args")):
-            self._publish(state, obj, mode, failure={
-                "reason": "InvalidPredictorSpec",
-                "message": "the test player runs only spec.predictor.containers "
-                           "(kserve-container) with a command; model formats need KServe",
-            })
+            self._publish(
+                state,
+                obj,
+                mode,
+                failure={
+                    "reason": "InvalidPredictorSpec",
+                    "message": "the test player runs only spec.predictor.containers "
+                    "(kserve-container) with a command; model formats need KServe",
+                },
+            )
             return
         template = self._template_hash(obj, mode)
         current = state.revisions.get(state.latest_created)
@@ -735,8 +770,10 @@ class InferenceServicePlayer(_Player):
         self, state: _Isvc, rev_name: str, template: str, container: Obj
     ) -> tuple[_Revision | None, Obj]:
         port, grpc_port = free_port(), free_port()
-        argv = [*(container.get("command") or []), *_without_port_args(
-            list(container.get("args") or []))]
+        argv = [
+            *(container.get("command") or []),
+            *_without_port_args(list(container.get("args") or [])),
+        ]
         argv += [f"--http_port={port}", f"--grpc_port={grpc_port}"]
         env = dict(self.env)
         for item in container.get("env") or []:
@@ -803,14 +840,32 @@ class InferenceServicePlayer(_Player):
             canary = ((obj.get("spec") or {}).get("predictor") or {}).get("canaryTrafficPercent")
             prev = state.latest_rolled
             if canary is not None and prev and prev != latest and int(canary) < 100:
-                traffic = [{"tag": "latest", "revisionName": latest, "latestRevision": True,
-                            "percent": int(canary)}]
+                traffic = [
+                    {
+                        "tag": "latest",
+                        "revisionName": latest,
+                        "latestRevision": True,
+                        "percent": int(canary),
+                    }
+                ]
                 if int(canary) < 100:
-                    traffic.append({"tag": "prev", "revisionName": prev,
-                                    "latestRevision": False, "percent": 100 - int(canary)})
+                    traffic.append(
+                        {
+                            "tag": "prev",
+                            "revisionName": prev,
+                            "latestRevision": False,
+                            "percent": 100 - int(canary),
+                        }
+                    )
             else:
-                traffic = [{"tag": "latest", "revisionName": latest, "latestRevision": True,
-                            "percent": 100}]
+                traffic = [
+                    {
+                        "tag": "latest",
+                        "revisionName": latest,
+                        "latestRevision": True,
+                        "percent": 100,
+                    }
+                ]
             for t in traffic:
                 t["url"] = state.revisions[t["revisionName"]].url
             state.traffic = traffic
@@ -863,8 +918,9 @@ class InferenceServicePlayer(_Player):
             pred = ("Unknown", "RevisionMissing", f"Revision {state.latest_created} is starting")
         else:
             pred = ("True", "", "")
-        ingress = ("True", "", "") if serving else (
-            "Unknown", "RevisionMissing", "no ready revision")
+        ingress = (
+            ("True", "", "") if serving else ("Unknown", "RevisionMissing", "no ready revision")
+        )
         conds = [
             self._condition(state, "IngressReady", *ingress),
             self._condition(state, "PredictorReady", *pred),
@@ -876,21 +932,27 @@ class InferenceServicePlayer(_Player):
                 self._condition(state, "PredictorRouteReady", *ingress),
                 self._condition(state, "RoutesReady", *ingress),
             ]
-        ready = "True" if pred[0] == "True" and ingress[0] == "True" else (
-            "False" if "False" in (pred[0], ingress[0]) else "Unknown")
-        conds.append(self._condition(
-            state, "Ready", ready, pred[1] or ingress[1], pred[2] or ingress[2]))
+        ready = (
+            "True"
+            if pred[0] == "True" and ingress[0] == "True"
+            else ("False" if "False" in (pred[0], ingress[0]) else "Unknown")
+        )
+        conds.append(
+            self._condition(state, "Ready", ready, pred[1] or ingress[1], pred[2] or ingress[2])
+        )
         conds.sort(key=lambda c: c["type"])
 
         component: Obj = {}
         if mode == "Knative":
-            component.update({
-                "latestCreatedRevision": state.latest_created or None,
-                "latestReadyRevision": state.latest_ready or None,
-                "latestRolledoutRevision": state.latest_rolled or None,
-                "previousRolledoutRevision": state.previous_rolled or None,
-                "traffic": state.traffic or None,
-            })
+            component.update(
+                {
+                    "latestCreatedRevision": state.latest_created or None,
+                    "latestReadyRevision": state.latest_ready or None,
+                    "latestRolledoutRevision": state.latest_rolled or None,
+                    "previousRolledoutRevision": state.previous_rolled or None,
+                    "traffic": state.traffic or None,
+                }
+            )
         if url:
             component.update({"url": url, "restUrl": url, "address": {"url": url}})
 
@@ -899,7 +961,8 @@ class InferenceServicePlayer(_Player):
         if failure:
             model_status: Obj = {
                 "transitionStatus": "InvalidSpec"
-                if failure.get("reason") == "InvalidPredictorSpec" else "BlockedByFailedLoad",
+                if failure.get("reason") == "InvalidPredictorSpec"
+                else "BlockedByFailedLoad",
                 "states": {"activeModelState": active, "targetModelState": "FailedToLoad"},
                 "copies": {"failedCopies": 1, "totalCopies": copies},
                 "lastFailureInfo": {
@@ -952,12 +1015,17 @@ class InferenceServicePlayer(_Player):
             mode = _deployment_mode(obj, self.default_mode)
             if rev.name == state.latest_ready:
                 state.latest_ready = ""
-            self._publish(state, obj, mode, failure={
-                "reason": "ModelLoadFailed",
-                "message": message,
-                "exitCode": rev.proc.returncode,
-                "modelRevisionName": rev.name,
-            })
+            self._publish(
+                state,
+                obj,
+                mode,
+                failure={
+                    "reason": "ModelLoadFailed",
+                    "message": message,
+                    "exitCode": rev.proc.returncode,
+                    "modelRevisionName": rev.name,
+                },
+            )
 
 
 def _http_ready(base: str) -> bool:

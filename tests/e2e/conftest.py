@@ -93,8 +93,11 @@ def _namespace_name(test_name: str) -> str:
 
 
 @pytest.fixture
-def namespace(kube_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+def namespace(
+    control_plane: ControlPlane, kube_api: client.ApiClient, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A fresh namespace named after the test; deleted afterwards (not waited for)."""
+    control_plane.assert_alive()  # a dead apiserver: say so, with its log, not "refused"
     core = client.CoreV1Api(kube_api)
     name = _namespace_name(request.node.name)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))

@@ -144,11 +144,11 @@ def test_rayjob_owns_a_raycluster_removed_after_the_job(
     raise AssertionError(f"RayCluster {cluster} still there after the job finished")
 
 
-def test_deleting_a_running_rayjob_kills_its_process(
+def test_deleting_a_running_rayjob_kills_its_process_and_gc_removes_its_cluster(
     kube_api: client.ApiClient, namespace: str, rayjob_player: RayJobPlayer
 ) -> None:
     _create(kube_api, RAY, namespace, _rayjob("long", "sleep 300"))
-    wait_for_object(
+    running = wait_for_object(
         kube_api,
         *RAY,
         namespace,
@@ -162,6 +162,20 @@ def test_deleting_a_running_rayjob_kills_its_process(
         *RAY[:2], namespace, RAY[2], "long"
     )
     proc.wait(timeout=30)  # raises if the player never killed it
+    # The RayCluster it owned goes through the garbage collector: a custom resource owning
+    # a custom resource (the GC learns new CRDs within its 30 s discovery resync).
+    cluster = running["status"]["rayClusterName"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+                "ray.io", "v1", namespace, "rayclusters", cluster
+            )
+        except ApiException as e:
+            assert e.status == 404
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"RayCluster {cluster} not garbage-collected after its RayJob went")
 
 
 # --------------------------------------------------------------------------- InferenceService
