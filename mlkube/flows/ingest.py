@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from mlkube.api.common import CamelModel
 from mlkube.api.errors import UserError
@@ -40,6 +40,12 @@ class DatasetError(UserError):
 class DatasetSettings(CamelModel):
     uri: str = Field(description="Parquet (.parquet/.pq) or CSV; any fsspec URI.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("uri")
+    @classmethod
+    def _expand_home(cls, uri: str) -> str:
+        # The TrainingRun gets this URI too, so a local path is made absolute here.
+        return str(Path(uri).expanduser().absolute()) if "://" not in uri else uri
 
 
 class IngestPlan(BaseModel):
