@@ -497,11 +497,12 @@ class ControlPlane:
             request = client.AuthenticationV1TokenRequest(
                 spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
             )
-            token = (
-                client.CoreV1Api(api)
-                .create_namespaced_service_account_token(name, namespace, request)
-                .status.token
+            issued = client.CoreV1Api(api).create_namespaced_service_account_token(
+                name, namespace, request
             )
+            if issued.status is None or not issued.status.token:
+                raise RuntimeError(f"TokenRequest for {namespace}/{name} returned no token")
+            token: str = issued.status.token
         user = f"system:serviceaccount:{namespace}:{name}"
         return self._write_kubeconfig(
             path or self._next_path(f"sa-{_slug(namespace)}-{_slug(name)}"),

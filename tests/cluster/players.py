@@ -61,7 +61,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from kubernetes import client, watch
@@ -169,7 +169,7 @@ class _Watcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                listing = self._api.list_namespaced_custom_object(*self._args)
+                listing = cast(Obj, self._api.list_namespaced_custom_object(*self._args))
                 rv = listing["metadata"]["resourceVersion"]
                 present = {o["metadata"]["uid"]: o for o in listing.get("items", [])}
                 for uid, gone in list(self._known.items()):
@@ -839,6 +839,7 @@ class InferenceServicePlayer(_Player):
         else:
             canary = ((obj.get("spec") or {}).get("predictor") or {}).get("canaryTrafficPercent")
             prev = state.latest_rolled
+            traffic: list[Obj]
             if canary is not None and prev and prev != latest and int(canary) < 100:
                 traffic = [
                     {
@@ -895,8 +896,10 @@ class InferenceServicePlayer(_Player):
             cond["reason"] = reason
         if message:
             cond["message"] = message[-2000:]
-        changed = old is None or old.get("status") != status
-        cond["lastTransitionTime"] = now() if changed else old["lastTransitionTime"]
+        if old is not None and old.get("status") == status:
+            cond["lastTransitionTime"] = old["lastTransitionTime"]
+        else:
+            cond["lastTransitionTime"] = now()
         state.conditions[ctype] = cond
         return cond
 
@@ -1007,8 +1010,11 @@ class InferenceServicePlayer(_Player):
             message = f"revision {rev.name} exited with {rev.proc.returncode}: {_tail(rev.stderr)}"
             log.warning("isvc %s: %s", state.name, message)
             try:
-                obj = self.custom.get_namespaced_custom_object(
-                    self.group, self.version, self.namespace, self.plural, state.name
+                obj = cast(
+                    Obj,
+                    self.custom.get_namespaced_custom_object(
+                        self.group, self.version, self.namespace, self.plural, state.name
+                    ),
                 )
             except ApiException:
                 return
@@ -1059,7 +1065,9 @@ def wait_for_object(
     last: Obj = {}
     while True:
         try:
-            last = api.get_namespaced_custom_object(group, version, namespace, plural, name)
+            last = cast(
+                Obj, api.get_namespaced_custom_object(group, version, namespace, plural, name)
+            )
             if predicate(last):
                 return last
         except ApiException as e:

@@ -36,7 +36,8 @@ def test_server_reports_its_version(control_plane: ControlPlane) -> None:
 def test_namespaces_are_created_and_deleted(kube_api: client.ApiClient) -> None:
     core = client.CoreV1Api(kube_api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="e2e-ns-life")))
-    assert core.read_namespace("e2e-ns-life").status.phase == "Active"
+    status = core.read_namespace("e2e-ns-life").status
+    assert status is not None and status.phase == "Active"
     core.delete_namespace("e2e-ns-life")
     # The namespace controller empties and finalizes it; only then is it gone.
     assert _gone(core.read_namespace, "e2e-ns-life")
@@ -46,7 +47,8 @@ def test_namespace_gets_default_service_account(kube_api: client.ApiClient, name
     core = client.CoreV1Api(kube_api)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        names = [sa.metadata.name for sa in core.list_namespaced_service_account(namespace).items]
+        items = core.list_namespaced_service_account(namespace).items
+        names = [sa.metadata.name for sa in items if sa.metadata]
         if "default" in names:
             return
         time.sleep(0.2)
@@ -58,6 +60,7 @@ def test_deleting_an_owner_deletes_its_children(kube_api: client.ApiClient, name
     parent = core.create_namespaced_config_map(
         namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="parent"))
     )
+    assert parent.metadata is not None and parent.metadata.uid
     owner = client.V1OwnerReference(
         api_version="v1", kind="ConfigMap", name="parent", uid=parent.metadata.uid
     )
@@ -132,3 +135,9 @@ def test_kubectl_errors_surface(control_plane: ControlPlane) -> None:
         assert "nosuchkind" in e.stderr
     else:
         raise AssertionError("kubectl get nosuchkind succeeded")
+
+
+def test_helm_reaches_the_server(control_plane: ControlPlane, namespace: str) -> None:
+    assert "v3." in control_plane.helm("version", "--short").stdout
+    # An empty release list from the real server (helm reads its Secrets through RBAC).
+    assert control_plane.helm("list", "-n", namespace, "-q").stdout.strip() == ""

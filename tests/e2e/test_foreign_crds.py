@@ -216,7 +216,7 @@ def test_misspelt_field_is_rejected_by_the_api(
             group, version, namespace, plural, manifest, field_validation="Strict"
         )
     assert err.value.status == 400
-    message = json.loads(err.value.body)["message"]
+    message = json.loads(err.value.body or "{}")["message"]
     assert names_unknown_field(message, field), message
 
 

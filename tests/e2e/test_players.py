@@ -6,7 +6,7 @@ import json
 import sys
 import time
 import urllib.request
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from kubernetes import client
@@ -125,8 +125,11 @@ def test_rayjob_owns_a_raycluster_removed_after_the_job(
     )
     cluster = running["status"]["rayClusterName"]
     assert running["status"]["dashboardURL"].startswith(f"{cluster}-head-svc.")
-    rc = client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
-        "ray.io", "v1", namespace, "rayclusters", cluster
+    rc = cast(
+        dict[str, Any],
+        client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayclusters", cluster
+        ),
     )
     assert rc["metadata"]["ownerReferences"][0]["name"] == "cl"
     _wait_rayjob(kube_api, namespace, "cl")
