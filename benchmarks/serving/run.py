@@ -5,7 +5,8 @@
 Everything runs on loopback in a temporary folder: a local MLflow (sqlite), an insurance
 model (HistGradientBoosting pipeline), the three servers started one at a time, and a
 keep-alive HTTP/1.1 load client (asyncio streams, light enough to share the 2 cores) at
-concurrency 1 and 16 with 1-row requests. Also measured: mlkube's first request after
+concurrency 1 and 16 with 1-row requests. mlkube serves the pinned version, as the operator
+deploys it (`models:/bench/1`). Also measured: mlkube's first request after
 start, and its reload after TTL eviction against an in-process load from a local directory.
 Prints a markdown table; --write also saves it to benchmarks/serving/RESULTS.md.
 """
@@ -323,7 +324,7 @@ def main() -> int:
                         "-m",
                         "mlkube.model_servers",
                         "--model-uri",
-                        "models:/bench@champion",
+                        "models:/bench/1",
                         "--host",
                         "127.0.0.1",
                         "--http_port",
@@ -365,7 +366,7 @@ def main() -> int:
                 "-m",
                 "mlkube.model_servers",
                 "--model-uri",
-                "models:/bench@champion",
+                "models:/bench/1",
                 "--host",
                 "127.0.0.1",
                 "--http_port",

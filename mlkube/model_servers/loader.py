@@ -50,7 +50,9 @@ def import_modules(names: tuple[str, ...] | list[str]) -> None:
 
 
 def limit_threads(threads: int | None) -> None:
-    """Cap OpenMP/BLAS threads of the libraries loaded so far (call again after new imports).
+    """Cap OpenMP/BLAS threads of the libraries loaded so far. The server also sets
+    OMP_NUM_THREADS & co. before importing them, which covers libraries loaded later and
+    OpenMP's per-thread setting in the predict threads; this call catches what came before.
 
     A 1-row predict gains nothing from a thread team, and on a busy machine OpenMP threads
     that wait for each other turn a 3 ms HistGradientBoosting predict into 100+ ms.
@@ -128,31 +130,39 @@ class ModelLoader:
         max_batch_rows: int = 256,
         on_batch: Callable[[str, int, int], None] | None = None,
         resolver: Callable[[str], ModelSource] = resolve,
-        predict_threads: int | None = 1,
     ) -> None:
-        self.predict_threads = predict_threads
         self.artifacts = artifacts
         self.max_batch_rows = max_batch_rows
         self._on_batch = on_batch
         self._resolve = resolver
         self._invariant: dict[str, bool] = {}  # per model version: immutable, kept over evictions
+        self._pinned: dict[str, ModelSource] = {}  # URIs naming a version resolve once
+
+    def source(self, uri: str) -> ModelSource:
+        """What `uri` means now. A version or run never changes meaning, so it is asked once
+        (a reload after eviction then needs no MLflow at all); an alias is asked every load."""
+        pinned = self._pinned.get(uri)
+        if pinned is not None:
+            return pinned
+        source = self._resolve(uri)
+        if not uri.startswith("models:/") or "@" not in uri:
+            self._pinned[uri] = source
+        return source
 
     def prefetch(self, uri: str) -> Path:
         """Download (not load) and import the flavour's modules: makes the first request fast."""
-        path = self.artifacts.fetch(self._resolve(uri))
+        path = self.artifacts.fetch(self.source(uri))
         for flavour in flavours(path):
             import_modules(FLAVOUR_IMPORTS.get(flavour, ()))
-        limit_threads(self.predict_threads)
         return path
 
     def load(self, name: str, uri: str) -> tuple[LoadedModel, int]:
         """Blocking: run it in a thread. Returns the model and its size in bytes."""
         import mlflow.pyfunc
 
-        source = self._resolve(uri)
+        source = self.source(uri)
         path = self.artifacts.fetch(source)
         pyfunc = mlflow.pyfunc.load_model(str(path))
-        limit_threads(self.predict_threads)  # the flavour may have loaded torch or OpenMP
         codec = codec_for_schema(pyfunc.metadata.get_input_schema())
         on_batch = self._on_batch
 

@@ -166,7 +166,6 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
         artifacts,
         settings.max_batch_rows,
         on_batch=metrics.batch,
-        predict_threads=settings.predict_threads,
     )
     limit_threads(settings.predict_threads)
     policy = CachePolicy(
@@ -189,10 +188,8 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
             )
 
         repository = RegistryModelRepository(factory, settings.alias)
-        # KServe refuses to start with no ready model: a placeholder name that is never served
-        models: list[Any] = []
-        server = make_model_server(settings, repository)
-        return server, models, loader
+        # no model to register up front: KServe starts with an empty list (models come by name)
+        return make_model_server(settings, repository), [], loader
     assert settings.model_uri and settings.model_name
     model = LazyModel(settings.model_name, settings.model_uri, cache, loader)
     server = make_model_server(settings, ModelRepository())

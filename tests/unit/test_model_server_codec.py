@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import numpy as np
@@ -139,7 +140,8 @@ def test_batched_predictions_equal_one_by_one_predictions() -> None:
     calls.clear()
 
     async def main() -> list[Any]:
-        batcher = MicroBatcher(predict, TABULAR, max_rows=16)
+        batcher = MicroBatcher(predict, TABULAR, max_rows=16, inline_below=60.0)
+        await batcher.submit(TABULAR.decode_v1({"instances": [records[0]]}))  # times predict
         jobs = [batcher.submit(TABULAR.decode_v1({"instances": [r]})) for r in records]
         return await asyncio.gather(*jobs, return_exceptions=True)
 
@@ -164,3 +166,21 @@ def test_models_whose_output_depends_on_the_batch_are_not_batched() -> None:
     assert is_batch_invariant(invariant, TABULAR, rows)
     assert not is_batch_invariant(one_row_path, TABULAR, rows)
     assert not is_batch_invariant(invariant, TABULAR, [])
+
+
+def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
+    threads: list[int] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return frame["bmi"].to_numpy()
+
+    async def main() -> int:
+        batcher = MicroBatcher(predict, TABULAR, inline_below=60.0)
+        for _ in range(3):  # the first call is timed in a worker thread
+            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert threads[0] != loop_thread
+    assert threads[1:] == [loop_thread, loop_thread]
