@@ -4,6 +4,7 @@ InferenceService's conditions and url as the rollout logic needs them. Pure func
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -94,13 +95,23 @@ class RayJobStatus(_Foreign):
     end_time: str | None = None
 
 
+_ERROR_LINE = re.compile(r"^(error: |[A-Za-z_][\w.]*(Error|Exception)\b)")
+
+
 def one_line(message: str, limit: int = 400) -> str:
-    """Ray's failure message carries a log tail: keep the first line and the last line
-    of the tail (the train flow's one-line error)."""
+    """Ray's failure message carries a log tail: keep its first line and, of the tail, the
+    train flow's `error: ...` line, else the last exception line, else the last line."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return ""
-    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':,')}: {lines[-1]}"
+    if len(lines) == 1:
+        text = lines[0]
+    else:
+        tail = lines[1:]
+        flagged = [line for line in tail if _ERROR_LINE.match(line)]
+        chosen = next((line for line in reversed(flagged) if line.startswith("error: ")), None)
+        chosen = chosen or (flagged[-1] if flagged else tail[-1])
+        text = f"{lines[0].rstrip(':,')}: {chosen}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

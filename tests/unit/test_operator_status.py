@@ -144,6 +144,10 @@ def test_one_line() -> None:
     assert one_line("") == ""
     assert one_line("plain") == "plain"
     assert one_line("head:\n  a\n  last words \n") == "head: last words"
+    tail = "failed:\nTraceback\n  File x\nValueError: bad\n12:00 | INFO | prefect - Stopping\n"
+    assert one_line(tail) == "failed: ValueError: bad"
+    flow = "failed:\nKeyError: 'x'\nerror: dataset not found\nINFO shutting down\n"
+    assert one_line(flow) == "failed: error: dataset not found"
 
 
 def isvc(generation: int, status: dict, annotations: dict | None = None, **predictor: object):
