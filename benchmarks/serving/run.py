@@ -3,10 +3,10 @@
     python benchmarks/serving/run.py [--duration 10] [--write]
 
 Everything runs on loopback in a temporary folder: a local MLflow (sqlite), an insurance
-model (HistGradientBoosting pipeline), the three servers started one at a time, and a
-keep-alive HTTP/1.1 load client (asyncio streams, light enough to share the 2 cores) at
-concurrency 1 and 16 with 1-row requests. mlkube serves the pinned version, as the operator
-deploys it (`models:/bench/1`). Also measured: mlkube's first request after
+model (HistGradientBoosting pipeline), the three servers, and a keep-alive HTTP/1.1 load
+client (asyncio streams, light enough to share the 2 cores) at concurrency 1 and 16 with
+1-row requests, the servers taking turns in short rounds. mlkube serves the pinned version,
+as the operator deploys it (`models:/bench/1`). Also measured: mlkube's first request after
 start, and its reload after TTL eviction against an in-process load from a local directory.
 Prints a markdown table; --write also saves it to benchmarks/serving/RESULTS.md.
 """
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def start(
     env: dict[str, str],
     port: int,
     path: str,
-    body: dict[str, object],
+    body: Mapping[str, object],
     health: str,
     log: Path,
 ) -> Server:
@@ -166,35 +166,38 @@ async def _worker(
         writer.close()
 
 
-def drive(server: Server, concurrency: int, seconds: float) -> dict[str, float]:
+def drive(server: Server, concurrency: int, seconds: float) -> tuple[list[float], int, float]:
+    """(latencies, errors, elapsed) of `concurrency` keep-alive clients for `seconds`."""
     port = int(server.base.rsplit(":", 1)[1])
 
-    async def run(duration: float) -> tuple[list[float], list[int], float]:
+    async def run() -> tuple[list[float], int, float]:
         latencies: list[float] = []
         errors: list[int] = []
         started = time.perf_counter()
-        stop_at = started + duration
+        stop_at = started + seconds
         await asyncio.gather(
             *(
                 _worker(server.url, server.body, port, stop_at, latencies, errors)
                 for _ in range(concurrency)
             )
         )
-        return latencies, errors, time.perf_counter() - started
+        return latencies, len(errors), time.perf_counter() - started
 
-    asyncio.run(run(min(2.0, seconds / 3)))  # warm-up
-    latencies, errors, elapsed = asyncio.run(run(seconds))
-    latencies.sort()
+    return asyncio.run(run())
+
+
+def summarize(runs: list[tuple[list[float], int, float]]) -> dict[str, float]:
+    latencies = sorted(value for run in runs for value in run[0])
     return {
         "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-        "rps": len(latencies) / elapsed,
-        "errors": float(len(errors)),
+        "p99_ms": latencies[max(int(len(latencies) * 0.99) - 1, 0)] * 1000,
+        "rps": len(latencies) / sum(run[2] for run in runs),
+        "errors": float(sum(run[1] for run in runs)),
     }
 
 
 # -- mlkube's cold paths ---------------------------------------------------------------------
-def post(url: str, body: dict[str, object]) -> float:
+def post(url: str, body: Mapping[str, object]) -> float:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"content-type": "application/json"}
     )
@@ -239,7 +242,10 @@ def machine() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument(
+        "--duration", type=float, default=15.0, help="seconds per server and concurrency"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="turns the duration is cut into")
     parser.add_argument("--write", action="store_true", help="save RESULTS.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlkube-bench-"))
@@ -260,6 +266,7 @@ def main() -> int:
     os.environ.update(QUIET)
     rows: list[tuple[str, int, dict[str, float]]] = []
     cold: dict[str, float] = {}
+    load_before = os.getloadavg()[0]
     try:
         say("training and registering the insurance model")
         model_dir = train_and_register(tracking_uri, work / "model")
@@ -343,18 +350,35 @@ def main() -> int:
                 ),
             ),
         ]
-        for label, launch in servers:
-            say(f"starting {label}")
-            server = launch()
-            try:
+        # All three run at once (idle servers cost nothing) and take turns in short rounds,
+        # so that load from elsewhere on a shared machine falls on all of them alike.
+        running: list[tuple[str, Server]] = []
+        try:
+            for label, launch in servers:
+                say(f"starting {label}")
+                running.append((label, launch()))
                 if label == "mlkube predictor":
+                    server = running[-1][1]
                     cold["first request after start (s)"] = post(server.base + server.url, v1_body)
+            runs: dict[tuple[str, int], list[tuple[list[float], int, float]]] = {}
+            slice_seconds = args.duration / args.rounds
+            for _, server in running:  # warm-up
+                drive(server, 16, 1.0)
+            for round_number in range(args.rounds):
+                say(f"round {round_number + 1}/{args.rounds}")
                 for concurrency in (1, 16):
-                    say(f"{label}: concurrency {concurrency}, {args.duration:.0f} s")
-                    result = drive(server, concurrency, args.duration)
-                    say(f"  p50 {result['p50_ms']:.2f} ms, {result['rps']:.0f} req/s")
-                    rows.append((label, concurrency, result))
-            finally:
+                    for label, server in running:
+                        run = drive(server, concurrency, slice_seconds)
+                        runs.setdefault((label, concurrency), []).append(run)
+            for (label, concurrency), measured in runs.items():
+                result = summarize(measured)
+                say(
+                    f"{label} c={concurrency}: p50 {result['p50_ms']:.2f} ms, "
+                    f"{result['rps']:.0f} req/s"
+                )
+                rows.append((label, concurrency, result))
+        finally:
+            for _, server in running:
                 stop(server)
 
         say("mlkube predictor: reload after TTL eviction vs in-process load")
@@ -404,7 +428,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    report = render(rows, cold)
+    report = render(rows, cold, (load_before, os.getloadavg()[0]))
     print(report)
     if args.write:
         (HERE / "RESULTS.md").write_text(report)
@@ -412,7 +436,11 @@ def main() -> int:
     return 0
 
 
-def render(rows: list[tuple[str, int, dict[str, float]]], cold: dict[str, float]) -> str:
+def render(
+    rows: list[tuple[str, int, dict[str, float]]],
+    cold: dict[str, float],
+    load: tuple[float, float],
+) -> str:
     bare = {c: r for name, c, r in rows if name == "bare kserve.Model"}
     lines = [
         "# Serving benchmark",
@@ -421,6 +449,9 @@ def render(rows: list[tuple[str, int, dict[str, float]]], cold: dict[str, float]
         "(HistGradientBoosting pipeline), 1-row v1 requests over keep-alive HTTP/1.1, "
         "client and server on the same machine, OMP_NUM_THREADS=1 for all servers "
         "(`python benchmarks/serving/run.py`).",
+        "",
+        f"Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end: on a shared "
+        "machine other work competes with both client and servers, so compare the ratios.",
         "",
         "| server | concurrency | p50 ms | p99 ms | req/s | req/s vs bare | p50 vs bare | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

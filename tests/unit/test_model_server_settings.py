@@ -115,7 +115,7 @@ def test_bad_entrypoint_arguments_are_one_line() -> None:
     assert "memory_budget" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_server_imports_neither_ray_nor_prefect() -> None:
+def test_the_server_imports_neither_ray_nor_prefect(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from mlkube.model_servers.server import build\n"
@@ -124,7 +124,7 @@ def test_the_server_imports_neither_ray_nor_prefect() -> None:
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'prefect'}))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, "/tmp/mlkube-unit-cache"],
+        [sys.executable, "-c", code, str(tmp_path / "cache")],
         capture_output=True,
         text=True,
         timeout=300,
