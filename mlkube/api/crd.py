@@ -68,7 +68,7 @@ def _describe(schema: dict[str, Any]) -> dict[str, Any]:
 
 def openapi_schema(model: type[BaseModel], keep_defaults: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True)
-    return _inline(raw, raw.get("$defs", {}), keep_defaults)  # type: ignore[no-any-return]
+    return _inline(raw, raw.get("$defs", {}), keep_defaults)
 
 
 def _crd(

@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from mlkube.api.common import (
-    API_VERSION,
     CamelModel,
     Condition,
     MlflowSettings,
@@ -106,7 +105,7 @@ class ModelDeploymentStatus(CamelModel):
 
 
 class ModelDeployment(CamelModel):
-    api_version: Literal["mlkube.io/v1alpha1"] = API_VERSION
+    api_version: Literal["mlkube.io/v1alpha1"] = "mlkube.io/v1alpha1"
     kind: Literal["ModelDeployment"] = "ModelDeployment"
     metadata: ObjectMeta
     spec: ModelDeploymentSpec

@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mlkube.api.common import (
-    API_VERSION,
     CamelModel,
     Condition,
     MlflowSettings,
@@ -151,7 +150,7 @@ class TrainingRunStatus(CamelModel):
 
 
 class TrainingRun(CamelModel):
-    api_version: Literal["mlkube.io/v1alpha1"] = API_VERSION
+    api_version: Literal["mlkube.io/v1alpha1"] = "mlkube.io/v1alpha1"
     kind: Literal["TrainingRun"] = "TrainingRun"
     metadata: ObjectMeta
     spec: TrainingRunSpec

@@ -64,9 +64,9 @@ def build_forecaster(hidden: int, layers: int, mean: float, std: float) -> Any:
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
         def forward(self, hours: torch.Tensor) -> torch.Tensor:
-            scaled = ((hours - self.mean) / self.std).unsqueeze(-1)
-            _, state = self.gru(scaled)
-            return self.head(state[-1]) * self.std + self.mean
+            mean, std = self.get_buffer("mean"), self.get_buffer("std")
+            _, state = self.gru(((hours - mean) / std).unsqueeze(-1))
+            return self.head(state[-1]) * std + mean
 
     return Forecaster()
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
 
 from mlkube.training.tasks.mnist import CLASSES, NEAREST, build_cnn
 
 
-class MnistModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):  # type: ignore[no-untyped-def]
+class MnistModel(PythonModel):
+    def load_context(self, context):
         import torch
 
         config = context.model_config
@@ -38,7 +38,7 @@ class MnistModel(mlflow.pyfunc.PythonModel):
             return torch.softmax(self.network(self._pixels(model_input)), dim=1).numpy()
 
     # No type hints here: MLflow would read them as a schema of their own.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context, model_input, params=None):
         return self.predict_proba(model_input).argmax(axis=1).astype("int64")
 
     def explain(self, model_input: Any) -> list[dict[str, Any]]:
