@@ -1,0 +1,162 @@
+"""Tuning benchmark: 16 small trials through mlkube's search vs a plain loop doing the same.
+
+    python benchmarks/tuning/run.py [--trials 16] [--repeats 3] [--dataset CSV]
+
+Both sides train the same configurations (the ones mlkube's seeded search draws) of the
+insurance task (HistGradientBoosting, 3-fold CV) with scikit-learn pinned to one thread,
+and both log every trial as a nested MLflow run of one parent. mlkube's side is
+`mlkube.training.tune.run_search` with the driver-side MLflow tracker, exactly as the train
+flow runs it. Ray's start is timed on its own. Prints a markdown table and writes it to
+benchmarks/tuning/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+os.environ["MLKUBE_HOME"] = tempfile.mkdtemp(prefix="mlkube-bench-tuning-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+sys.path.insert(0, str(REPO))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def plain_loop(prepared: Any, configs: list[dict[str, Any]], client: Any, experiment: str) -> float:
+    """What a user would write without Ray: train each configuration, log it, move on."""
+    from mlflow.entities import Metric, Param
+    from threadpoolctl import threadpool_limits
+
+    from mlkube.training import outcome
+
+    started = time.perf_counter()
+    parent = client.create_run(experiment, run_name="plain-loop").info.run_id
+    with threadpool_limits(1):
+        for number, config in enumerate(configs, 1):
+            run_id = client.create_run(
+                experiment,
+                run_name=f"trial-{number:03d}",
+                tags={outcome.TAG_PARENT_RUN: parent, outcome.TAG_ROLE: "trial"},
+            ).info.run_id
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()])
+            reported: dict[str, float] = {}
+            prepared.task.train(config, prepared.data, reported.update, prepared.settings.seed)
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 1) for k, v in reported.items()])
+            client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return time.perf_counter() - started
+
+
+def mlkube_search(prepared: Any, client: Any, experiment: str) -> tuple[float, list[dict]]:
+    from mlkube.training.tracking import RunTracker
+    from mlkube.training.tune import run_search
+
+    settings = prepared.settings
+    started = time.perf_counter()
+    parent = client.create_run(experiment, run_name="mlkube").info.run_id
+    tracker = RunTracker(
+        client, experiment, parent, settings.metric, settings.mode, settings.num_trials
+    )
+    run_search(prepared.task, prepared.data, settings, tracker)
+    client.set_terminated(parent, "FINISHED")
+    elapsed = time.perf_counter() - started
+    configs = [t.params for t in sorted(tracker.trials.values(), key=lambda t: t.number)]
+    assert len(configs) == settings.num_trials and all(t.done for t in tracker.trials.values())
+    return elapsed, configs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dataset", default=str(REPO.parent / "shared/data/insurance.csv"))
+    args = parser.parse_args()
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlkube.api import parse_resource
+    from mlkube.flows.train import prepare
+    from mlkube.local import local_tracking_uri
+    from mlkube.training.tune import ensure_ray
+
+    load_before = os.getloadavg()[0]
+    run = parse_resource(
+        {
+            "apiVersion": "mlkube.io/v1alpha1",
+            "kind": "TrainingRun",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "task": "insurance",
+                "dataset": {"uri": args.dataset},
+                "model": {"name": "bench"},
+                "tuning": {"numTrials": args.trials, "maxConcurrentTrials": os.cpu_count()},
+            },
+        }
+    )
+    prepared = prepare(run)  # type: ignore[arg-type]
+    uri = local_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("bench")
+
+    log("starting Ray")
+    started = time.perf_counter()
+    ensure_ray()
+    ray_start = time.perf_counter() - started
+    log(f"Ray started in {ray_start:.2f} s")
+
+    searches, loops = [], []
+    for repeat in range(1, args.repeats + 1):
+        elapsed, configs = mlkube_search(prepared, client, experiment)
+        searches.append(elapsed)
+        log(f"repeat {repeat}/{args.repeats}: mlkube search {elapsed:.2f} s")
+        loops.append(plain_loop(prepared, configs, client, experiment))
+        log(f"repeat {repeat}/{args.repeats}: plain loop {loops[-1]:.2f} s")
+
+    search, loop = statistics.median(searches), statistics.median(loops)
+    first_with_start = searches[0] + ray_start
+    rows = [
+        ("plain loop (1 thread, logs each trial to MLflow)", f"{loop:.2f}", "1.00x"),
+        ("mlkube search, Ray already up", f"{search:.2f}", f"{loop / search:.2f}x"),
+        (
+            "mlkube search, first one, including Ray's start",
+            f"{first_with_start:.2f}",
+            f"{loop / first_with_start:.2f}x",
+        ),
+        ("Ray's start alone (ray.init)", f"{ray_start:.2f}", ""),
+    ]
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    table = [
+        f"{args.trials} trials of the insurance task (HistGradientBoosting, 3-fold CV), "
+        f"median of {args.repeats}; {os.cpu_count()} cores, {platform.machine()}, "
+        f"Python {platform.python_version()}, load average {load_before:.1f} at start; {when}.",
+        "",
+        "| | seconds | speed vs plain loop |",
+        "| --- | ---: | ---: |",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        "",
+        f"All runs: mlkube {', '.join(f'{s:.2f}' for s in searches)}; "
+        f"loop {', '.join(f'{s:.2f}' for s in loops)}.",
+    ]
+    text = "\n".join(table)
+    print(text)
+    (HERE / "RESULTS.md").write_text(f"# Tuning benchmark\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
