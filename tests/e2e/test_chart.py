@@ -1,0 +1,478 @@
+"""The Helm chart (charts/mlkube) against a real control plane: lint, install, upgrade,
+uninstall, bad values, and the operator reconciling under the chart's ServiceAccount and
+RBAC, refused what it must not do.
+
+These tests start their own control plane (one for the module) rather than the session's:
+the chart ships the mlkube CRDs in its crds/ folder, and Helm installs those only when they
+do not exist yet, while the session's `mlkube_crds` fixture applies the same CRDs with its
+own field manager. On a plane of their own, "helm install creates the CRDs" is checked for
+real and the operator tests' CRDs are left alone. No pods run (no kubelet): the tests check
+objects, never readiness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.cluster import crds as crd_files
+from tests.cluster.controlplane import Binaries, BinariesMissing, ControlPlane
+from tests.cluster.players import wait_for_object
+
+# A short server-side watch timeout lets KopfRunner stop promptly (as in test_operator.py);
+# read once, when kopf first imports the handlers.
+os.environ.setdefault("MLKUBE_OPERATOR_WATCH_TIMEOUT_SECONDS", "5")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "mlkube"
+RELEASE_NS = "mlkube-system"
+MLKUBE_CRDS = ("trainingruns.mlkube.io", "modeldeployments.mlkube.io")
+RAYJOBS = ("ray.io", "v1", "rayjobs")
+ISVCS = ("serving.kserve.io", "v1beta1", "inferenceservices")
+MLKUBE = ("mlkube.io", "v1alpha1")
+# Nothing listens here: the objects below never make the operator call MLflow (a RayJob
+# that has not started, a pinned model version), and if they did, it stays on loopback.
+NO_MLFLOW = "http://127.0.0.1:9"
+# prometheus-operator's kinds, as stand-in CRDs (any fields): the real ones are not in the
+# test plane, and the chart's ServiceMonitor/PodMonitor only need to be accepted and stored.
+MONITORING_CRDS = ("servicemonitors", "ServiceMonitor"), ("podmonitors", "PodMonitor")
+
+Obj = dict[str, Any]
+_RELEASES = itertools.count(1)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def plane() -> Iterator[ControlPlane]:
+    try:
+        binaries = Binaries.find()
+    except BinariesMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    with ControlPlane(binaries=binaries) as cp:
+        crd_files.install(cp, crd_files.foreign_crd_files())
+        cp.kubectl("apply", "-f", "-", input=_monitoring_crds())
+        crd_files.wait_established(cp, [f"{p}.monitoring.coreos.com" for p, _ in MONITORING_CRDS])
+        yield cp
+
+
+@pytest.fixture(scope="module")
+def admin(plane: ControlPlane) -> Iterator[client.ApiClient]:
+    api = plane.api_client()
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def release(plane: ControlPlane) -> Iterator[str]:
+    """A release name for this test; uninstalled afterwards if still there."""
+    name = f"r{next(_RELEASES)}"
+    yield name
+    plane.helm("uninstall", name, "-n", RELEASE_NS, "--wait=false", check=False)
+
+
+def _monitoring_crds() -> str:
+    docs = []
+    for plural, kind in MONITORING_CRDS:
+        docs.append({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "names": {"plural": plural, "kind": kind, "singular": kind.lower()},
+                "scope": "Namespaced",
+                "versions": [{
+                    "name": "v1", "served": True, "storage": True,
+                    "schema": {"openAPIV3Schema": {
+                        "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                    }},
+                }],
+            },
+        })  # fmt: skip
+    return yaml.safe_dump_all(docs)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def helm_install(plane: ControlPlane, release: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return plane.helm(
+        "install", release, str(CHART), "-n", RELEASE_NS, "--create-namespace", *args
+    )
+
+
+def manifest(plane: ControlPlane, release: str) -> list[Obj]:
+    out = plane.helm("get", "manifest", release, "-n", RELEASE_NS).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def exists(plane: ControlPlane, obj: Obj) -> bool:
+    meta = obj["metadata"]
+    kind = f"{obj['kind'].lower()}.{obj['apiVersion'].split('/')[0]}"
+    if "/" not in obj["apiVersion"]:
+        kind = obj["kind"].lower()
+    args = ["get", kind, meta["name"], "--ignore-not-found", "-o", "name"]
+    if meta.get("namespace"):
+        args += ["-n", meta["namespace"]]
+    return bool(plane.kubectl(*args).stdout.strip())
+
+
+def can_i(plane: ControlPlane, user: str, verb: str, resource: str, ns: str | None) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={user}"]
+    args += ["-n", ns] if ns else ["--all-namespaces"]
+    result = plane.kubectl(*args, check=False)
+    assert result.stdout.strip() in ("yes", "no"), (args, result.stdout, result.stderr)
+    return result.stdout.strip() == "yes"
+
+
+def create_namespace(admin: client.ApiClient, name: str) -> None:
+    with contextlib.suppress(ApiException):
+        client.CoreV1Api(admin).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+        )
+
+
+def trainingrun(name: str) -> Obj:
+    return {
+        "apiVersion": "mlkube.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "task": "insurance",
+            "dataset": {"uri": "file:///data/insurance.csv"},
+            "model": {"name": f"{name}-model"},
+            "tuning": {"numTrials": 1},
+            "ray": {"workers": 0},
+            "mlflow": {"trackingUri": NO_MLFLOW},
+        },
+    }
+
+
+def modeldeployment(name: str) -> Obj:
+    return {
+        "apiVersion": "mlkube.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": f"{name}-model", "version": 1},
+            "mlflow": {"trackingUri": NO_MLFLOW},
+        },
+    }
+
+
+@contextlib.contextmanager
+def operator_as(kubeconfig: Path, scope: list[str]) -> Iterator[KopfRunner]:
+    """The operator under KopfRunner, logged in with `kubeconfig` (the chart's SA)."""
+    args = ["run", "--standalone", *scope, "-m", "mlkube.operator.handlers"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", str(kubeconfig))
+        with KopfRunner(args, timeout=60) as runner:
+            yield runner
+    assert runner.exception is None, runner.output[-4000:]
+    assert runner.exit_code == 0, runner.output[-4000:]
+
+
+AUTHORIZATION_ERRORS = (
+    "Forbidden", "forbidden", " 403", "Not enough permissions", "Failed to post an event",
+    "Traceback",
+)  # fmt: skip
+
+
+def reconcile_both(admin: client.ApiClient, ns: str) -> tuple[Obj, Obj]:
+    """Create a TrainingRun and a ModelDeployment; wait for their RayJob, InferenceService
+    and the status the operator writes; return the RayJob and the InferenceService."""
+    custom = client.CustomObjectsApi(admin)
+    tr = custom.create_namespaced_custom_object(*MLKUBE, ns, "trainingruns", trainingrun("tr1"))
+    md = custom.create_namespaced_custom_object(
+        *MLKUBE, ns, "modeldeployments", modeldeployment("md1")
+    )
+    rayjob = wait_for_object(admin, *RAYJOBS, ns, "tr1", lambda o: True, what="created")
+    isvc = wait_for_object(admin, *ISVCS, ns, "md1", lambda o: True, what="created")
+    # Status goes through the status subresource: patched under the chart's RBAC too.
+    wait_for_object(
+        admin, *MLKUBE, "trainingruns", ns, "tr1",
+        lambda o: (o.get("status") or {}).get("rayJobName") == "tr1", what="status.rayJobName",
+    )  # fmt: skip
+    wait_for_object(
+        admin, *MLKUBE, "modeldeployments", ns, "md1",
+        lambda o: bool((o.get("status") or {}).get("phase")), what="a status phase",
+    )  # fmt: skip
+    assert rayjob["metadata"]["ownerReferences"][0]["uid"] == tr["metadata"]["uid"]
+    assert isvc["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
+    return rayjob, isvc
+
+
+def events_by(admin: client.ApiClient, ns: str, reason: str) -> list[Any]:
+    events = client.CoreV1Api(admin).list_namespaced_event(ns)
+    return [e for e in events.items if e.reason == reason]
+
+
+# --------------------------------------------------------------------------- lint, template
+
+
+def test_helm_lint_is_clean_with_defaults_and_with_everything_on(plane: ControlPlane) -> None:
+    for extra in (
+        [],
+        ["--set", "mlflow.enabled=true,dashboard.enabled=true",
+         "--set", "metrics.serviceMonitor.enabled=true,metrics.predictorPodMonitor.enabled=true",
+         "--set", "watchNamespaces={team-a,team-b}",
+         "--set", "mlflow.backendStore.existingSecret=mlflow-db",
+         "--set", "mlflow.artifacts.destination=s3://bucket/mlflow",
+         "--set", "mlflow.secretEnv[0].name=AWS_ACCESS_KEY_ID",
+         "--set", "mlflow.secretEnv[0].secretName=mlflow-s3",
+         "--set", "mlflow.secretEnv[0].key=id"],
+    ):  # fmt: skip
+        out = plane.helm("lint", "--strict", str(CHART), *extra)
+        assert "0 chart(s) failed" in out.stdout, out.stdout
+        assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
+
+
+def test_operator_settings_read_the_chart_env(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The env the chart renders is what mlkube/operator/settings.py reads."""
+    from mlkube.operator.settings import OperatorSettings
+
+    out = plane.helm(
+        "template", "x", str(CHART), "-n", RELEASE_NS, "--show-only", "templates/deployment.yaml",
+        "--set", "mlflow.enabled=true", "--set", "watchNamespaces={team-a,team-b}",
+        "--set-json", "operator.aliasPollSeconds=12.5",
+        "--set", "operator.kserveDeploymentMode=RawDeployment",
+        "--set", "operator.predictorImage=registry.local/mlkube/runtime:dev",
+    ).stdout  # fmt: skip
+    deployment = yaml.safe_load(out)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    for key in list(os.environ):
+        if key.startswith("MLKUBE_OPERATOR_") or key == "MLFLOW_TRACKING_URI":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = OperatorSettings()
+    assert settings.mlflow_tracking_uri == f"http://x-mlkube-mlflow.{RELEASE_NS}.svc:5000"
+    assert settings.namespaces == ["team-a", "team-b"]
+    assert settings.alias_poll_seconds == 12.5
+    assert settings.kserve_deployment_mode == "RawDeployment"
+    assert settings.predictor_image == "registry.local/mlkube/runtime:dev"
+    assert (settings.metrics_port, settings.health_port) == (9090, 8081)
+    fields = {f"MLKUBE_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
+    unknown = {k for k in env if k.startswith("MLKUBE_OPERATOR_")} - fields
+    assert not unknown, f"the chart sets env vars the operator does not read: {unknown}"
+    # Probes and ports follow the settings.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9090, "health": 8081}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["runAsNonRoot"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "replicas=-1"], "replicas"),
+        (["--set", "replicaCount=2"], "replicaCount"),
+        (["--set", "operator.aliasPollSeconds=soon"], "aliasPollSeconds"),
+        (["--set", "watchNamespaces=team-a"], "watchNamespaces"),
+        (["--set", "mlflow.enabled=yes please"], "enabled"),
+        (["--set", "mlflow.backendStore.uri=postgresql://u:p@db/mlflow"], "uri"),
+        (["--set", "operator.mlflowTrackingUri=http://user:secret@mlflow:5000"],
+         "mlflowTrackingUri"),
+        (["--set", "mlflow.env[0].name=AWS_SECRET_ACCESS_KEY,mlflow.env[0].value=x"], "name"),
+    ],
+    ids=["negative-replicas", "unknown-key", "wrong-type", "list-as-string", "bool-as-string",
+         "inline-database-uri", "credentials-in-uri", "secret-as-plain-env"],
+)  # fmt: skip
+def test_bad_values_are_refused_at_install_with_the_field_named(
+    plane: ControlPlane, release: str, args: list[str], named: str
+) -> None:
+    # --skip-crds: Helm installs a chart's crds/ before it checks the values, so a refused
+    # install still leaves the CRDs behind; this plane's install test wants them absent.
+    result = plane.helm(
+        "install", release, str(CHART), "-n", RELEASE_NS, "--create-namespace", "--skip-crds",
+        *args, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert named in result.stderr, result.stderr
+    listed = plane.helm("list", "-n", RELEASE_NS, "-a", "-q").stdout.split()
+    assert release not in listed
+
+
+# --------------------------------------------------------------------------- install
+
+
+def test_install_creates_every_object_then_upgrade_and_uninstall(
+    plane: ControlPlane, admin: client.ApiClient, release: str
+) -> None:
+    ext = client.ApiextensionsV1Api(admin)
+    # Start without the mlkube CRDs (another test of this module may have installed the
+    # chart before), so that Helm creating them is seen.
+    plane.kubectl("delete", "crd", *MLKUBE_CRDS, "--ignore-not-found", "--wait=true")
+    before = {crd.metadata.name for crd in ext.list_custom_resource_definition().items}
+    assert not set(MLKUBE_CRDS) & before
+    helm_install(
+        plane, release,
+        "--set", "mlflow.enabled=true,dashboard.enabled=true",
+        "--set", "metrics.serviceMonitor.enabled=true,metrics.predictorPodMonitor.enabled=true",
+    )  # fmt: skip
+
+    # The CRDs: created by Helm from the chart's crds/, identical to the repo's crds/.
+    crd_files.wait_established(plane, list(MLKUBE_CRDS))
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        shipped = yaml.safe_load(path.read_text())
+        live = ext.read_custom_resource_definition(shipped["metadata"]["name"])
+        live_spec = admin.sanitize_for_serialization(live.spec)
+        assert live_spec["names"] == shipped["spec"]["names"]
+        assert [v["name"] for v in live_spec["versions"]] == [
+            v["name"] for v in shipped["spec"]["versions"]
+        ]
+
+    # Every templated object exists.
+    objects = manifest(plane, release)
+    kinds = sorted({o["kind"] for o in objects})
+    assert kinds == sorted([
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PodMonitor",
+        "Service", "ServiceAccount", "ServiceMonitor",
+    ]), kinds  # fmt: skip
+    missing = [f"{o['kind']}/{o['metadata']['name']}" for o in objects if not exists(plane, o)]
+    assert not missing, missing
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    assert set(deployments) == {f"{release}-mlkube-operator", f"{release}-mlkube-mlflow"}
+    dashboard = next(o for o in objects if o["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["mlkube.json"])["panels"]
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == release
+        assert labels["app.kubernetes.io/name"] == "mlkube"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+    # Upgrade: a changed setting lands in the operator's env, revision 2, same objects.
+    apps = client.AppsV1Api(admin)
+    operator_name = f"{release}-mlkube-operator"
+    plane.helm(
+        "upgrade", release, str(CHART), "-n", RELEASE_NS, "--reuse-values",
+        "--set", "operator.aliasPollSeconds=7,replicas=0",
+    )  # fmt: skip
+    deployment = apps.read_namespaced_deployment(operator_name, RELEASE_NS)
+    env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+    assert env["MLKUBE_OPERATOR_ALIAS_POLL_SECONDS"] == "7"
+    assert deployment.spec.replicas == 0
+    status = json.loads(plane.helm("status", release, "-n", RELEASE_NS, "-o", "json").stdout)
+    assert status["version"] == 2 and status["info"]["status"] == "deployed"
+
+    # Uninstall: every templated object goes; the CRDs stay (Helm never deletes crds/, so
+    # users' TrainingRuns and ModelDeployments survive an uninstall).
+    plane.helm("uninstall", release, "-n", RELEASE_NS, "--wait")
+    left = [f"{o['kind']}/{o['metadata']['name']}" for o in objects if exists(plane, o)]
+    assert not left, left
+    for name in MLKUBE_CRDS:
+        ext.read_custom_resource_definition(name)
+
+
+# --------------------------------------------------------------------------- RBAC
+
+
+def test_operator_reconciles_under_the_chart_rbac_cluster_wide(
+    plane: ControlPlane, admin: client.ApiClient, release: str
+) -> None:
+    helm_install(plane, release)
+    sa = f"{release}-mlkube-operator"
+    user = f"system:serviceaccount:{RELEASE_NS}:{sa}"
+    ns = "team-cluster"
+    create_namespace(admin, ns)
+    kubeconfig = plane.kubeconfig_for_service_account(RELEASE_NS, sa)
+
+    with operator_as(kubeconfig, ["--all-namespaces"]) as runner:
+        rayjob, isvc = reconcile_both(admin, ns)
+    output = runner.output
+    denied = [line for line in output.splitlines() if any(e in line for e in AUTHORIZATION_ERRORS)]
+    assert not denied, "\n".join(denied[:20])
+    assert events_by(admin, ns, "RayJobCreated"), "the operator's Event was not posted"
+    assert rayjob["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "mlkube-operator"
+    assert isvc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "mlkube-operator"
+
+    # What it uses, it may; the rest it may not.
+    allowed = [
+        ("list", "trainingruns.mlkube.io"), ("watch", "modeldeployments.mlkube.io"),
+        ("patch", "trainingruns.mlkube.io/status"), ("create", "rayjobs.ray.io"),
+        ("patch", "inferenceservices.serving.kserve.io"), ("create", "events"),
+    ]  # fmt: skip
+    refused = [
+        ("get", "secrets"), ("list", "secrets"), ("delete", "pods"), ("create", "pods"),
+        ("get", "configmaps"), ("delete", "rayjobs.ray.io"),
+        ("delete", "inferenceservices.serving.kserve.io"),
+        ("list", "inferenceservices.serving.kserve.io"),
+        ("create", "trainingruns.mlkube.io"), ("delete", "modeldeployments.mlkube.io"),
+        ("update", "deployments.apps"), ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("impersonate", "serviceaccounts"), ("create", "serviceaccounts/token"),
+        ("list", "namespaces"),
+    ]  # fmt: skip
+    for verb, resource in allowed:
+        assert can_i(plane, user, verb, resource, ns), f"{user} may not {verb} {resource}"
+    for verb, resource in refused:
+        assert not can_i(plane, user, verb, resource, ns), f"{user} may {verb} {resource}"
+    # And by trying, with the ServiceAccount's own token.
+    with plane.api_client(kubeconfig) as as_operator:
+        core = client.CoreV1Api(as_operator)
+        with pytest.raises(ApiException) as refused_secret:
+            core.list_namespaced_secret(RELEASE_NS)
+        assert refused_secret.value.status == 403
+        with pytest.raises(ApiException) as refused_delete:
+            core.delete_collection_namespaced_pod(ns)
+        assert refused_delete.value.status == 403
+
+
+def test_operator_reconciles_under_the_chart_rbac_in_listed_namespaces(
+    plane: ControlPlane, admin: client.ApiClient, release: str
+) -> None:
+    served, other = "team-a", "team-b"
+    for ns in (served, other):
+        create_namespace(admin, ns)
+    helm_install(plane, release, "--set", f"watchNamespaces={{{served}}}")
+    objects = manifest(plane, release)
+    roles = [(o["kind"], o["metadata"].get("namespace")) for o in objects if "Role" in o["kind"]]
+    assert sorted(roles) == sorted([
+        ("ClusterRole", None), ("ClusterRoleBinding", None),
+        ("Role", served), ("RoleBinding", served),
+    ]), roles  # fmt: skip
+    sa = f"{release}-mlkube-operator"
+    user = f"system:serviceaccount:{RELEASE_NS}:{sa}"
+    kubeconfig = plane.kubeconfig_for_service_account(RELEASE_NS, sa)
+
+    with operator_as(kubeconfig, ["--namespace", served]) as runner:
+        reconcile_both(admin, served)
+    denied = [
+        line for line in runner.output.splitlines() if any(e in line for e in AUTHORIZATION_ERRORS)
+    ]
+    assert not denied, "\n".join(denied[:20])
+
+    assert can_i(plane, user, "create", "rayjobs.ray.io", served)
+    assert can_i(plane, user, "list", "namespaces", None)  # kopf's namespace observation
+    for verb, resource in [
+        ("create", "rayjobs.ray.io"), ("list", "trainingruns.mlkube.io"),
+        ("create", "inferenceservices.serving.kserve.io"), ("create", "events"),
+    ]:  # fmt: skip
+        assert not can_i(plane, user, verb, resource, other), f"{verb} {resource} in {other}"
+    assert not can_i(plane, user, "list", "trainingruns.mlkube.io", None)  # not cluster-wide
+
