@@ -112,9 +112,7 @@ def _monitoring_crds() -> str:
 
 
 def helm_install(plane: ControlPlane, release: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return plane.helm(
-        "install", release, str(CHART), "-n", RELEASE_NS, "--create-namespace", *args
-    )
+    return plane.helm("install", release, str(CHART), "-n", RELEASE_NS, "--create-namespace", *args)
 
 
 def manifest(plane: ControlPlane, release: str) -> list[Obj]:
@@ -475,4 +473,3 @@ def test_operator_reconciles_under_the_chart_rbac_in_listed_namespaces(
     ]:  # fmt: skip
         assert not can_i(plane, user, verb, resource, other), f"{verb} {resource} in {other}"
     assert not can_i(plane, user, "list", "trainingruns.mlkube.io", None)  # not cluster-wide
-
