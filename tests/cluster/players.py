@@ -1059,7 +1059,10 @@ def wait_for_object(
     timeout: float = 120.0,
     what: str = "",
 ) -> Obj:
-    """Poll a custom object until `predicate(obj)`; on timeout fail with its last status."""
+    """Poll a custom object until `predicate(obj)`; on timeout fail with its last status.
+
+    Note the argument order: (group, version, plural) as one tuple, then namespace, name
+    (CustomObjectsApi takes namespace before plural)."""
     api = client.CustomObjectsApi(api_client)
     deadline = time.monotonic() + timeout
     last: Obj = {}
@@ -1074,9 +1077,12 @@ def wait_for_object(
             if e.status != 404:
                 raise
         if time.monotonic() > deadline:
+            if not last:
+                path = f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}"
+                raise AssertionError(f"{path} was never found in {timeout}s")
             raise AssertionError(
-                f"{plural}/{name} did not reach {what or 'the expected state'} in {timeout}s; "
-                f"status: {json.dumps(last.get('status'), indent=1)[:4000]}"
+                f"{namespace}/{plural}/{name} did not reach {what or 'the expected state'} "
+                f"in {timeout}s; status: {json.dumps(last.get('status'), indent=1)[:4000]}"
             )
         time.sleep(0.2)
 
