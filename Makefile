@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 
-.PHONY: venv demo test test-fast lint crds k8s-binaries clean-venv
+.PHONY: venv demo test lint crds images k8s-binaries clean-venv
 
 venv: $(VENV)/.installed
 
@@ -30,8 +30,14 @@ lint: venv
 	$(VENV)/bin/ruff check mlkube tests benchmarks
 	$(VENV)/bin/mypy
 
+# The chart ships the same CRDs; tests fail when either copy drifts from the models.
 crds: venv
 	$(VENV)/bin/mlkube crds --output crds/
+	cp crds/*.yaml charts/mlkube/crds/
+
+# Operator and runtime images; needs a Docker engine (there is none on the dev machines).
+images:
+	@bash scripts/build-images.sh
 
 clean-venv:
 	rm -rf $(VENV)
