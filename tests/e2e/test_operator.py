@@ -1,0 +1,409 @@
+"""The operator end to end: real control plane, KubeRay and KServe played by the test
+players, a real MLflow server, the operator under kopf's KopfRunner."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.cluster.players import InferenceServicePlayer, RayJobPlayer, condition, wait_for_object
+
+# Short intervals for tests. Read once, when kopf imports the handlers (after collection).
+os.environ.update({
+    "MLKUBE_OPERATOR_STATUS_POLL_SECONDS": "0.5",
+    "MLKUBE_OPERATOR_ALIAS_POLL_SECONDS": "1",
+    "MLKUBE_OPERATOR_FAILED_JOB_GRACE_SECONDS": "5",
+    "MLKUBE_OPERATOR_WATCH_TIMEOUT_SECONDS": "5",
+    "MLKUBE_OPERATOR_MLFLOW_BACKOFF_INITIAL_SECONDS": "0.5",
+    "MLKUBE_OPERATOR_MLFLOW_BACKOFF_MAX_SECONDS": "2",
+})  # fmt: skip
+
+MLKUBE = ("mlkube.io", "v1alpha1")
+TRAININGRUNS = (*MLKUBE, "trainingruns")
+MODELDEPLOYMENTS = (*MLKUBE, "modeldeployments")
+RAYJOBS = ("ray.io", "v1", "rayjobs")
+ISVCS = ("serving.kserve.io", "v1beta1", "inferenceservices")
+# The player runs entrypoints with the repo root as cwd; the data lives beside the repo.
+INSURANCE_CSV = "../shared/data/insurance.csv"
+
+Obj = dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_operator(namespace: str, liveness_port: int | None = None) -> Iterator[KopfRunner]:
+    args = ["run", "--standalone", "--namespace", namespace]
+    if liveness_port:
+        args += ["--liveness", f"http://127.0.0.1:{liveness_port}/healthz"]
+    with KopfRunner([*args, "-m", "mlkube.operator.handlers"], timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output[-4000:]
+    assert runner.exit_code == 0, runner.output[-4000:]
+    assert "Traceback" not in runner.output, runner.output[-4000:]
+
+
+@pytest.fixture
+def operator_env(kubeconfig: Path, crds: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf and the kubernetes client both log in through $KUBECONFIG."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # The train flow starts a temporary Prefect server (20 s allowed by default); on two
+    # busy shared cores that is sometimes not enough. The RayJob player passes this on.
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def custom(api: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api)
+
+
+def create(api: client.ApiClient, kind: tuple[str, str, str], ns: str, body: Obj) -> Obj:
+    group, version, plural = kind
+    return custom(api).create_namespaced_custom_object(group, version, ns, plural, body)  # type: ignore[no-any-return]
+
+
+def listing(api: client.ApiClient, kind: tuple[str, str, str], ns: str) -> list[Obj]:
+    group, version, plural = kind
+    return custom(api).list_namespaced_custom_object(group, version, ns, plural)["items"]  # type: ignore[no-any-return]
+
+
+def wait(
+    api: client.ApiClient, kind: tuple[str, str, str], ns: str, name: str,
+    predicate: Callable[[Obj], bool], what: str, timeout: float = 120,
+) -> Obj:  # fmt: skip
+    return wait_for_object(api, *kind, ns, name, predicate, timeout=timeout, what=what)
+
+
+def phase_is(*phases: str) -> Callable[[Obj], bool]:
+    return lambda obj: (obj.get("status") or {}).get("phase") in phases
+
+
+def event_reasons(api: client.ApiClient, ns: str, uid: str) -> list[str]:
+    events = client.CoreV1Api(api).list_namespaced_event(
+        ns, field_selector=f"involvedObject.uid={uid}"
+    )
+    return [e.reason for e in events.items]
+
+
+def wait_for_events(api: client.ApiClient, ns: str, uid: str, *reasons: str) -> list[str]:
+    """kopf posts events in the background: poll until all `reasons` are there."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        seen = event_reasons(api, ns, uid)
+        if set(reasons) <= set(seen) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.3)
+
+
+def gone(api: client.ApiClient, kind: tuple[str, str, str], ns: str, name: str) -> None:
+    """Wait until the object is deleted (by the garbage collector)."""
+    import time
+
+    group, version, plural = kind
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            custom(api).get_namespaced_custom_object(group, version, ns, plural, name)
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        assert time.monotonic() < deadline, f"{plural}/{name} was not garbage-collected"
+        time.sleep(0.3)
+
+
+def trainingrun(name: str, tracking_uri: str, dataset: str = INSURANCE_CSV) -> Obj:
+    return {
+        "apiVersion": "mlkube.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "task": "insurance",
+            "dataset": {"uri": dataset},
+            "model": {"name": f"{name}-model"},
+            "tuning": {"numTrials": 2, "maxConcurrentTrials": 2},
+            "ray": {"workers": 0},
+            "mlflow": {"trackingUri": tracking_uri},
+            "ttlSecondsAfterFinished": 0,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- TrainingRun
+
+
+def test_trainingrun_succeeds_with_one_rayjob_across_an_operator_restart(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rayjob_player: RayJobPlayer,
+    mlflow_server: Any,
+    operator_env: None,
+) -> None:
+    name = "insurance"
+    liveness = free_port()
+    with running_operator(namespace, liveness):
+        tr = create(
+            kube_api, TRAININGRUNS, namespace, trainingrun(name, mlflow_server.tracking_uri)
+        )
+        wait(kube_api, TRAININGRUNS, namespace, name, phase_is("Running"), "Running")
+        with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=5) as health:
+            assert health.status == 200
+    # The operator is gone mid-run; the RayJob runs on. A new operator picks up the status.
+    with running_operator(namespace):
+        done = wait(
+            kube_api, TRAININGRUNS, namespace, name, phase_is("Succeeded", "Failed"),
+            "Succeeded", timeout=420,
+        )  # fmt: skip
+    stdout, stderr = rayjob_player.logs(name)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (status, stderr[-3000:])
+
+    (rayjob,) = listing(kube_api, RAYJOBS, namespace)
+    (owner,) = rayjob["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == (
+        "TrainingRun",
+        tr["metadata"]["uid"],
+        True,
+    )
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert status["rayJobName"] == rayjob["metadata"]["name"]
+    assert status["modelVersion"] == 1 and status["promoted"] is True
+    assert status["promotionReason"]
+    assert status["trials"] == {"completed": 2, "total": 2}
+    assert status["best"]["metric"] == "mae" and status["best"]["params"]
+    assert status["mlflowRunId"]
+    assert condition(done, "Succeeded") == "True"
+    reasons = wait_for_events(
+        kube_api, namespace, tr["metadata"]["uid"], "RayJobCreated", "Promoted"
+    )
+    assert {"RayJobCreated", "Promoted"} <= set(reasons), reasons
+    assert "RayJobAdopted" not in reasons  # the restart did not re-run the create handler
+
+    # Deleting the TrainingRun removes its RayJob (owner reference + garbage collector).
+    custom(kube_api).delete_namespaced_custom_object(*MLKUBE, namespace, "trainingruns", name)
+    gone(kube_api, RAYJOBS, namespace, rayjob["metadata"]["name"])
+
+
+def test_trainingrun_with_a_missing_dataset_fails_with_the_reason(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rayjob_player: RayJobPlayer,
+    mlflow_server: Any,
+    operator_env: None,
+) -> None:
+    body = trainingrun("broken", mlflow_server.tracking_uri, dataset="../shared/data/nope.csv")
+    with running_operator(namespace):
+        tr = create(kube_api, TRAININGRUNS, namespace, body)
+        done = wait(
+            kube_api, TRAININGRUNS, namespace, "broken", phase_is("Succeeded", "Failed"),
+            "Failed", timeout=240,
+        )  # fmt: skip
+        reasons = wait_for_events(kube_api, namespace, tr["metadata"]["uid"], "AppFailed")
+    status = done["status"]
+    assert status["phase"] == "Failed"
+    assert "nope.csv" in status["message"], status
+    assert condition(done, "Succeeded") == "False"
+    assert "AppFailed" in reasons, reasons
+    assert len(listing(kube_api, RAYJOBS, namespace)) == 1
+
+
+def test_trainingrun_spec_is_immutable_and_invalid_specs_name_the_field(
+    kube_api: client.ApiClient, namespace: str, crds: list[str]
+) -> None:
+    create(kube_api, TRAININGRUNS, namespace, trainingrun("fixed", "http://127.0.0.1:1"))
+    with pytest.raises(ApiException) as changed:
+        custom(kube_api).patch_namespaced_custom_object(
+            *MLKUBE, namespace, "trainingruns", "fixed", {"spec": {"tuning": {"numTrials": 9}}}
+        )
+    assert changed.value.status == 422
+    assert "spec is immutable once created" in changed.value.body
+
+    invalid = trainingrun("invalid", "http://127.0.0.1:1")
+    invalid["spec"]["tuning"]["numTrials"] = 0
+    with pytest.raises(ApiException) as refused:
+        create(kube_api, TRAININGRUNS, namespace, invalid)
+    assert refused.value.status == 422
+    assert "spec.tuning.numTrials" in refused.value.body
+
+
+# --------------------------------------------------------------------------- ModelDeployment
+
+
+def register_versions(tracking_uri: str, name: str, slopes: list[float]) -> None:
+    """One tiny scikit-learn model version per slope: y = slope * x."""
+    import mlflow
+    import pandas as pd
+    from sklearn.linear_model import LinearRegression
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(f"{name}-models")
+    x = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0]})
+    for slope in slopes:
+        model = LinearRegression().fit(x, x["x"] * slope)
+        with mlflow.start_run():
+            mlflow.sklearn.log_model(
+                model, name="model", input_example=x.head(2),
+                pip_requirements=["scikit-learn", "skops"], registered_model_name=name,
+            )  # fmt: skip
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: int) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def predict(url: str, model: str, x: float) -> float:
+    request = urllib.request.Request(
+        f"{url}/v1/models/{model}:predict",
+        data=json.dumps({"instances": [{"x": x}]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return float(json.loads(response.read())["predictions"][0])
+
+
+def modeldeployment(name: str, model: str, tracking_uri: str, **spec: Any) -> Obj:
+    return {
+        "apiVersion": "mlkube.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "annotations": spec.pop("annotations", {})},
+        "spec": {
+            "model": {"name": model},
+            "ttlSeconds": 60,
+            "replicas": {"min": 0, "max": 1},
+            "mlflow": {"trackingUri": tracking_uri},
+            **spec,
+        },
+    }
+
+
+def served(version: int) -> Callable[[Obj], bool]:
+    def check(obj: Obj) -> bool:
+        status = obj.get("status") or {}
+        return (
+            status.get("phase") == "Ready"
+            and status.get("servedVersion") == version
+            and not status.get("canary")
+            and bool(status.get("url"))
+        )
+
+    return check
+
+
+def test_modeldeployment_follows_champion_with_a_canary(
+    kube_api: client.ApiClient,
+    namespace: str,
+    isvc_player: InferenceServicePlayer,
+    mlflow_server: Any,
+    operator_env: None,
+) -> None:
+    uri, model = mlflow_server.tracking_uri, f"lin-{namespace}"
+    register_versions(uri, model, [2.0, 3.0])
+    set_alias(uri, model, "champion", 1)
+    body = modeldeployment("lin", model, uri, canary={"trafficPercent": 30})
+    with running_operator(namespace):
+        md = create(kube_api, MODELDEPLOYMENTS, namespace, body)
+        first = wait(kube_api, MODELDEPLOYMENTS, namespace, "lin", served(1), "serving v1", 180)
+        assert predict(first["status"]["url"], model, 2.0) == pytest.approx(4.0)
+        (isvc,) = listing(kube_api, ISVCS, namespace)
+        (owner,) = isvc["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"]) == ("ModelDeployment", md["metadata"]["uid"])
+        (container,) = isvc["spec"]["predictor"]["containers"]
+        assert container["name"] == "kserve-container"
+        assert f"models:/{model}/1" in container["args"]
+        assert isvc["spec"]["predictor"]["minReplicas"] == 0
+
+        set_alias(uri, model, "champion", 2)
+        second = wait(kube_api, MODELDEPLOYMENTS, namespace, "lin", served(2), "serving v2", 180)
+        status = second["status"]
+        assert status["previousVersion"] == 1
+        assert predict(status["url"], model, 2.0) == pytest.approx(6.0)
+        (isvc,) = listing(kube_api, ISVCS, namespace)
+        assert f"models:/{model}/2" in isvc["spec"]["predictor"]["containers"][0]["args"]
+        assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]  # promoted
+        reasons = wait_for_events(
+            kube_api, namespace, md["metadata"]["uid"], "RolloutStarted", "CanaryPromoted"
+        )
+        assert {"RolloutStarted", "CanaryPromoted", "RolledOut"} <= set(reasons), reasons
+        starts = client.CoreV1Api(kube_api).list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.uid={md['metadata']['uid']},reason=RolloutStarted",
+        )
+        assert any("canary with 30%" in e.message for e in starts.items)
+
+        # Rollback: pin version 1.
+        custom(kube_api).patch_namespaced_custom_object(
+            *MLKUBE, namespace, "modeldeployments", "lin", {"spec": {"model": {"version": 1}}}
+        )
+        back = wait(kube_api, MODELDEPLOYMENTS, namespace, "lin", served(1), "back on v1", 180)
+        assert predict(back["status"]["url"], model, 2.0) == pytest.approx(4.0)
+
+        # Deleting the ModelDeployment removes its InferenceService. (With the operator
+        # running: kopf keeps a finalizer on objects with timers, to stop them first.)
+        custom(kube_api).delete_namespaced_custom_object(
+            *MLKUBE, namespace, "modeldeployments", "lin"
+        )
+        gone(kube_api, ISVCS, namespace, isvc["metadata"]["name"])
+
+
+def test_modeldeployment_in_standard_mode_reports_canary_unsupported(
+    kube_api: client.ApiClient,
+    namespace: str,
+    isvc_player: InferenceServicePlayer,
+    mlflow_server: Any,
+    operator_env: None,
+) -> None:
+    uri, model = mlflow_server.tracking_uri, f"raw-{namespace}"
+    register_versions(uri, model, [1.0])
+    set_alias(uri, model, "champion", 1)
+    body = modeldeployment(
+        "raw", model, uri, canary={"trafficPercent": 30},
+        annotations={"serving.kserve.io/deploymentMode": "Standard"},
+    )  # fmt: skip
+    with running_operator(namespace):
+        create(kube_api, MODELDEPLOYMENTS, namespace, body)
+        ready = wait(kube_api, MODELDEPLOYMENTS, namespace, "raw", served(1), "serving v1", 180)
+    assert condition(ready, "CanarySupported") == "False"
+    (isvc,) = listing(kube_api, ISVCS, namespace)
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+
+
+def test_mlflow_unreachable_is_a_condition_not_a_crash(
+    kube_api: client.ApiClient, namespace: str, operator_env: None
+) -> None:
+    body = modeldeployment("nomlflow", "m", f"http://127.0.0.1:{free_port()}")
+    with running_operator(namespace) as runner:
+        md = create(kube_api, MODELDEPLOYMENTS, namespace, body)
+        down = wait(
+            kube_api, MODELDEPLOYMENTS, namespace, "nomlflow",
+            lambda o: condition(o, "MlflowReachable") == "False", "MlflowReachable=False",
+        )  # fmt: skip
+        reasons = wait_for_events(kube_api, namespace, md["metadata"]["uid"], "MlflowUnreachable")
+    assert down["status"]["phase"] == "Pending"
+    assert "MlflowUnreachable" in reasons
+    assert not listing(kube_api, ISVCS, namespace)
+    assert runner.exit_code == 0
+    # The operator ran in this process: its Prometheus metrics are in the default registry.
+    from prometheus_client import REGISTRY
+
+    labels = {"resource": "modeldeployment", "handler": "change", "result": "ok"}
+    assert (REGISTRY.get_sample_value("mlkube_operator_reconciles_total", labels) or 0) >= 1
+    assert (REGISTRY.get_sample_value("mlkube_operator_mlflow_errors_total") or 0) >= 1
