@@ -44,9 +44,9 @@ def run_operator(
 def main(argv: list[str] | None = None) -> int:
     from mlkube.operator.commands import add_operator_parser
 
-    parser = argparse.ArgumentParser(prog="python -m mlkube.operator")
-    subparsers = parser.add_subparsers()
-    add_operator_parser(subparsers)
+    # Usage lines read `mlkube operator run ...`, the same command through the CLI.
+    parser = argparse.ArgumentParser(prog="mlkube")
+    add_operator_parser(parser.add_subparsers())
     args = parser.parse_args(["operator", *(argv if argv is not None else _argv())])
     return int(args.func(args))
 

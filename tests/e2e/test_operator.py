@@ -10,7 +10,7 @@ import socket
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from kopf.testing import KopfRunner
@@ -73,12 +73,14 @@ def custom(api: client.ApiClient) -> client.CustomObjectsApi:
 
 def create(api: client.ApiClient, kind: tuple[str, str, str], ns: str, body: Obj) -> Obj:
     group, version, plural = kind
-    return custom(api).create_namespaced_custom_object(group, version, ns, plural, body)  # type: ignore[no-any-return]
+    created = custom(api).create_namespaced_custom_object(group, version, ns, plural, body)
+    return cast(Obj, created)
 
 
 def listing(api: client.ApiClient, kind: tuple[str, str, str], ns: str) -> list[Obj]:
     group, version, plural = kind
-    return custom(api).list_namespaced_custom_object(group, version, ns, plural)["items"]  # type: ignore[no-any-return]
+    found = cast(Obj, custom(api).list_namespaced_custom_object(group, version, ns, plural))
+    return cast(list[Obj], found["items"])
 
 
 def wait(
@@ -96,7 +98,7 @@ def event_reasons(api: client.ApiClient, ns: str, uid: str) -> list[str]:
     events = client.CoreV1Api(api).list_namespaced_event(
         ns, field_selector=f"involvedObject.uid={uid}"
     )
-    return [e.reason for e in events.items]
+    return [str(e.reason) for e in events.items]
 
 
 def wait_for_events(api: client.ApiClient, ns: str, uid: str, *reasons: str) -> list[str]:
@@ -232,14 +234,14 @@ def test_trainingrun_spec_is_immutable_and_invalid_specs_name_the_field(
             *MLKUBE, namespace, "trainingruns", "fixed", {"spec": {"tuning": {"numTrials": 9}}}
         )
     assert changed.value.status == 422
-    assert "spec is immutable once created" in changed.value.body
+    assert "spec is immutable once created" in str(changed.value.body)
 
     invalid = trainingrun("invalid", "http://127.0.0.1:1")
     invalid["spec"]["tuning"]["numTrials"] = 0
     with pytest.raises(ApiException) as refused:
         create(kube_api, TRAININGRUNS, namespace, invalid)
     assert refused.value.status == 422
-    assert "spec.tuning.numTrials" in refused.value.body
+    assert "spec.tuning.numTrials" in str(refused.value.body)
 
 
 # --------------------------------------------------------------------------- ModelDeployment
@@ -346,7 +348,7 @@ def test_modeldeployment_follows_champion_with_a_canary(
             namespace,
             field_selector=f"involvedObject.uid={md['metadata']['uid']},reason=RolloutStarted",
         )
-        assert any("canary with 30%" in e.message for e in starts.items)
+        assert any("canary with 30%" in str(e.message) for e in starts.items)
 
         # Rollback: pin version 1.
         custom(kube_api).patch_namespaced_custom_object(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mlkube.operator.commands import add_operator_parser
@@ -40,7 +41,7 @@ def test_cli_run_arguments() -> None:
     assert parse("run", "-A").all_namespaces
 
 
-def test_cli_render(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = tmp_path / "both.yaml"
     manifest.write_text(
         "apiVersion: mlkube.io/v1alpha1\nkind: TrainingRun\nmetadata: {name: tr}\n"
