@@ -24,8 +24,13 @@ OFFLINE_ENV = {
 RAY_BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
 
 
-def apply_offline_defaults() -> None:
-    for key, value in OFFLINE_ENV.items():
+# Prefect gives its temporary local server 20 s to start; two busy cores need more.
+PREFECT_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
+def apply_env_defaults() -> None:
+    """Sets the defaults above wherever the user has not set the variable."""
+    for key, value in {**OFFLINE_ENV, **PREFECT_ENV}.items():
         os.environ.setdefault(key, value)
 
 

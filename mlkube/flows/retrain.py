@@ -495,8 +495,8 @@ def retrain_flow(config: RetrainConfig) -> RetrainOutcome:
 
 def retrain(config: RetrainConfig) -> RetrainOutcome:
     """What `mlkube retrain` does: check the template first, then run the flow."""
-    from mlkube.local import apply_offline_defaults
+    from mlkube.local import apply_env_defaults
 
-    apply_offline_defaults()
+    apply_env_defaults()
     config.template()
     return retrain_flow(config)

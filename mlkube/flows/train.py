@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, parse_resource
 from mlkube.flows.logs import quiet_console
-from mlkube.local import apply_offline_defaults, local_artifact_root, local_tracking_uri
+from mlkube.local import apply_env_defaults, local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
 from mlkube.training.search_space import merged_space
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
@@ -276,7 +276,7 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
 
 def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
     """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do."""
-    apply_offline_defaults()
+    apply_env_defaults()
     if not run.metadata.uid:
         run = run.model_copy(deep=True)
         run.metadata.uid = f"local-{uuid.uuid4()}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mlkube.local import apply_offline_defaults
+from mlkube.local import apply_env_defaults
 
 
 def run_operator(
@@ -19,7 +19,7 @@ def run_operator(
     from mlkube.operator.metrics import serve_metrics
     from mlkube.operator.settings import get_settings
 
-    apply_offline_defaults()
+    apply_env_defaults()
     settings = get_settings()
     watched = settings.namespaces if namespaces is None else namespaces
     kopf.configure(
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlkube")
     add_operator_parser(parser.add_subparsers())
     args = parser.parse_args(["operator", *(argv if argv is not None else _argv())])
-    return int(args.func(args))
+    return int(args.handler(args))
 
 
 def _argv() -> list[str]:

@@ -12,7 +12,7 @@ import yaml
 def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `operator` (with `run` and `render`) to an argparse subparsers object.
 
-    Each leaf sets `func`: call `args.func(args)`; it returns an exit code.
+    Each leaf sets `handler`: `args.handler(args)` returns an exit code.
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "operator",
@@ -25,7 +25,7 @@ def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
         parser.print_help()
         return 2
 
-    parser.set_defaults(func=usage)
+    parser.set_defaults(handler=usage)
 
     run = actions.add_parser(
         "run",
@@ -39,7 +39,7 @@ def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
     scope.add_argument("-A", "--all-namespaces", action="store_true")
     run.add_argument("--log-format", choices=["plain", "full", "json"], default=None)
     run.add_argument("--verbose", action="store_true", help="debug logging")
-    run.set_defaults(func=run_command)
+    run.set_defaults(handler=run_command)
 
     render = actions.add_parser(
         "render", help="print the RayJob or InferenceService the operator would create"
@@ -49,7 +49,7 @@ def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model-version", type=int, default=None,
         help="for a ModelDeployment following an alias: the version it resolves to",
     )  # fmt: skip
-    render.set_defaults(func=render_command)
+    render.set_defaults(handler=render_command)
     return parser
 
 

@@ -28,7 +28,7 @@ class OperatorSettings(BaseSettings):
         validation_alias=AliasChoices("MLKUBE_OPERATOR_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
         description="Used when a resource's spec.mlflow.trackingUri is omitted.",
     )
-    predictor_image: str = "mlkube/predictor:0.1.0"
+    predictor_image: str = "mlkube/runtime:0.1.0"
     predictor_http_port: int = 8080
     kserve_deployment_mode: DeploymentMode | None = Field(
         default=None,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from mlkube.local import apply_offline_defaults, ensure_ray_bootstrap_config, mlkube_home
+from mlkube.local import apply_env_defaults, ensure_ray_bootstrap_config, mlkube_home
 from mlkube.training.search_space import to_tune
 from mlkube.training.tasks.base import Mode, SearchSpace, Task, TaskData
 
@@ -51,7 +51,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    apply_offline_defaults()
+    apply_env_defaults()
     runtime_env = {"env_vars": {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False, runtime_env=runtime_env)

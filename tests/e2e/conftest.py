@@ -127,3 +127,9 @@ def isvc_player(
     """Plays KServe for InferenceServices in this test's namespace (predictors run locally)."""
     with InferenceServicePlayer(kube_api, namespace) as player:
         yield player
+
+
+@pytest.fixture
+def operator_env(kubeconfig: Path, crds: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf and the kubernetes client both log in through $KUBECONFIG."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))

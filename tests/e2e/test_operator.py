@@ -3,31 +3,17 @@ players, a real MLflow server, the operator under kopf's KopfRunner."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
-from kopf.testing import KopfRunner
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.players import InferenceServicePlayer, RayJobPlayer, condition, wait_for_object
-
-# Short intervals for tests. Read once, when kopf imports the handlers (after collection).
-os.environ.update({
-    "MLKUBE_OPERATOR_STATUS_POLL_SECONDS": "0.5",
-    "MLKUBE_OPERATOR_ALIAS_POLL_SECONDS": "1",
-    "MLKUBE_OPERATOR_FAILED_JOB_GRACE_SECONDS": "5",
-    "MLKUBE_OPERATOR_WATCH_TIMEOUT_SECONDS": "5",
-    "MLKUBE_OPERATOR_MLFLOW_BACKOFF_INITIAL_SECONDS": "0.5",
-    "MLKUBE_OPERATOR_MLFLOW_BACKOFF_MAX_SECONDS": "2",
-})  # fmt: skip
+from tests.e2e.operator_support import free_port, running_operator
 
 MLKUBE = ("mlkube.io", "v1alpha1")
 TRAININGRUNS = (*MLKUBE, "trainingruns")
@@ -38,33 +24,6 @@ ISVCS = ("serving.kserve.io", "v1beta1", "inferenceservices")
 INSURANCE_CSV = "../shared/data/insurance.csv"
 
 Obj = dict[str, Any]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_operator(namespace: str, liveness_port: int | None = None) -> Iterator[KopfRunner]:
-    args = ["run", "--standalone", "--namespace", namespace]
-    if liveness_port:
-        args += ["--liveness", f"http://127.0.0.1:{liveness_port}/healthz"]
-    with KopfRunner([*args, "-m", "mlkube.operator.handlers"], timeout=60) as runner:
-        yield runner
-    assert runner.exception is None, runner.output[-4000:]
-    assert runner.exit_code == 0, runner.output[-4000:]
-    assert "Traceback" not in runner.output, runner.output[-4000:]
-
-
-@pytest.fixture
-def operator_env(kubeconfig: Path, crds: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """kopf and the kubernetes client both log in through $KUBECONFIG."""
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    # The train flow starts a temporary Prefect server (20 s allowed by default); on two
-    # busy shared cores that is sometimes not enough. The RayJob player passes this on.
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def custom(api: client.ApiClient) -> client.CustomObjectsApi:

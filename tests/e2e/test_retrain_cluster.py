@@ -14,7 +14,7 @@ from kubernetes import client
 from mlkube.flows.ingest import DatasetSettings, commit, plan_ingest
 from mlkube.flows.retrain import LABEL_FLOW_RUN_ID, RetrainConfig, retrain
 from tests.cluster.players import RayJobPlayer
-from tests.e2e.test_operator import operator_env, running_operator  # noqa: F401 (a fixture)
+from tests.e2e.operator_support import running_operator
 
 
 @pytest.fixture(scope="module")

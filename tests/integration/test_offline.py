@@ -20,8 +20,8 @@ START_RAY_AND_WAIT_FOR_PROBE = textwrap.dedent(
     import os, sys, tempfile, time
     sys.path.insert(0, {repo!r})
     import ray
-    from mlkube.local import apply_offline_defaults, ensure_ray_bootstrap_config
-    apply_offline_defaults()
+    from mlkube.local import apply_env_defaults, ensure_ray_bootstrap_config
+    apply_env_defaults()
     if sys.argv[1] == "local-mode":
         ensure_ray_bootstrap_config()
     temp_dir = tempfile.mkdtemp(prefix="ray-")

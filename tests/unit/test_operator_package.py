@@ -37,7 +37,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_cli_run_arguments() -> None:
     args = parse("run", "-n", "a", "-n", "b", "--log-format", "plain")
     assert args.namespaces == ["a", "b"] and not args.all_namespaces
-    assert args.func.__name__ == "run_command"
+    assert args.handler.__name__ == "run_command"
     assert parse("run", "-A").all_namespaces
 
 
@@ -50,10 +50,10 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "spec: {model: {name: ins}}\n"
     )
     args = parse("render", "-f", str(manifest), "--model-version", "4")
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     rayjob, isvc = yaml.safe_load_all(capsys.readouterr().out)
     assert rayjob["kind"] == "RayJob" and isvc["kind"] == "InferenceService"
     assert "models:/ins/4" in isvc["spec"]["predictor"]["containers"][0]["args"]
     args = parse("render", "-f", str(manifest))
-    assert args.func(args) == 2
+    assert args.handler(args) == 2
     assert "give --model-version" in capsys.readouterr().err
