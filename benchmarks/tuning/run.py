@@ -13,6 +13,7 @@ benchmarks/tuning/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -82,7 +83,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--append", action="store_true", help="add to RESULTS.md, not replace")
     parser.add_argument("--dataset", default=str(REPO.parent / "shared/data/insurance.csv"))
+    parser.add_argument(
+        "--search-space",
+        default="{}",
+        help='JSON override of the task\'s space, e.g. \'{"max_iter": {"randint": [300, 500]}}\'',
+    )
     args = parser.parse_args()
 
     import mlflow
@@ -103,7 +110,11 @@ def main() -> int:
                 "task": "insurance",
                 "dataset": {"uri": args.dataset},
                 "model": {"name": "bench"},
-                "tuning": {"numTrials": args.trials, "maxConcurrentTrials": os.cpu_count()},
+                "tuning": {
+                    "numTrials": args.trials,
+                    "maxConcurrentTrials": os.cpu_count(),
+                    "searchSpace": json.loads(args.search_space),
+                },
             },
         }
     )
@@ -141,7 +152,8 @@ def main() -> int:
     ]
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     table = [
-        f"{args.trials} trials of the insurance task (HistGradientBoosting, 3-fold CV), "
+        f"{args.trials} trials of the insurance task (HistGradientBoosting, 3-fold CV; "
+        f"search space override {args.search_space}), "
         f"median of {args.repeats}; {os.cpu_count()} cores, {platform.machine()}, "
         f"Python {platform.python_version()}, load average {load_before:.1f} at start; {when}.",
         "",
@@ -154,7 +166,9 @@ def main() -> int:
     ]
     text = "\n".join(table)
     print(text)
-    (HERE / "RESULTS.md").write_text(f"# Tuning benchmark\n\n{text}\n")
+    results = HERE / "RESULTS.md"
+    previous = results.read_text() if results.exists() and args.append else "# Tuning benchmark\n"
+    results.write_text(f"{previous}\n{text}\n")
     return 0
 
 
