@@ -25,7 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
 from mlkube.api.common import CamelModel
-from mlkube.api.errors import UserError
+from mlkube.api.errors import UserError, first_line
 from mlkube.flows.sources import TIME_COLUMN, VALUE_COLUMN, SourceSettings
 
 LEDGER_SUFFIX = ".ledger.json"
@@ -238,18 +238,13 @@ def commit(
     plan: IngestPlan, dataset: DatasetSettings, flow_run_id: str | None = None
 ) -> IngestRecord:
     """Writes existing + new rows over the dataset (if there are new rows) and the ledger."""
-    record = IngestRecord(
-        dataset_uri=dataset.uri,
-        source=plan.source,
-        at=dt.datetime.now(dt.UTC),
-        flow_run_id=flow_run_id,
-        rows_before=len(plan.existing),
-        rows_fetched=plan.rows_fetched,
+    record = plan_record(
+        plan,
+        dataset,
+        flow_run_id,
         rows_added=len(plan.new),
-        rows_after=len(plan.existing) + len(plan.new),
         first_added=None if plan.new.empty else plan.new[TIME_COLUMN].min().to_pydatetime(),
         last_added=None if plan.new.empty else plan.new[TIME_COLUMN].max().to_pydatetime(),
-        last_before=None if plan.last_before is None else plan.last_before.to_pydatetime(),
     )
     if plan.new.empty:
         return record
@@ -272,6 +267,13 @@ def not_committed(
     plan: IngestPlan, dataset: DatasetSettings, why: str, flow_run_id: str | None = None
 ) -> IngestRecord:
     """The record of a run whose rows were refused by the checks (nothing written)."""
+    return plan_record(plan, dataset, flow_run_id, rows_added=0, note=why)
+
+
+def plan_record(
+    plan: IngestPlan, dataset: DatasetSettings, flow_run_id: str | None, **fields: Any
+) -> IngestRecord:
+    """What a run found and did; `fields` say what it added."""
     last = plan.last_before
     return IngestRecord(
         dataset_uri=dataset.uri,
@@ -280,13 +282,7 @@ def not_committed(
         flow_run_id=flow_run_id,
         rows_before=len(plan.existing),
         rows_fetched=plan.rows_fetched,
-        rows_added=0,
-        rows_after=len(plan.existing),
+        rows_after=len(plan.existing) + fields.get("rows_added", 0),
         last_before=None if last is None else last.to_pydatetime(),
-        note=why,
+        **fields,
     )
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

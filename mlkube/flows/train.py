@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from pydantic import BaseModel
 
 from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, parse_resource
+from mlkube.api.errors import first_line
 from mlkube.flows.logs import quiet_console
 from mlkube.local import apply_env_defaults, local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
@@ -241,7 +242,7 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
         )
         client.set_terminated(run_id, "FINISHED")
     except BaseException as error:
-        client.set_tag(run_id, outcome.TAG_ERROR, one_line(error))
+        client.set_tag(run_id, outcome.TAG_ERROR, f"{type(error).__name__}: {first_line(error)}")
         client.set_terminated(
             run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         )
@@ -281,11 +282,6 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
         run = run.model_copy(deep=True)
         run.metadata.uid = f"local-{uuid.uuid4()}"
     return train_flow(prepare(run), show_progress)
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:

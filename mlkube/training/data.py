@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
+from mlkube.api.errors import first_line
 from mlkube.training.tasks.base import DataError
 
 
@@ -27,8 +28,7 @@ def read_table(uri: str) -> pd.DataFrame:
             return pd.read_parquet(uri)
         return pd.read_csv(uri)
     except (OSError, ValueError, ImportError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise DataError(f"dataset.uri: cannot read {uri}: {first_line}") from None
+        raise DataError(f"dataset.uri: cannot read {uri}: {first_line(error)}") from None
 
 
 def require_columns(frame: pd.DataFrame, columns: list[str], uri: str, field: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mlkube.api.errors import first_line
 from mlkube.training.tasks.base import Mode, Task, TaskData
 
 CHALLENGER_ALIAS = "challenger"
@@ -85,8 +86,8 @@ def evaluate(
     try:
         champion = task.evaluate(mlflow.pyfunc.load_model(f"models:/{name}/{current}"), data)
     except Exception as error:  # a champion of another shape must not block a new model
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return Evaluation(task.metric, new, current, None, f"{type(error).__name__}: {first_line}")
+        reason = f"{type(error).__name__}: {first_line(error)}"
+        return Evaluation(task.metric, new, current, None, reason)
     return Evaluation(task.metric, new, current, champion)
 
 
