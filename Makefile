@@ -24,7 +24,7 @@ demo: venv
 	$(VENV)/bin/mlkube demo
 
 test: venv k8s-binaries
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: venv
 	$(VENV)/bin/ruff check mlkube tests benchmarks

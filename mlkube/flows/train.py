@@ -135,11 +135,14 @@ def tune_task(prepared: Prepared, tracker: RunTracker) -> TrialRecord:
 
 
 @task(name="fit-and-log", cache_policy=NO_CACHE)
-def fit_and_log(prepared: Prepared, best: TrialRecord, run_id: str) -> str:
+def fit_and_log(prepared: Prepared, best: TrialRecord, experiment_id: str, run_id: str) -> str:
     """Refits the best configuration on all of the search data and logs it to MLflow."""
     import mlflow
 
     model = prepared.task.fit(best.params, prepared.data, prepared.settings.seed)
+    # Tasks log through MLflow's fluent API; its process-wide active experiment must be
+    # this run's, whatever ran in this process before.
+    mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(run_id=run_id):
         return prepared.task.log_model(model, prepared.data, name="model")
 
@@ -220,7 +223,7 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
             default_progress if show_progress else None,
         )  # fmt: skip
         best = tune_task(prepared, tracker)
-        model_uri = fit_and_log(prepared, best, run_id)
+        model_uri = fit_and_log(prepared, best, experiment_id, run_id)
         evaluation = evaluate_task(prepared, client, model_uri)
         decision = registry.decide(
             evaluation,
