@@ -5,17 +5,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Telemetry and phone-home switches of the stack; set unless the user chose otherwise.
-OFFLINE_ENV = {
+# Telemetry and phone-home switches of the stack, for this machine and for the pods the
+# operator creates; set unless the user chose otherwise.
+TELEMETRY_OFF_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
+    # A cluster started with `ray start` (a RayJob's head) still posts a "usage stats are
+    # disabled" report to Ray's server; this sends it nowhere.
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+# Only for a Ray started on this machine: a cluster's nodes must reach each other.
+LOCAL_RAY_ENV = {
     # Keeps every Ray socket on 127.0.0.1 (otherwise Ray picks eth0 and listens on all).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     # Ray would otherwise write ~/.ray/auth_token on the first ray.init.
     "RAY_AUTH_MODE": "disabled",
 }
+OFFLINE_ENV = {**TELEMETRY_OFF_ENV, **LOCAL_RAY_ENV}
 
 # Ray's dashboard reads this file before it looks at RAY_USAGE_STATS_ENABLED; when the
 # file is missing it probes cloud metadata addresses (169.254.169.254 and

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlkube.api.modeldeployment import ModelDeployment
+from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
     ANNOTATION_MODEL_VERSION,
@@ -17,7 +18,7 @@ from mlkube.operator.names import (
     OPERATOR_NAME,
     inferenceservice_name,
 )
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES, TELEMETRY_OFF_ENV
+from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 # KServe routes to the container with this name.

@@ -10,8 +10,8 @@ import yaml
 
 from mlkube.api.common import Resources
 from mlkube.api.trainingrun import TrainingRun
+from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
-from mlkube.operator.settings import TELEMETRY_OFF_ENV
 
 RAYJOB_API_VERSION = "ray.io/v1"
 TRAIN_MODULE = "mlkube.flows.train"

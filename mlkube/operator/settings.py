@@ -11,14 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DeploymentMode = Literal["Serverless", "Knative", "RawDeployment", "Standard"]
 # KServe modes in which canaryTrafficPercent is ignored (no revisions to split traffic between).
 RAW_DEPLOYMENT_MODES = frozenset({"RawDeployment", "Standard"})
-# Set in every child's containers: the stack must not phone home.
-TELEMETRY_OFF_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
-
 
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLKUBE_OPERATOR_", extra="ignore")

@@ -44,6 +44,7 @@ def test_rayjob_runtime_env_carries_mlflow_and_no_telemetry() -> None:
     assert env == {
         "MLFLOW_TRACKING_URI": "http://own:5000",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
