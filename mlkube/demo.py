@@ -97,9 +97,12 @@ def run_demo(args: argparse.Namespace) -> int:
         server.terminate()
         server.wait(timeout=30)
     sample = json.dumps({"instances": records[:1]})
+    # `make demo` runs .venv/bin/mlkube, which is not on the user's PATH.
+    command_path = Path(sys.argv[0])
+    mlkube = os.path.relpath(command_path) if command_path.name == "mlkube" else "mlkube"
     print(
         "\nTry it yourself:\n"
-        "  mlkube serve -f examples/insurance/modeldeployment.yaml\n"
+        f"  {mlkube} serve -f examples/insurance/modeldeployment.yaml\n"
         f"  curl -s -H 'content-type: application/json' "
         f"localhost:8080/v1/models/{name}:predict -d '{sample}'"
     )
