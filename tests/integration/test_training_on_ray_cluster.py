@@ -1,0 +1,68 @@
+"""The RayJob entrypoint on an existing Ray cluster: RAY_ADDRESS is honoured."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.fixtures.mlflow_server import free_port
+from tests.integration.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[tuple[str, Path]]:
+    """A Ray head started the way KubeRay starts one (`ray start --head`), on loopback."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-ext-"))
+    address = f"127.0.0.1:{free_port()}"
+    ray = str(Path(sys.executable).with_name("ray"))
+    start = [
+        ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={address.split(':')[1]}",
+        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, timeout=180)
+    try:
+        yield address, temp_dir
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_entrypoint_trains_on_the_cluster_ray_address_names(
+    ray_cluster: tuple[str, Path], insurance_csv: Path, model_name: str, tmp_path: Path
+) -> None:
+    address, temp_dir = ray_cluster
+    document = yaml.safe_load((REPO / "examples/insurance/trainingrun.yaml").read_text())
+    document["spec"]["dataset"]["uri"] = str(insurance_csv)
+    document["spec"]["model"]["name"] = model_name
+    document["spec"]["tuning"]["numTrials"] = 2
+    spec_file = tmp_path / "run.yaml"
+    spec_file.write_text(yaml.safe_dump(document))
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "mlkube.flows.train", "--spec-file", str(spec_file)],
+        env={**os.environ, "RAY_ADDRESS": address, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert '"version":1' in completed.stdout and '"promoted":true' in completed.stdout
+    # The driver ran as a job of that cluster, not of a Ray of its own.
+    drivers = list(temp_dir.glob("session_*/logs/python-core-driver-*"))
+    assert drivers, f"no driver joined the cluster in {temp_dir}"
+    from mlkube.local import local_tracking_uri
+
+    version = MlflowClient(local_tracking_uri()).get_model_version_by_alias(model_name, "champion")
+    assert int(version.version) == 1
