@@ -58,6 +58,10 @@ if ((${#missing[@]} == 0)); then
   exit 0
 fi
 
+# Go's default install place, for shells whose PATH lacks it.
+if ! command -v go >/dev/null 2>&1 && [[ -x /usr/local/go/bin/go ]]; then
+  export PATH="$PATH:/usr/local/go/bin"
+fi
 if ! command -v go >/dev/null 2>&1; then
   log "the Go toolchain is needed to build ${#missing[@]} binaries into $dest; install Go 1.26+"
   exit 1
