@@ -1,6 +1,6 @@
 # Two commands matter: `make demo` and `make test`. Both create or reuse .venv.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
