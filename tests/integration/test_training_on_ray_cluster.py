@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.fixtures.mlflow_server import free_port
+from tests.fixtures.mlflow_server import free_port, stop_process_group
 from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -22,21 +24,41 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def ray_cluster() -> Iterator[tuple[str, Path]]:
-    """A Ray head started the way KubeRay starts one (`ray start --head`), on loopback."""
+    """A Ray head started the way KubeRay starts one (`ray start --head`), on loopback.
+
+    Stopped through its own process group: `ray stop` would end every Ray on the machine,
+    the session's own included (and with it this test process, a driver of that Ray)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-ext-"))
-    address = f"127.0.0.1:{free_port()}"
+    port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    start = [
-        ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={address.split(':')[1]}",
-        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    subprocess.run(start, check=True, capture_output=True, timeout=180)
+    head = subprocess.Popen(
+        [
+            ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
     try:
-        yield address, temp_dir
+        wait_until_listening(port, head)
+        yield f"127.0.0.1:{port}", temp_dir
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        stop_process_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the Ray head did not listen on {port} in {timeout:.0f} s")
 
 
 def test_entrypoint_trains_on_the_cluster_ray_address_names(
