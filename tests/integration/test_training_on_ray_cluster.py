@@ -45,7 +45,7 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         wait_until_listening(port, head)
         yield f"127.0.0.1:{port}", temp_dir
     finally:
-        stop_process_group(head)
+        stop_process_group(head, grace=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
