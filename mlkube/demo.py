@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from mlkube.api import TrainingRun, UserError, load_manifest
-from mlkube.local import local_tracking_uri, mlkube_home
+from mlkube.local import free_port, local_tracking_uri, mlkube_home
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = PACKAGE_ROOT / "examples" / "insurance" / "trainingrun.yaml"
 # Tests and the demo read the data beside the checkout, never a copy in the repo.
 SHARED_INSURANCE = PACKAGE_ROOT.parent / "shared" / "data" / "insurance.csv"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:

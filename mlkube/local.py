@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 # Telemetry and phone-home switches of the stack, for this machine and for the pods the
@@ -66,3 +67,10 @@ def ensure_ray_bootstrap_config() -> Path:
     if not path.exists():
         path.write_text("{}\n")
     return path
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (the kernel picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

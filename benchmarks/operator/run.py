@@ -29,9 +29,9 @@ from typing import Any
 
 from kubernetes import client, watch
 
-from mlkube.local import OFFLINE_ENV
+from mlkube.local import OFFLINE_ENV, free_port
 from tests.cluster import crds
-from tests.cluster.controlplane import ControlPlane, free_port
+from tests.cluster.controlplane import ControlPlane
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

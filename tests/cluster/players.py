@@ -67,7 +67,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster.controlplane import free_port
+from mlkube.local import free_port
 
 log = logging.getLogger(__name__)
 

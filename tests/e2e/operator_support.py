@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 
 from kopf.testing import KopfRunner
@@ -18,12 +17,6 @@ os.environ.update({
     "MLKUBE_OPERATOR_MLFLOW_BACKOFF_INITIAL_SECONDS": "0.5",
     "MLKUBE_OPERATOR_MLFLOW_BACKOFF_MAX_SECONDS": "2",
 })  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

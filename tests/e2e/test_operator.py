@@ -12,8 +12,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from mlkube.local import free_port
 from tests.cluster.players import InferenceServicePlayer, RayJobPlayer, condition, wait_for_object
-from tests.e2e.operator_support import free_port, running_operator
+from tests.e2e.operator_support import running_operator
 
 MLKUBE = ("mlkube.io", "v1alpha1")
 TRAININGRUNS = (*MLKUBE, "trainingruns")

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.fixtures.mlflow_server import free_port, stop_process_group
+from mlkube.local import free_port
+from tests.fixtures.mlflow_server import stop_process_group
 from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.integration
