@@ -52,9 +52,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     apply_env_defaults()
-    runtime_env = {"env_vars": {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, runtime_env=runtime_env)
+        ray.init(log_to_driver=False)
         return
     ensure_ray_bootstrap_config()
     ray.init(
@@ -87,11 +86,9 @@ def _observer_callback(observer: TrialObserver) -> Any:
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
             metrics = {
-                k: float(v)
-                for k, v in result.items()
-                if isinstance(v, int | float)
-                and not isinstance(v, bool)
-                and k in trial_metric_keys(result)
+                k: float(result[k])
+                for k in trial_metric_keys(result)
+                if isinstance(result[k], int | float) and not isinstance(result[k], bool)
             }
             observer.trial_result(trial.trial_id, metrics, int(result.get("training_iteration", 1)))
 
