@@ -28,7 +28,7 @@ from mlkube.training import outcome, registry
 from mlkube.training.search_space import merged_space
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
 from mlkube.training.tracking import RunTracker, TrialRecord
-from mlkube.training.tune import SearchSettings, run_search
+from mlkube.training.tune import SearchSettings, run_search, start_ray
 
 
 class TrainingFailed(UserError):
@@ -284,7 +284,10 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
     if not run.metadata.uid:
         run = run.model_copy(deep=True)
         run.metadata.uid = f"local-{uuid.uuid4()}"
-    return train_flow(prepare(run), show_progress)
+    prepared = prepare(run)
+    # Ray starts while Prefect starts the flow run and MLflow opens its store.
+    start_ray()
+    return train_flow(prepared, show_progress)
 
 
 def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +49,9 @@ def ray_temp_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"mlkube-ray-{os.getuid()}")
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS's cluster (inside a RayJob) or start a local Ray on loopback."""
+def _init_ray(num_cpus: int | None) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
     apply_env_defaults()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
@@ -64,6 +65,75 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         object_store_memory=512 * 1024 * 1024,
         configure_logging=False,
     )
+
+
+class _NotMainThreadWarning(logging.Filter):
+    """Drops Ray's warning that a driver started off the main thread sets no SIGTERM handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+class _RayStart:
+    """Starts (or connects to) Ray on a thread of its own while the caller does other work.
+
+    The thread lives as long as the process: Ray's processes are started with a parent-death
+    signal, which the kernel ties to the starting thread, so they would die with it.
+    """
+
+    def __init__(self, num_cpus: int | None) -> None:
+        self._num_cpus = num_cpus
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mlkube-ray-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _init_ray(self._num_cpus)
+        except BaseException as error:  # handed to the thread that waits for Ray
+            self._error = error
+        finally:
+            self._done.set()
+        threading.Event().wait()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+_ray_start: _RayStart | None = None
+_ray_start_lock = threading.Lock()
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """Begins what ensure_ray() does without waiting, so Ray's start (about 5 s) overlaps
+    other work; ensure_ray() then waits for it."""
+    global _ray_start
+    import ray
+
+    with _ray_start_lock:
+        if _ray_start is not None or ray.is_initialized():
+            return
+        if threading.current_thread() is threading.main_thread():
+            # Ray installs this handler itself only when started on the main thread.
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
+        _ray_start = _RayStart(num_cpus)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS's cluster (inside a RayJob) or start a local Ray on loopback."""
+    global _ray_start
+    import ray
+
+    with _ray_start_lock:
+        starting, _ray_start = _ray_start, None
+    if starting is not None:
+        starting.wait()
+    if not ray.is_initialized():
+        _init_ray(num_cpus)
 
 
 def _run_trial(config: dict[str, Any], task: Task, data: TaskData, seed: int) -> None:

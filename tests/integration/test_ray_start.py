@@ -1,0 +1,110 @@
+"""Ray started in the background (as the train flow does) works, stays up, and goes with us."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+START_IN_THE_BACKGROUND = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    import psutil, ray
+    from mlkube.training.tune import ensure_ray, start_ray
+    start_ray(num_cpus=1)
+    started_on = [t.name for t in threading.enumerate()]
+    ensure_ray()
+    # Ray's processes die with the thread that started them unless it stays alive.
+    time.sleep(2)
+
+    @ray.remote
+    def worker_pid():
+        return os.getpid()
+
+    pid = ray.get(worker_pid.remote(), timeout=60)
+    children = [p.pid for p in psutil.Process().children(recursive=True)]
+    print(json.dumps({"worker": pid, "children": children, "threads": started_on}))
+    """
+)
+
+
+def survivors(pids: list[int], grace: float = 30) -> list[int]:
+    """Which of these processes are still running once `grace` seconds have passed."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def test_ray_started_in_the_background_runs_tasks_and_leaves_nothing_behind() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", START_IN_THE_BACKGROUND],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "mlkube-ray-start" in report["threads"]
+    assert report["worker"] in report["children"]
+    # Ray's own warning about a driver started off the main thread is not shown.
+    assert "SIGTERM handler" not in done.stderr
+    assert not survivors(report["children"]), "Ray processes left after exit"
+
+
+def test_a_failed_background_start_is_raised_where_ray_is_awaited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlkube.training import tune
+
+    def refuse(num_cpus: int | None) -> None:
+        raise ConnectionError("no Ray at RAY_ADDRESS")
+
+    monkeypatch.setattr(tune, "_init_ray", refuse)
+    monkeypatch.setattr(tune, "_ray_start", None)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    tune.start_ray()
+    with pytest.raises(ConnectionError, match="no Ray at RAY_ADDRESS"):
+        tune.ensure_ray()
+
+
+def test_sigterm_ends_a_flow_whose_ray_started_in_the_background(tmp_path: Path) -> None:
+    """Ray sets this handler only when started on the main thread; start_ray sets it."""
+    code = textwrap.dedent(
+        """
+        import signal, sys, time
+        from mlkube.training.tune import ensure_ray, start_ray
+        start_ray(num_cpus=1)
+        ensure_ray()
+        print("ready", flush=True)
+        time.sleep(120)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    descendants = [p.pid for p in psutil.Process(child.pid).children(recursive=True)]
+    child.terminate()
+    assert child.wait(timeout=60) == 15
+    assert not survivors(descendants), "Ray processes left after SIGTERM"
