@@ -12,6 +12,7 @@ DeploymentMode = Literal["Serverless", "Knative", "RawDeployment", "Standard"]
 # KServe modes in which canaryTrafficPercent is ignored (no revisions to split traffic between).
 RAW_DEPLOYMENT_MODES = frozenset({"RawDeployment", "Standard"})
 
+
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLKUBE_OPERATOR_", extra="ignore")
 
