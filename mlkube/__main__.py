@@ -1,5 +1,3 @@
-import sys
+from mlkube.cli import run
 
-from mlkube.cli import main
-
-sys.exit(main())
+run()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 # Telemetry and phone-home switches of the stack, for this machine and for the pods the
 # operator creates; set unless the user chose otherwise.
@@ -74,3 +77,10 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends a command. The interpreter's last garbage collection would walk every object
+    torch, MLflow, Ray and Prefect loaded (about 2.5 s after a training run) for nothing."""
+    gc.freeze()
+    sys.exit(code)

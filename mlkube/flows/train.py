@@ -23,7 +23,12 @@ from pydantic import BaseModel
 from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, parse_resource
 from mlkube.api.errors import first_line
 from mlkube.flows.logs import quiet_console
-from mlkube.local import apply_env_defaults, local_artifact_root, local_tracking_uri
+from mlkube.local import (
+    apply_env_defaults,
+    exit_process,
+    local_artifact_root,
+    local_tracking_uri,
+)
 from mlkube.training import outcome, registry
 from mlkube.training.search_space import merged_space
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
@@ -319,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
