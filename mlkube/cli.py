@@ -44,8 +44,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = load_manifest(Path(args.file), TrainingRun)
     from mlkube.flows.logs import quiet_console
+    from mlkube.flows.prefect_api import start_prefect_api
 
     quiet_console(args.verbose)
+    # Prefect's temporary API comes up while the pipeline's modules load and data is read.
+    start_prefect_api()
     from mlkube.flows.train import train
     from mlkube.reports import print_train_result
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, parse_resource
 from mlkube.api.errors import first_line
 from mlkube.flows.logs import quiet_console
+from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
 from mlkube.local import (
     apply_env_defaults,
     exit_process,
@@ -292,6 +293,7 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
     prepared = prepare(run)
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
     start_ray()
+    wait_for_prefect_api()
     return train_flow(prepared, show_progress)
 
 
@@ -315,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_console(verbose=True)
     try:
-        result = train(read_trainingrun(args.spec_json, args.spec_file))
+        run = read_trainingrun(args.spec_json, args.spec_file)
+        start_prefect_api()
+        result = train(run)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from mlkube.background import BackgroundStart
 from mlkube.local import apply_env_defaults, ensure_ray_bootstrap_config, mlkube_home
 from mlkube.training.search_space import to_tune
 from mlkube.training.tasks.base import Mode, SearchSpace, Task, TaskData
@@ -74,36 +75,7 @@ class _NotMainThreadWarning(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
-class _RayStart:
-    """Starts (or connects to) Ray on a thread of its own while the caller does other work.
-
-    The thread lives as long as the process: Ray's processes are started with a parent-death
-    signal, which the kernel ties to the starting thread, so they would die with it.
-    """
-
-    def __init__(self, num_cpus: int | None) -> None:
-        self._num_cpus = num_cpus
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mlkube-ray-start", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            _init_ray(self._num_cpus)
-        except BaseException as error:  # handed to the thread that waits for Ray
-            self._error = error
-        finally:
-            self._done.set()
-        threading.Event().wait()
-
-    def wait(self) -> None:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-
-
-_ray_start: _RayStart | None = None
+_ray_start: BackgroundStart | None = None
 _ray_start_lock = threading.Lock()
 
 
@@ -120,7 +92,9 @@ def start_ray(num_cpus: int | None = None) -> None:
             # Ray installs this handler itself only when started on the main thread.
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
         logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
-        _ray_start = _RayStart(num_cpus)
+        _ray_start = BackgroundStart(
+            "mlkube-ray-start", lambda: _init_ray(num_cpus), keep_thread=True
+        )
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -1,8 +1,10 @@
-"""Ray started in the background (as the train flow does) works, stays up, and goes with us."""
+"""Ray and Prefect's temporary API start in the background, as `mlkube train` starts them:
+they work, stay up while needed, and leave no process behind."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -108,3 +110,38 @@ def test_sigterm_ends_a_flow_whose_ray_started_in_the_background(tmp_path: Path)
     child.terminate()
     assert child.wait(timeout=60) == 15
     assert not survivors(descendants), "Ray processes left after SIGTERM"
+
+
+def test_mlkube_train_as_a_command_leaves_no_process_behind(tmp_path: Path) -> None:
+    manifest = tmp_path / "trainingrun.yaml"
+    example = (REPO / "examples/insurance/trainingrun.yaml").read_text()
+    manifest.write_text(example.replace("numTrials: 8", "numTrials: 2"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+        "MLKUBE_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+    dataset = REPO.parent / "shared" / "data" / "insurance.csv"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mlkube", "train", "-f", str(manifest), "--dataset", str(dataset)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    seen: dict[int, str] = {}
+    while child.poll() is None:
+        try:
+            for process in psutil.Process(child.pid).children(recursive=True):
+                seen.setdefault(process.pid, " ".join(process.cmdline()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-2000:]
+    assert "insurance version 1" in out
+    commands = " ".join(seen.values())
+    assert "prefect.server.api.server:create_app" in commands
+    assert "raylet" in commands and "gcs_server" in commands
+    assert not survivors(sorted(seen)), "processes left after mlkube train"
