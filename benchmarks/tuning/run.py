@@ -6,8 +6,9 @@ Both sides train the same configurations (the ones mlkube's seeded search draws)
 insurance task (HistGradientBoosting, 3-fold CV) with scikit-learn pinned to one thread,
 and both log every trial as a nested MLflow run of one parent. mlkube's side is
 `mlkube.training.tune.run_search` with the driver-side MLflow tracker, exactly as the train
-flow runs it. Ray's start is timed on its own. Prints a markdown table and writes it to
-benchmarks/tuning/RESULTS.md.
+flow runs it. Ray's start is timed on its own. Also shows where the median search spends its
+time: until the first trial starts, its result, the other trials, Tune's wrap-up. Prints
+markdown tables and writes them to benchmarks/tuning/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -61,7 +62,32 @@ def plain_loop(prepared: Any, configs: list[dict[str, Any]], client: Any, experi
     return time.perf_counter() - started
 
 
-def mlkube_search(prepared: Any, client: Any, experiment: str) -> tuple[float, list[dict]]:
+class Timeline:
+    """Passes Tune's trial events on to the tracker and notes when the first and last came."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+        self.started = time.perf_counter()
+        self.first_start: float | None = None
+        self.first_result: float | None = None
+        self.last_end = 0.0
+
+    def trial_started(self, trial_id: str, config: Any) -> None:
+        self.first_start = self.first_start or time.perf_counter() - self.started
+        self.tracker.trial_started(trial_id, config)
+
+    def trial_result(self, trial_id: str, metrics: Any, step: int) -> None:
+        self.first_result = self.first_result or time.perf_counter() - self.started
+        self.tracker.trial_result(trial_id, metrics, step)
+
+    def trial_ended(self, trial_id: str, error: str | None) -> None:
+        self.last_end = time.perf_counter() - self.started
+        self.tracker.trial_ended(trial_id, error)
+
+
+def mlkube_search(
+    prepared: Any, client: Any, experiment: str
+) -> tuple[float, list[dict], Timeline]:
     from mlkube.training.tracking import RunTracker
     from mlkube.training.tune import run_search
 
@@ -71,12 +97,13 @@ def mlkube_search(prepared: Any, client: Any, experiment: str) -> tuple[float, l
     tracker = RunTracker(
         client, experiment, parent, settings.metric, settings.mode, settings.num_trials
     )
-    run_search(prepared.task, prepared.data, settings, tracker)
+    timeline = Timeline(tracker)
+    run_search(prepared.task, prepared.data, settings, timeline)
     client.set_terminated(parent, "FINISHED")
     elapsed = time.perf_counter() - started
     configs = [t.params for t in sorted(tracker.trials.values(), key=lambda t: t.number)]
     assert len(configs) == settings.num_trials and all(t.done for t in tracker.trials.values())
-    return elapsed, configs
+    return elapsed, configs, timeline
 
 
 def main() -> int:
@@ -130,10 +157,11 @@ def main() -> int:
     ray_start = time.perf_counter() - started
     log(f"Ray started in {ray_start:.2f} s")
 
-    searches, loops = [], []
+    searches, loops, timelines = [], [], []
     for repeat in range(1, args.repeats + 1):
-        elapsed, configs = mlkube_search(prepared, client, experiment)
+        elapsed, configs, timeline = mlkube_search(prepared, client, experiment)
         searches.append(elapsed)
+        timelines.append(timeline)
         log(f"repeat {repeat}/{args.repeats}: mlkube search {elapsed:.2f} s")
         loops.append(plain_loop(prepared, configs, client, experiment))
         log(f"repeat {repeat}/{args.repeats}: plain loop {loops[-1]:.2f} s")
@@ -150,6 +178,17 @@ def main() -> int:
         ),
         ("Ray's start alone (ray.init)", f"{ray_start:.2f}", ""),
     ]
+    median = timelines[searches.index(search)] if search in searches else timelines[0]
+    first_start, first_result = median.first_start or 0.0, median.first_result or 0.0
+    phases = [
+        ("first trial starts (trial actors up: a process each, Ray Tune imported)", first_start),
+        (
+            "its first result (scikit-learn imported in the actor, one trial)",
+            first_result - first_start,
+        ),
+        ("the other trials, two at a time", median.last_end - first_result),
+        ("Tune's wrap-up after the last trial", search - median.last_end),
+    ]
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     table = [
         f"{args.trials} trials of the insurance task (HistGradientBoosting, 3-fold CV; "
@@ -163,6 +202,12 @@ def main() -> int:
         "",
         f"All runs: mlkube {', '.join(f'{s:.2f}' for s in searches)}; "
         f"loop {', '.join(f'{s:.2f}' for s in loops)}.",
+        "",
+        "Where the median mlkube search spends its time (seconds from the search's start):",
+        "",
+        "| phase | seconds |",
+        "| --- | ---: |",
+        *(f"| {name} | {seconds:.2f} |" for name, seconds in phases),
     ]
     text = "\n".join(table)
     print(text)

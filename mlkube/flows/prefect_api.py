@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
+from mlkube.api.errors import UserError, first_line
 from mlkube.background import BackgroundStart
+
+
+class PrefectUnavailable(UserError):
+    """Prefect's temporary API did not come up; the message is one line for the user."""
+
 
 _api_start: BackgroundStart | None = None
 _api_start_lock = threading.Lock()
@@ -33,5 +40,12 @@ def start_prefect_api() -> None:
 def wait_for_prefect_api() -> None:
     with _api_start_lock:
         starting = _api_start
-    if starting is not None:
+    if starting is None:
+        return
+    try:
         starting.wait()
+    except RuntimeError as error:  # Prefect's message carries the server's whole output
+        home = os.environ.get("PREFECT_HOME", "~/.prefect")
+        raise PrefectUnavailable(
+            f"Prefect's temporary API did not start (PREFECT_HOME {home}): {first_line(error)}"
+        ) from None
