@@ -9,6 +9,7 @@ with one line and leaves nothing behind: no flow run, no MLflow run, no model ve
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import uuid
@@ -293,6 +294,9 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
     prepared = prepare(run)
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
     start_ray()
+    # Imported now, while Ray and Prefect's API come up, rather than after the search.
+    for module in prepared.task.model_modules:
+        importlib.import_module(module)
     wait_for_prefect_api()
     return train_flow(prepared, show_progress)
 

@@ -8,7 +8,7 @@ import pytest
 
 from mlkube.api import TrainingRun, parse_resource
 from mlkube.training.search_space import merged_space
-from mlkube.training.tasks import TaskError, resolve_task
+from mlkube.training.tasks import BUILTIN, TaskError, resolve_task
 from mlkube.training.tasks.atmos_temperature import HOURS_IN, HOURS_OUT, hourly_series, windows
 from mlkube.training.tasks.tabular import is_classification
 from mlkube.training.tracking import is_better
@@ -70,3 +70,13 @@ def test_asha_needs_a_task_with_epochs() -> None:
     assert isinstance(run, TrainingRun)
     with pytest.raises(TaskError, match="spec.tuning.scheduler: asha needs a task with epochs"):
         search_settings(run, resolve_task("insurance"))
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_the_modules_a_task_logs_its_model_with_exist(name: str) -> None:
+    """The train flow imports these ahead of time; a misspelt one would fail every run."""
+    import importlib.util
+
+    modules = resolve_task(name).model_modules
+    assert modules
+    assert all(importlib.util.find_spec(module) is not None for module in modules)

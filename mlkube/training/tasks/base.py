@@ -41,6 +41,8 @@ class Task(ABC):
     has_epochs: bool = False
     # Most epochs one trial trains for (ASHA's max_t).
     max_epochs: int = 1
+    # What log_model imports; the flow imports them while it waits for Ray and Prefect.
+    model_modules: tuple[str, ...] = ("mlflow.models",)
 
     @property
     @abstractmethod

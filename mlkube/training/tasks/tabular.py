@@ -27,6 +27,7 @@ def is_classification(target: pd.Series) -> bool:
 
 class TabularTask(Task):
     name = "tabular"
+    model_modules = ("mlflow.models", "mlflow.sklearn", "skops.io")
     default_target: tuple[str, ...] = ()
 
     def __init__(self) -> None:
