@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -115,9 +116,16 @@ def test_sigterm_ends_a_flow_whose_ray_started_in_the_background(tmp_path: Path)
 def test_mlkube_train_as_a_command_leaves_no_process_behind(tmp_path: Path) -> None:
     manifest = tmp_path / "trainingrun.yaml"
     example = (REPO / "examples/insurance/trainingrun.yaml").read_text()
-    manifest.write_text(example.replace("numTrials: 8", "numTrials: 2"))
+    name = f"background-{uuid.uuid4().hex[:8]}"
+    assert "name: insurance\n" in example
+    manifest.write_text(
+        example.replace("numTrials: 8", "numTrials: 2").replace(
+            "name: insurance\n", f"name: {name}\n"
+        )
+    )
+    # Local mode through and through: its own MLflow store, Prefect's temporary API.
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))},
         "MLKUBE_HOME": str(tmp_path / "home"),
         "PREFECT_HOME": str(tmp_path / "prefect"),
     }
@@ -140,7 +148,8 @@ def test_mlkube_train_as_a_command_leaves_no_process_behind(tmp_path: Path) -> N
         time.sleep(0.2)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err[-2000:]
-    assert "insurance version 1" in out
+    assert f"{name} version 1" in out
+    assert (tmp_path / "home" / "mlflow.db").exists()
     commands = " ".join(seen.values())
     assert "prefect.server.api.server:create_app" in commands
     assert "raylet" in commands and "gcs_server" in commands
