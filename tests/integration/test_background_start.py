@@ -130,23 +130,36 @@ def test_mlkube_train_as_a_command_leaves_no_process_behind(tmp_path: Path) -> N
         "PREFECT_HOME": str(tmp_path / "prefect"),
     }
     dataset = REPO.parent / "shared" / "data" / "insurance.csv"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "mlkube", "train", "-f", str(manifest), "--dataset", str(dataset)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    # Files, not pipes: nothing reads a pipe while the loop below watches the process.
+    out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
+    with out_file.open("w") as stdout, err_file.open("w") as stderr:
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlkube",
+                "train",
+                "-f",
+                str(manifest),
+                "--dataset",
+                str(dataset),
+            ],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=REPO,
+        )
     seen: dict[int, str] = {}
-    while child.poll() is None:
+    deadline = time.monotonic() + 300
+    while child.poll() is None and time.monotonic() < deadline:
         try:
             for process in psutil.Process(child.pid).children(recursive=True):
                 seen.setdefault(process.pid, " ".join(process.cmdline()))
         except psutil.Error:
             pass
         time.sleep(0.2)
-    out, err = child.communicate(timeout=300)
+    child.wait(timeout=10)
+    out, err = out_file.read_text(), err_file.read_text()
     assert child.returncode == 0, err[-2000:]
     assert f"{name} version 1" in out
     assert (tmp_path / "home" / "mlflow.db").exists()
