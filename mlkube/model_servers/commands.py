@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mlkube.local import local_tracking_uri
 from mlkube.model_servers.settings import ServerSettings
 
 LOCAL_HOST = "127.0.0.1"
@@ -76,19 +77,13 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
         fields["ttl_seconds"] = args.ttl_seconds
     if args.memory_budget:
         fields["memory_budget"] = args.memory_budget
-    fields["tracking_uri"] = tracking_uri or _local_tracking_uri()
+    fields["tracking_uri"] = tracking_uri or local_tracking_uri()
     try:
         return ServerSettings(**fields)
     except ValidationError as error:
         from mlkube.model_servers.entrypoint import format_settings_error
 
         raise CommandError(format_settings_error(error)) from None
-
-
-def _local_tracking_uri() -> str:
-    from mlkube.local import local_tracking_uri
-
-    return local_tracking_uri()
 
 
 def check_port_free(host: str, port: int) -> None:

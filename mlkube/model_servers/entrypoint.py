@@ -19,6 +19,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options left out take ServerSettings' defaults, which are written only there."""
     parser.add_argument(
         "--model-uri",
         "--model_uri",
@@ -36,13 +37,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve any registered model by name (models:/{name}@{alias})",
     )
-    parser.add_argument("--alias", default="champion", help="alias for --multi-model")
+    parser.add_argument("--alias", help="alias for --multi-model")
     parser.add_argument(
         "--ttl-seconds",
         "--ttl_seconds",
         dest="ttl_seconds",
         type=float,
-        default=300,
         help="evict after this many idle seconds (0: never)",
     )
     parser.add_argument(
@@ -51,26 +51,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         dest="memory_budget",
         help="bytes of loaded models, e.g. 512Mi; least recently used go first",
     )
-    parser.add_argument("--protocol", choices=["v1", "v2", "grpc-v2"], default="v1")
-    parser.add_argument("--http_port", "--http-port", dest="http_port", type=int, default=8080)
-    parser.add_argument("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=8081)
+    parser.add_argument("--protocol", choices=["v1", "v2", "grpc-v2"])
+    parser.add_argument("--http_port", "--http-port", dest="http_port", type=int)
+    parser.add_argument("--grpc_port", "--grpc-port", dest="grpc_port", type=int)
     parser.add_argument(
         "--enable_grpc",
         "--enable-grpc",
         dest="enable_grpc",
-        default="true",
         choices=["true", "false"],
     )
-    parser.add_argument("--host", default="0.0.0.0", help="listen address (pods: 0.0.0.0)")
+    parser.add_argument("--host", help="listen address (pods: 0.0.0.0)")
     parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
     parser.add_argument("--cache-dir", dest="cache_dir", help="disk cache of model artifacts")
-    parser.add_argument("--disk-cache-size", dest="disk_cache_bytes", default="4Gi")
-    parser.add_argument("--max-batch-rows", dest="max_batch_rows", type=int, default=256)
+    parser.add_argument("--disk-cache-size", dest="disk_cache_bytes")
+    parser.add_argument("--max-batch-rows", dest="max_batch_rows", type=int)
     parser.add_argument(
         "--predict-threads",
         dest="predict_threads",
         type=int,
-        default=1,
         help="OpenMP/BLAS/torch threads per predict (default 1: best for small requests)",
     )
     parser.add_argument(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mlkube.local import mlkube_home
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")
 _FACTORS = {
@@ -37,8 +38,7 @@ def parse_quantity(text: str | int) -> int:
 
 
 def default_cache_dir() -> Path:
-    home = Path(os.environ.get("MLKUBE_HOME", Path.home() / ".mlkube"))
-    return home / "model-cache"
+    return mlkube_home() / "model-cache"
 
 
 class ServerSettings(BaseModel):
