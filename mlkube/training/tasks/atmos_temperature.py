@@ -117,13 +117,24 @@ class AtmosTemperatureTask(Task):
             float(x.std()),
         )
 
+    def _fit(
+        self, config: Mapping[str, Any], x: np.ndarray, y: np.ndarray, seed: int,
+        validate: Any = None, report: Report | None = None,
+    ) -> Any:  # fmt: skip
+        import torch
+
+        seed_everything(seed)
+        return fit_epochs(
+            self._model(config, x), torch.from_numpy(x), torch.from_numpy(y), torch.nn.L1Loss(),
+            float(config.get("lr", 1e-2)), epochs_of(config), seed, validate, report,
+        )  # fmt: skip
+
     def train(self, config: Mapping[str, Any], data: TaskData, report: Report, seed: int) -> None:
         import torch
 
         x, y = data.search
         split = int(len(x) * (1 - VALIDATION_FRACTION))
         valid_x, valid_y = torch.from_numpy(x[split:]), torch.from_numpy(y[split:])
-        seed_everything(seed)
 
         def validate(model: Any) -> dict[str, float]:
             error = model(valid_x) - valid_y
@@ -132,32 +143,11 @@ class AtmosTemperatureTask(Task):
                 "rmse": float(error.pow(2).mean().sqrt()),
             }
 
-        fit_epochs(
-            self._model(config, x[:split]),
-            torch.from_numpy(x[:split]),
-            torch.from_numpy(y[:split]),
-            torch.nn.L1Loss(),
-            float(config.get("lr", 1e-2)),
-            epochs_of(config),
-            seed,
-            validate,
-            report,
-        )
+        self._fit(config, x[:split], y[:split], seed, validate, report)
 
     def fit(self, config: Mapping[str, Any], data: TaskData, seed: int) -> Any:
-        import torch
-
         x, y = data.search
-        seed_everything(seed)
-        return fit_epochs(
-            self._model(config, x),
-            torch.from_numpy(x),
-            torch.from_numpy(y),
-            torch.nn.L1Loss(),
-            float(config.get("lr", 1e-2)),
-            epochs_of(config),
-            seed,
-        )
+        return self._fit(config, x, y, seed)
 
     def log_model(self, model: Any, data: TaskData, name: str) -> str:
         import mlflow.pytorch
