@@ -49,6 +49,11 @@ class Resources(CamelModel):
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
     memory: str = Field(default="2Gi", pattern=QUANTITY_PATTERN)
 
+    def for_container(self) -> dict[str, dict[str, str]]:
+        """A container's `resources`: requests and limits both these amounts."""
+        amounts = {"cpu": self.cpu, "memory": self.memory}
+        return {"requests": dict(amounts), "limits": dict(amounts)}
+
 
 class MlflowSettings(CamelModel):
     tracking_uri: str | None = Field(

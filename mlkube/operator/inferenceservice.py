@@ -62,7 +62,6 @@ def build_inferenceservice(
     KServe does not support it.
     """
     spec = deployment.spec
-    amounts = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
     env = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV}
     container = {
         "name": PREDICTOR_CONTAINER,
@@ -71,7 +70,7 @@ def build_inferenceservice(
         "args": predictor_args(deployment, version, http_port),
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
         "ports": [{"containerPort": http_port, "protocol": "TCP"}],
-        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "resources": spec.resources.for_container(),
     }
     predictor: dict[str, Any] = {
         "minReplicas": spec.replicas.min,

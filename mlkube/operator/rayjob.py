@@ -43,11 +43,6 @@ def runtime_env_yaml(tracking_uri: str) -> str:
     return yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
 
 
-def _resources(resources: Resources) -> dict[str, Any]:
-    amounts = {"cpu": resources.cpu, "memory": resources.memory}
-    return {"requests": dict(amounts), "limits": dict(amounts)}
-
-
 def _pod_template(container_name: str, image: str, resources: Resources) -> dict[str, Any]:
     env = [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())]
     return {
@@ -56,7 +51,7 @@ def _pod_template(container_name: str, image: str, resources: Resources) -> dict
                 {
                     "name": container_name,
                     "image": image,
-                    "resources": _resources(resources),
+                    "resources": resources.for_container(),
                     "env": env,
                 }
             ]
