@@ -14,10 +14,6 @@ from mlkube.api import UserError
 Command = Callable[[argparse.Namespace], int]
 
 
-class UsageError(UserError):
-    """Bad command-line input; one line for the user."""
-
-
 def cmd_crds(args: argparse.Namespace) -> int:
     from mlkube.api.crd import render_crds, write_crds
 

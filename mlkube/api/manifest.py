@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -17,7 +17,6 @@ KINDS: dict[str, type[TrainingRun] | type[ModelDeployment]] = {
     "TrainingRun": TrainingRun,
     "ModelDeployment": ModelDeployment,
 }
-ResourceT = TypeVar("ResourceT", TrainingRun, ModelDeployment)
 
 
 class ManifestError(UserError):
