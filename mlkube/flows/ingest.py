@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from mlkube.api.common import CamelModel
 from mlkube.api.errors import UserError, first_line
-from mlkube.flows.sources import TIME_COLUMN, VALUE_COLUMN, SourceSettings
+from mlkube.flows.sources import TIME_COLUMN, SourceSettings
+from mlkube.flows.sources.base import empty_frame
 
 LEDGER_SUFFIX = ".ledger.json"
 LEDGER_KEEP = 1000  # entries; older ones are dropped so the file stays small
@@ -99,8 +100,7 @@ def read_dataset(settings: DatasetSettings) -> pd.DataFrame:
     """The table as held, `date` parsed and sorted; an empty table when there is none yet."""
     fs, path = filesystem(settings.uri, settings.storage_options)
     if not fs.exists(path):
-        return pd.DataFrame({TIME_COLUMN: pd.Series(dtype="datetime64[ns]"),
-                             VALUE_COLUMN: pd.Series(dtype="float64")})  # fmt: skip
+        return empty_frame()
     try:
         with fs.open(path, "rb") as handle:
             data = handle.read()

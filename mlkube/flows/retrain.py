@@ -25,7 +25,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
 from mlkube.api import TrainingRun, UserError, load_manifest, parse_resource
-from mlkube.api.common import CamelModel
+from mlkube.api.common import GROUP, VERSION, CamelModel
 from mlkube.flows.checks import CheckReport, CheckSettings, run_checks
 from mlkube.flows.ingest import (
     DatasetSettings,
@@ -36,7 +36,7 @@ from mlkube.flows.ingest import (
 )
 from mlkube.flows.sources import AnySource
 
-GROUP, VERSION, PLURAL = "mlkube.io", "v1alpha1", "trainingruns"
+PLURAL = "trainingruns"
 LABEL_FLOW_RUN_ID = "mlkube.io/flow-run-id"
 LABEL_FLOW_RUN_NAME = "mlkube.io/flow-run-name"
 LABEL_DEPLOYMENT = "mlkube.io/deployment"
@@ -45,7 +45,6 @@ CREATED_BY = "mlkube-retrain"
 ANNOTATION_DATA_THROUGH = "mlkube.io/dataset-through"
 ANNOTATION_REASON = "mlkube.io/retrain-reason"
 TERMINAL_PHASES = ("Succeeded", "Failed")
-DEFAULT_CRON = "0 */6 * * *"  # every 6 hours, as the original crawler
 
 
 class RetrainFailed(UserError):
@@ -495,8 +494,5 @@ def retrain_flow(config: RetrainConfig) -> RetrainOutcome:
 
 def retrain(config: RetrainConfig) -> RetrainOutcome:
     """What `mlkube retrain` does: check the template first, then run the flow."""
-    from mlkube.local import apply_env_defaults
-
-    apply_env_defaults()
     config.template()
     return retrain_flow(config)
