@@ -26,7 +26,6 @@ from mlkube.api.errors import first_line
 from mlkube.flows.logs import quiet_console
 from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
 from mlkube.local import (
-    apply_env_defaults,
     exit_process,
     local_artifact_root,
     local_tracking_uri,
@@ -287,7 +286,6 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
 
 def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
     """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do."""
-    apply_env_defaults()
     if not run.metadata.uid:
         run = run.model_copy(deep=True)
         run.metadata.uid = f"local-{uuid.uuid4()}"

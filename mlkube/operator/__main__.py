@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mlkube.local import apply_env_defaults
-
 
 def run_operator(
     namespaces: list[str] | None = None,
@@ -19,7 +17,6 @@ def run_operator(
     from mlkube.operator.metrics import serve_metrics
     from mlkube.operator.settings import get_settings
 
-    apply_env_defaults()
     settings = get_settings()
     watched = settings.namespaces if namespaces is None else namespaces
     kopf.configure(

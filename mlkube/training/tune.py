@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from mlkube.background import BackgroundStart
-from mlkube.local import apply_env_defaults, ensure_ray_bootstrap_config, mlkube_home
+from mlkube.local import ensure_ray_bootstrap_config, mlkube_home
 from mlkube.training.search_space import to_tune
 from mlkube.training.tasks.base import Mode, SearchSpace, Task, TaskData
 
@@ -53,7 +53,6 @@ def ray_temp_dir() -> str:
 def _init_ray(num_cpus: int | None) -> None:
     import ray
 
-    apply_env_defaults()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
         return
