@@ -382,9 +382,6 @@ class TensorCodec(Codec):
             return parts[0].data  # type: ignore[return-value]
         return np.concatenate([p.data for p in parts])
 
-    def batch_key(self, rows: Rows) -> tuple[str, ...]:
-        return ()
-
     def describe(self) -> list[dict[str, Any]]:
         from kserve.utils.numpy_codec import from_np_dtype
 
@@ -428,9 +425,6 @@ class SchemalessCodec(Codec):
         if len(parts) != 1:
             raise ValueError("schemaless inputs are not batched")
         return parts[0].data
-
-    def batch_key(self, rows: Rows) -> tuple[str, ...]:
-        return ()
 
 
 def codec_for_schema(schema: Any) -> Codec:
