@@ -103,7 +103,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def result_target(rows: Any) -> str:
-    for column in ("charges", "expenses"):
+    from mlkube.training.tasks.tabular import InsuranceTask
+
+    for column in InsuranceTask.default_target:
         if column in rows.columns:
             return column
     raise UserError("--dataset: the insurance table needs a charges or expenses column")

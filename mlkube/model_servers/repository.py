@@ -9,9 +9,10 @@ from collections.abc import Callable
 from kserve.model import BaseKServeModel
 from kserve.model_repository import ModelRepository
 
+from mlkube.api.trainingrun import MODEL_NAME_PATTERN
 from mlkube.model_servers.sources import UnknownModel, resolve
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # MLflow names mlkube accepts
+_NAME = re.compile(MODEL_NAME_PATTERN)  # MLflow names mlkube accepts
 
 
 class RegistryModelRepository(ModelRepository):
