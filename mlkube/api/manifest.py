@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from mlkube.api.common import API_VERSION
 from mlkube.api.errors import UserError
@@ -36,8 +36,20 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     return f"{where}: {message}{more}"
 
 
+@overload
+def parse_resource(document: Any, source: str, expected: type[TrainingRun]) -> TrainingRun: ...
+@overload
 def parse_resource(
-    document: Any, source: str = "<input>", expected: type[BaseModel] | None = None
+    document: Any, source: str, expected: type[ModelDeployment]
+) -> ModelDeployment: ...
+@overload
+def parse_resource(
+    document: Any, source: str = "<input>", expected: None = None
+) -> TrainingRun | ModelDeployment: ...
+def parse_resource(
+    document: Any,
+    source: str = "<input>",
+    expected: type[TrainingRun] | type[ModelDeployment] | None = None,
 ) -> TrainingRun | ModelDeployment:
     if not isinstance(document, dict):
         raise ManifestError(f"{source}: expected a Kubernetes object (a YAML mapping)")

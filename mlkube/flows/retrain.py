@@ -84,9 +84,7 @@ class RetrainConfig(CamelModel):
     def template(self) -> TrainingRun:
         if self.trainingrun_file is not None:
             return load_manifest(Path(self.trainingrun_file), TrainingRun)
-        resource = parse_resource(self.trainingrun, "trainingrun", TrainingRun)
-        assert isinstance(resource, TrainingRun)
-        return resource
+        return parse_resource(self.trainingrun, "trainingrun", TrainingRun)
 
     def with_inline_template(self) -> RetrainConfig:
         """The same config with the template file read in, so that it runs anywhere."""
@@ -361,7 +359,6 @@ def train_locally(body: dict[str, Any]) -> TrainingOutcome:
     suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
     metadata["name"] = f"{metadata.pop('generateName')}{suffix}"
     resource = parse_resource({**body, "metadata": metadata}, "trainingrun", TrainingRun)
-    assert isinstance(resource, TrainingRun)
     model = resource.spec.model.name
     try:
         result = train(resource, show_progress=False)

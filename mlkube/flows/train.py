@@ -306,9 +306,7 @@ def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRu
         document = json.loads(spec_json or "")
     except json.JSONDecodeError as error:
         raise ManifestError(f"--spec-json: malformed JSON: {error.msg}") from None
-    resource = parse_resource(document, "--spec-json", TrainingRun)
-    assert isinstance(resource, TrainingRun)
-    return resource
+    return parse_resource(document, "--spec-json", TrainingRun)
 
 
 def main(argv: list[str] | None = None) -> int:
