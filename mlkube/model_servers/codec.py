@@ -209,6 +209,16 @@ class Codec:
         return []
 
 
+def _row_count(lengths: dict[str, int], what: str) -> int:
+    """The number of rows in equally long columns; refuses ragged or empty ones."""
+    if len(set(lengths.values())) != 1:
+        raise InvalidInput(f"{what} have different lengths: {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise InvalidInput("no rows given")
+    return n
+
+
 class TabularCodec(Codec):
     """Named columns (a ColSpec signature): v1 records, rows or columns; v2 one input a column."""
 
@@ -265,13 +275,8 @@ class TabularCodec(Codec):
 
     def _from_columns(self, data: dict[str, list[Any]]) -> Rows:
         self._check_names(list(data))
-        lengths = {name: len(values) for name, values in data.items()}
-        if len(set(lengths.values())) != 1:
-            raise InvalidInput(f"columns have different lengths: {lengths}")
+        n = _row_count({name: len(values) for name, values in data.items()}, "columns")
         cols = {name: convert_column(self._by_name[name], values) for name, values in data.items()}
-        n = next(iter(lengths.values()))
-        if n == 0:
-            raise InvalidInput("no rows given")
         return Rows(cols, n)
 
     def decode_v2(self, request: InferRequest) -> Rows:
@@ -285,13 +290,7 @@ class TabularCodec(Codec):
             if isinstance(values, list):
                 values = _flat(values)
             cols[inp.name] = convert_column(self._by_name[inp.name], values)
-        lengths = {name: len(v) for name, v in cols.items()}
-        if len(set(lengths.values())) != 1:
-            raise InvalidInput(f"inputs have different lengths: {lengths}")
-        n = next(iter(lengths.values()))
-        if n == 0:
-            raise InvalidInput("no rows given")
-        return Rows(cols, n)
+        return Rows(cols, _row_count({name: len(v) for name, v in cols.items()}, "inputs"))
 
     def concat(self, parts: list[Rows]) -> pd.DataFrame:
         if len(parts) == 1:
