@@ -1087,6 +1087,21 @@ def wait_for_object(
         time.sleep(0.2)
 
 
+def wait_gone(read: Callable[..., object], *args: str, timeout: float = 120.0) -> bool:
+    """Poll `read(*args)` until it raises ApiException 404 (True) or `timeout` passes
+    (False); any other ApiException is re-raised."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            read(*args)
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            raise
+        time.sleep(0.2)
+    return False
+
+
 def condition(obj: Obj, ctype: str) -> str | None:
     """The status ('True'/'False'/'Unknown') of condition `ctype`, or None."""
     for c in (obj.get("status") or {}).get("conditions") or []:

@@ -5,26 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.controlplane import ControlPlane, k8s_version
-
-
-def _gone(read: Callable[..., object], *args: str, timeout: float = 120.0) -> bool:
-    """Poll until `read(*args)` raises 404."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            read(*args)
-        except ApiException as e:
-            if e.status == 404:
-                return True
-            raise
-        time.sleep(0.2)
-    return False
+from tests.cluster.players import wait_gone
 
 
 def test_server_reports_its_version(control_plane: ControlPlane) -> None:
@@ -40,7 +25,7 @@ def test_namespaces_are_created_and_deleted(kube_api: client.ApiClient) -> None:
     assert status is not None and status.phase == "Active"
     core.delete_namespace("e2e-ns-life")
     # The namespace controller empties and finalizes it; only then is it gone.
-    assert _gone(core.read_namespace, "e2e-ns-life")
+    assert wait_gone(core.read_namespace, "e2e-ns-life")
 
 
 def test_namespace_gets_default_service_account(kube_api: client.ApiClient, namespace: str) -> None:
@@ -72,7 +57,7 @@ def test_deleting_an_owner_deletes_its_children(kube_api: client.ApiClient, name
         ),
     )
     core.delete_namespaced_config_map("parent", namespace)
-    assert _gone(core.read_namespaced_config_map, "child", namespace), (
+    assert wait_gone(core.read_namespaced_config_map, "child", namespace), (
         "the garbage collector did not delete the child"
     )
 

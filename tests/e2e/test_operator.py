@@ -13,7 +13,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from mlkube.local import free_port
-from tests.cluster.players import InferenceServicePlayer, RayJobPlayer, condition, wait_for_object
+from tests.cluster.players import (
+    InferenceServicePlayer,
+    RayJobPlayer,
+    condition,
+    wait_for_object,
+    wait_gone,
+)
 from tests.e2e.operator_support import running_operator
 
 MLKUBE = ("mlkube.io", "v1alpha1")
@@ -75,19 +81,10 @@ def wait_for_events(api: client.ApiClient, ns: str, uid: str, *reasons: str) -> 
 
 def gone(api: client.ApiClient, kind: tuple[str, str, str], ns: str, name: str) -> None:
     """Wait until the object is deleted (by the garbage collector)."""
-    import time
-
     group, version, plural = kind
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            custom(api).get_namespaced_custom_object(group, version, ns, plural, name)
-        except ApiException as error:
-            if error.status == 404:
-                return
-            raise
-        assert time.monotonic() < deadline, f"{plural}/{name} was not garbage-collected"
-        time.sleep(0.3)
+    assert wait_gone(
+        custom(api).get_namespaced_custom_object, group, version, ns, plural, name, timeout=60
+    ), f"{plural}/{name} was not garbage-collected"
 
 
 def trainingrun(name: str, tracking_uri: str, dataset: str = INSURANCE_CSV) -> Obj:

@@ -10,13 +10,13 @@ from typing import Any, cast
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.players import (
     InferenceServicePlayer,
     RayJobPlayer,
     condition,
     wait_for_object,
+    wait_gone,
 )
 
 RAY = ("ray.io", "v1", "rayjobs")
@@ -134,17 +134,15 @@ def test_rayjob_owns_a_raycluster_removed_after_the_job(
     assert rc["metadata"]["ownerReferences"][0]["name"] == "cl"
     _wait_rayjob(kube_api, namespace, "cl")
     # shutdownAfterJobFinishes: true, ttlSecondsAfterFinished 0 -> the cluster goes.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
-                "ray.io", "v1", namespace, "rayclusters", cluster
-            )
-        except ApiException as e:
-            assert e.status == 404
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"RayCluster {cluster} still there after the job finished")
+    assert wait_gone(
+        client.CustomObjectsApi(kube_api).get_namespaced_custom_object,
+        "ray.io",
+        "v1",
+        namespace,
+        "rayclusters",
+        cluster,
+        timeout=60,
+    ), f"RayCluster {cluster} still there after the job finished"
 
 
 def test_deleting_a_running_rayjob_kills_its_process_and_gc_removes_its_cluster(
@@ -168,17 +166,15 @@ def test_deleting_a_running_rayjob_kills_its_process_and_gc_removes_its_cluster(
     # The RayCluster it owned goes through the garbage collector: a custom resource owning
     # a custom resource (the GC learns new CRDs within its 30 s discovery resync).
     cluster = running["status"]["rayClusterName"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
-                "ray.io", "v1", namespace, "rayclusters", cluster
-            )
-        except ApiException as e:
-            assert e.status == 404
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"RayCluster {cluster} not garbage-collected after its RayJob went")
+    assert wait_gone(
+        client.CustomObjectsApi(kube_api).get_namespaced_custom_object,
+        "ray.io",
+        "v1",
+        namespace,
+        "rayclusters",
+        cluster,
+        timeout=120,
+    ), f"RayCluster {cluster} not garbage-collected after its RayJob went"
 
 
 # --------------------------------------------------------------------------- InferenceService
