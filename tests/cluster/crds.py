@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 if TYPE_CHECKING:
+    import subprocess
+
     from tests.cluster.controlplane import ControlPlane
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -90,6 +94,34 @@ def wait_established(cp: ControlPlane, names: list[str], timeout: float = 120.0)
 def install_all(cp: ControlPlane) -> list[str]:
     """Foreign CRDs plus whatever mlkube CRDs exist."""
     return install(cp, foreign_crd_files()) + install(cp, mlkube_crd_files())
+
+
+def apply_manifest(
+    cp: ControlPlane,
+    namespace: str,
+    manifest: dict[str, Any],
+    *,
+    check: bool = True,
+    server_side: bool = True,
+    dry_run: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """`kubectl apply [--server-side] [--dry-run=server] --validate=strict -n NS -f -` with
+    the manifest as YAML on stdin. A server dry run validates fully (schema, strict fields)
+    but stores nothing."""
+    mode = ["--server-side"] if server_side else []
+    if dry_run:
+        mode.append("--dry-run=server")
+    return cp.kubectl(
+        "apply",
+        *mode,
+        "--validate=strict",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(manifest),
+        check=check,
+    )
 
 
 def names_unknown_field(message: str, field: str) -> bool:

@@ -13,7 +13,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.crds import names_unknown_field
+from tests.cluster.crds import apply_manifest, names_unknown_field
 
 RAYJOB: dict[str, Any] = {
     "apiVersion": "ray.io/v1",
@@ -90,27 +90,6 @@ ISVC: dict[str, Any] = {
 }
 
 
-def _apply(
-    cp: ControlPlane,
-    namespace: str,
-    manifest: dict[str, Any],
-    check: bool = True,
-    server_side: bool = True,
-) -> Any:
-    mode = ["--server-side"] if server_side else []
-    return cp.kubectl(
-        "apply",
-        *mode,
-        "--validate=strict",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(manifest),
-        check=check,
-    )
-
-
 @pytest.mark.parametrize("manifest", [RAYJOB, ISVC], ids=["rayjob", "inferenceservice"])
 def test_intended_shape_is_accepted(
     control_plane: ControlPlane,
@@ -118,7 +97,7 @@ def test_intended_shape_is_accepted(
     namespace: str,
     manifest: dict[str, Any],
 ) -> None:
-    _apply(control_plane, namespace, manifest)
+    apply_manifest(control_plane, namespace, manifest)
     plural = {"RayJob": "rayjob", "InferenceService": "inferenceservice"}[manifest["kind"]]
     stored = yaml.safe_load(
         control_plane.kubectl(
@@ -192,7 +171,9 @@ def test_misspelt_field_is_rejected_by_kubectl(
 ) -> None:
     manifest = copy.deepcopy(base)
     field = _misspell(manifest, path, good, bad)
-    result = _apply(control_plane, namespace, manifest, check=False, server_side=server_side)
+    result = apply_manifest(
+        control_plane, namespace, manifest, check=False, server_side=server_side
+    )
     assert result.returncode != 0
     assert names_unknown_field(result.stderr, field), result.stderr
 
@@ -225,6 +206,6 @@ def test_wrong_type_is_rejected_with_the_field_named(
 ) -> None:
     manifest = copy.deepcopy(RAYJOB)
     manifest["spec"]["shutdownAfterJobFinishes"] = "yes"
-    result = _apply(control_plane, namespace, manifest, check=False)
+    result = apply_manifest(control_plane, namespace, manifest, check=False)
     assert result.returncode != 0
     assert "spec.shutdownAfterJobFinishes" in result.stderr, result.stderr

@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.crds import MLKUBE_CRDS, REPO_ROOT, mlkube_crd_files, names_unknown_field
+from tests.cluster.crds import (
+    MLKUBE_CRDS,
+    REPO_ROOT,
+    apply_manifest,
+    mlkube_crd_files,
+    names_unknown_field,
+)
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -58,18 +64,7 @@ examples = pytest.mark.parametrize("doc", EXAMPLE_DOCS or [pytest.param(None, id
 def _apply(cp: ControlPlane, namespace: str, doc: dict[str, Any]) -> Any:
     # Dry run: the server validates fully (schema, strict fields) but stores nothing, so
     # the same example can be checked many times in one namespace.
-    return cp.kubectl(
-        "apply",
-        "--server-side",
-        "--dry-run=server",
-        "--validate=strict",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(doc),
-        check=False,
-    )
+    return apply_manifest(cp, namespace, doc, check=False, dry_run=True)
 
 
 @needs_examples
@@ -127,16 +122,7 @@ def test_listed_by_short_name_with_printer_columns(
     control_plane: ControlPlane, mlkube_crds: list[str], namespace: str, doc: dict[str, Any]
 ) -> None:
     names = KINDS[doc["kind"]]
-    control_plane.kubectl(
-        "apply",
-        "--server-side",
-        "--validate=strict",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(doc),
-    )
+    apply_manifest(control_plane, namespace, doc)
     crd = yaml.safe_load(
         control_plane.kubectl(
             "get", "crd", f"{names['plural']}.{names['group']}", "-o", "yaml"
