@@ -421,16 +421,12 @@ class ControlPlane:
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this server; raises with kubectl's stderr when check fails."""
         data = input.decode() if isinstance(input, bytes) else input
-        result = subprocess.run(
+        return _run(
             [str(self.binaries.kubectl), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
-            input=data,
-            capture_output=True,
-            text=True,
+            check=check,
             timeout=timeout,
+            input=data,
         )
-        if check and result.returncode != 0:
-            raise CommandFailed(result.returncode, result.args, result.stdout, result.stderr)
-        return result
 
     def helm(
         self, *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 300.0
@@ -443,16 +439,7 @@ class ControlPlane:
             "HELM_CONFIG_HOME": str(self.workdir / "helm" / "config"),
             "HELM_DATA_HOME": str(self.workdir / "helm" / "data"),
         }
-        result = subprocess.run(
-            [str(self.binaries.helm), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
-        if check and result.returncode != 0:
-            raise CommandFailed(result.returncode, result.args, result.stdout, result.stderr)
-        return result
+        return _run([str(self.binaries.helm), *args], check=check, timeout=timeout, env=env)
 
     def api_client(self, kubeconfig: Path | None = None) -> Any:
         """A kubernetes.client.ApiClient for the admin (or the given kubeconfig)."""
@@ -721,6 +708,24 @@ class ControlPlane:
             return self._get(path).strip() == b"ok"
         except (urllib.error.URLError, OSError, ssl.SSLError):
             return False
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    check: bool,
+    timeout: float,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `argv` capturing text output; raise CommandFailed (with its stderr) on a non-zero
+    exit when `check`."""
+    result = subprocess.run(
+        argv, input=input, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise CommandFailed(result.returncode, result.args, result.stdout, result.stderr)
+    return result
 
 
 def _http_ok(url: str) -> bool:
