@@ -268,6 +268,25 @@ def main() -> int:
         v1_body = {"instances": [ROW]}
         python = sys.executable
         mlkube_port = free_port()
+
+        def predictor_argv(http_port: int, ttl_seconds: str) -> list[str]:
+            """The mlkube predictor's command line (a fresh gRPC port each call)."""
+            return [
+                python,
+                "-m",
+                "mlkube.model_servers",
+                "--model-uri",
+                "models:/bench/1",
+                "--host",
+                "127.0.0.1",
+                "--http_port",
+                str(http_port),
+                "--grpc_port",
+                str(free_port()),
+                "--ttl-seconds",
+                ttl_seconds,
+            ]
+
         servers: list[tuple[str, Callable[[], Server]]] = [
             (
                 "mlflow models serve",
@@ -321,21 +340,7 @@ def main() -> int:
                 "mlkube predictor",
                 lambda: start(
                     "mlkube predictor",
-                    [
-                        python,
-                        "-m",
-                        "mlkube.model_servers",
-                        "--model-uri",
-                        "models:/bench/1",
-                        "--host",
-                        "127.0.0.1",
-                        "--http_port",
-                        str(mlkube_port),
-                        "--grpc_port",
-                        str(free_port()),
-                        "--ttl-seconds",
-                        "600",
-                    ],
+                    predictor_argv(mlkube_port, "600"),
                     env,
                     mlkube_port,
                     "/v1/models/bench:predict",
@@ -380,21 +385,7 @@ def main() -> int:
         ttl_port = free_port()
         server = start(
             "mlkube ttl",
-            [
-                python,
-                "-m",
-                "mlkube.model_servers",
-                "--model-uri",
-                "models:/bench/1",
-                "--host",
-                "127.0.0.1",
-                "--http_port",
-                str(ttl_port),
-                "--grpc_port",
-                str(free_port()),
-                "--ttl-seconds",
-                "1",
-            ],
+            predictor_argv(ttl_port, "1"),
             env,
             ttl_port,
             "/v1/models/bench:predict",
