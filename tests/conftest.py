@@ -35,12 +35,15 @@ os.environ.pop("RAY_ADDRESS", None)
 Path(os.environ["HOME"]).mkdir(parents=True)
 
 from mlkube.local import OFFLINE_ENV  # noqa: E402
+from tests.cluster.addresses import LOCAL_NETWORKS  # noqa: E402
 
 os.environ.update(OFFLINE_ENV)
 
 # Every Python process started from here on loads the guard through sitecustomize.
 NETGUARD_LOG = _session_root / "netguard.log"
 os.environ["MLKUBE_NETGUARD_LOG"] = str(NETGUARD_LOG)
+# The real test node's bridge and Service ranges are on this machine (tests/cluster/node.py).
+os.environ["MLKUBE_NETGUARD_ALLOW"] = ",".join(LOCAL_NETWORKS)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(NETGUARD), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
 )

@@ -57,6 +57,18 @@ SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Servi
 # Controllers that need no kubelet: owner-reference GC, namespace deletion and the
 # `default` ServiceAccount in every namespace (as a real cluster has).
 CONTROLLERS = "garbagecollector,namespace,serviceaccount"
+# With a real node: every controller a cluster runs by default.
+NODE_CONTROLLERS = "*"
+
+
+@dataclass(frozen=True)
+class NodeNetwork:
+    """Addresses of a control plane that serves a real node (tests/cluster/node.py):
+    it listens on the node's bridge address, which pods and the host both reach."""
+
+    host_ip: str
+    service_cidr: str
+    service_ip: str
 
 
 class BinariesMissing(RuntimeError):
@@ -71,7 +83,7 @@ class CommandFailed(subprocess.CalledProcessError):
 
 
 def _pinned(gomod: Path, module: str) -> str:
-    match = re.search(rf"^\s*{re.escape(module)} (v\S+)", gomod.read_text(), re.M)
+    match = re.search(rf"^\s*(?:require\s+)?{re.escape(module)} (v\S+)", gomod.read_text(), re.M)
     if not match:
         raise RuntimeError(f"{gomod} does not pin {module}")
     return match.group(1)
@@ -327,6 +339,7 @@ class ControlPlane:
         workdir: Path | None = None,
         controller_manager: bool = True,
         start_timeout: float = 120.0,
+        node: NodeNetwork | None = None,
     ) -> None:
         self.binaries = binaries or Binaries.find()
         self._own_workdir = workdir is None
@@ -339,12 +352,17 @@ class ControlPlane:
         self.port = 0
         self.etcd_port = 0
         self._issued = 0
+        # Without a node: loopback, and nothing that only makes sense with a kubelet.
+        self.node = node
+        self.address = node.host_ip if node else "127.0.0.1"
+        self.service_cidr = node.service_cidr if node else SERVICE_CIDR
+        self.service_ip = node.service_ip if node else SERVICE_IP
 
     # ---- public surface
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -541,10 +559,14 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            ips=["127.0.0.1", SERVICE_IP],
+            ips=sorted({"127.0.0.1", self.address, self.service_ip}),
         )
         sa_key = ec.generate_private_key(ec.SECP256R1())
+        # The API server's identity towards the kubelet (logs, exec, port-forward).
+        kubelet_client = self.ca.issue("kube-apiserver-kubelet-client", ["system:masters"])
         files = {
+            "kubelet-client.crt": kubelet_client.cert_pem,
+            "kubelet-client.key": kubelet_client.key_pem,
             "ca.crt": self.ca.cert_pem,
             "apiserver.crt": serving.cert_pem,
             "apiserver.key": serving.key_pem,
@@ -594,28 +616,42 @@ class ControlPlane:
 
         # ---- kube-apiserver
         self.port = free_port()
+        if self.node:
+            # Pods reach it through the `kubernetes` Service (endpoints: this address), and
+            # it reaches the kubelet by the node's InternalIP: never by a name looked up in
+            # the machine's own DNS, which would leave the machine.
+            node_args = [
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={pki['kubelet-client.crt']}",
+                f"--kubelet-client-key={pki['kubelet-client.key']}",
+                f"--kubelet-certificate-authority={pki['ca.crt']}",
+            ]
+        else:
+            node_args = [
+                # No kubelet runs Pods here; the plugin would reject Pods whose
+                # ServiceAccount's token the (absent) token controller has not made.
+                "--disable-admission-plugins=ServiceAccount",
+                # No Endpoints for the `kubernetes` Service: nothing can reach it anyway.
+                "--endpoint-reconciler-type=none",
+            ]
         apiserver = spawn(
             "kube-apiserver",
             [
                 self.binaries.kube_apiserver,
                 f"--etcd-servers={client_url}",
                 f"--secure-port={self.port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--tls-cert-file={pki['apiserver.crt']}",
                 f"--tls-private-key-file={pki['apiserver.key']}",
                 f"--client-ca-file={pki['ca.crt']}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
-                # No kubelet runs Pods here; the plugin would reject Pods whose
-                # ServiceAccount's token the (absent) token controller has not made.
-                "--disable-admission-plugins=ServiceAccount",
                 f"--service-account-issuer={self.url}/",
                 f"--service-account-key-file={pki['sa.pub']}",
                 f"--service-account-signing-key-file={pki['sa.key']}",
-                # No Endpoints for the `kubernetes` Service: nothing can reach it anyway.
-                "--endpoint-reconciler-type=none",
+                *node_args,
                 f"--cert-dir={self.workdir / 'certs'}",
                 "--profiling=false",
                 "--v=1",
@@ -658,12 +694,15 @@ class ControlPlane:
                     f"--kubeconfig={kcm_kubeconfig}",
                     # No delegated authn/authz for its own /healthz: with it, kcm keeps
                     # logging that the apiserver has no requestheader CA (none is needed).
-                    f"--controllers={CONTROLLERS}",
+                    f"--controllers={NODE_CONTROLLERS if self.node else CONTROLLERS}",
                     "--leader-elect=false",
                     "--bind-address=127.0.0.1",
                     f"--secure-port={kcm_port}",
                     f"--cert-dir={self.workdir / 'kcm-certs'}",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    f"--service-cluster-ip-range={self.service_cidr}",
+                    # Every namespace gets the kube-root-ca.crt ConfigMap that Pods' token
+                    # volumes mount; without it their volumes never become ready.
+                    f"--root-ca-file={pki['ca.crt']}",
                     "--v=1",
                 ],
                 logs / "kube-controller-manager.log",

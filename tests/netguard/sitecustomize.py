@@ -10,7 +10,18 @@ import sys
 from typing import Any
 
 LOG_ENV = "MLKUBE_NETGUARD_LOG"
+# Comma-separated networks on this machine that count as local too: the test node's bridge
+# and Service ranges (tests/cluster/node.py), which never leave the machine.
+ALLOW_ENV = "MLKUBE_NETGUARD_ALLOW"
 LOCAL_NAMES = {"localhost", "ip6-localhost", "", None}
+
+
+def _allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [
+        ipaddress.ip_network(n.strip())
+        for n in os.environ.get(ALLOW_ENV, "").split(",")
+        if n.strip()
+    ]
 
 
 def _is_loopback(host: Any) -> bool:
@@ -19,9 +30,10 @@ def _is_loopback(host: Any) -> bool:
     if isinstance(host, bytes):
         host = host.decode(errors="replace")
     try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+        address = ipaddress.ip_address(str(host).split("%")[0])
     except ValueError:
         return str(host).endswith(".localhost")
+    return address.is_loopback or any(address in net for net in _allowed_networks())
 
 
 def _record(what: str, log_path: str) -> None:

@@ -1,0 +1,146 @@
+"""The real-node lane: one node per session (tests/cluster/node.py), real pods.
+
+Each test gets a fresh namespace. After every test the node's guard is read: a pod or a
+node daemon that tried to reach anything beyond the machine fails the test that did it,
+unless the test is marked `expects_escape` (it then checks the record and clears it).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.controlplane import BinariesMissing
+from tests.cluster.images import image_archives
+from tests.cluster.node import Node, machine_state
+
+NODE_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if NODE_DIR in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.node)
+
+
+class NodeSession:
+    """The session's node, and the machine as it was before the first start, so that a
+    test can stop the node, compare, and start it again."""
+
+    def __init__(self) -> None:
+        try:
+            self.images = image_archives()
+        except FileNotFoundError as e:
+            pytest.fail(str(e), pytrace=False)
+        self.before = machine_state()
+        self.node: Node | None = None
+
+    def start(self) -> Node:
+        try:
+            self.node = Node(images=self.images.values()).start()
+        except BinariesMissing as e:
+            pytest.fail(str(e), pytrace=False)
+        return self.node
+
+    def stop(self) -> None:
+        if self.node:
+            self.node.stop()
+            self.node = None
+
+
+@pytest.fixture(scope="session")
+def node_session() -> Iterator[NodeSession]:
+    session = NodeSession()
+    session.start()
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+@pytest.fixture
+def node(node_session: NodeSession, request: pytest.FixtureRequest) -> Iterator[Node]:
+    current = node_session.node or node_session.start()
+    current.assert_alive()
+    yield current
+    if node_session.node is not current:
+        return
+    escaped = current.escaped()
+    if escaped and request.node.get_closest_marker("expects_escape") is None:
+        pytest.fail(
+            "traffic beyond the machine was attempted (and dropped): " + ", ".join(escaped),
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def images(node_session: NodeSession) -> dict[str, Path]:
+    """Image reference -> docker archive, as imported into the node."""
+    return node_session.images
+
+
+def _namespace_name(test_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+    return f"n-{slug}-{suffix}"
+
+
+@pytest.fixture
+def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = _namespace_name(request.node.name)
+    node.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        node.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def pod_logs(node: Node, namespace: str, name: str) -> str:
+    return node.kubectl("logs", "-n", namespace, name, check=False).stdout
+
+
+def run_pod(
+    node: Node, namespace: str, name: str, image: str, command: list[str], timeout: float = 120
+) -> dict[str, Any]:
+    """Run a pod to completion; returns {"phase", "logs"}."""
+    import json
+
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                }
+            ],
+        },
+    }
+    node.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    node.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        f"pod/{name}",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        f"--timeout={int(timeout)}s",
+        check=False,
+        timeout=timeout + 10,
+    )
+    phase = node.kubectl(
+        "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}"
+    ).stdout
+    return {"phase": phase, "logs": pod_logs(node, namespace, name)}
