@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 
-.PHONY: venv demo test lint crds images k8s-binaries clean-venv
+.PHONY: venv demo test test-cluster lint crds images k8s-binaries node-deps clean-venv
 
 venv: $(VENV)/.installed
 
@@ -15,16 +15,28 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
 	@touch $@
 
-# Builds kube-apiserver, kube-controller-manager, etcd and helm from Go modules
-# into ~/.cache/mlkube/k8s-<version>/ once; later calls return at once.
+# Builds the test cluster's binaries from Go modules (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet, kube-proxy, etcd, helm, CoreDNS, the KubeRay operator, the KServe
+# controller) into ~/.cache/mlkube/k8s-<version>/ once; later calls return at once.
 k8s-binaries:
 	@bash tests/cluster/build.sh
+
+# Debian packages the real test node runs on (containerd, runc, CNI plugins, nftables).
+node-deps:
+	@bash tests/cluster/node-deps.sh
 
 demo: venv
 	$(VENV)/bin/mlkube demo
 
-test: venv k8s-binaries
+# Everything: unit, integration, the control-plane e2e tests and the real-node lane.
+test: venv k8s-binaries node-deps images
+	$(PY) -m tests.cluster.node clean
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# The real-node lane alone (tests/node), from nothing built to torn down.
+test-cluster: venv k8s-binaries node-deps images
+	$(PY) -m tests.cluster.node clean
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/node
 
 lint: venv
 	$(VENV)/bin/ruff check mlkube tests benchmarks
@@ -35,7 +47,9 @@ crds: venv
 	$(VENV)/bin/mlkube crds --output crds/
 	cp crds/*.yaml charts/mlkube/crds/
 
-# Operator and runtime images; needs a Docker engine (there is none on the dev machines).
+# Operator and runtime images with buildah (installed by the script, no daemon), left as
+# docker-archive tarballs under ~/.cache/mlkube/images (current.json lists them);
+# an unchanged tree returns at once. DOCKER=docker builds with Docker instead.
 images:
 	@bash scripts/build-images.sh
 
