@@ -289,6 +289,11 @@ def _success(
 # --------------------------------------------------------------------------- InferenceService
 
 RolloutState = Literal["Ready", "Failed", "Progressing"]
+# KServe's raw mode copies the Deployment's Available condition: False with this reason
+# while the first pods start, which is no failure.
+STARTING_REASONS = frozenset({"MinimumReplicasUnavailable"})
+# modelStatus.transitionStatus values by which KServe says the model will not load.
+FAILED_TRANSITIONS = frozenset({"BlockedByFailedLoad", "InvalidSpec"})
 
 
 class InferenceServiceView(BaseModel):
@@ -320,11 +325,23 @@ def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
     observed = status.get("observedGeneration")
     # Until KServe has looked at this generation, its conditions describe an older spec.
     current = observed is None or int(observed) >= int(meta.get("generation") or 0)
+    model_status = status.get("modelStatus") or {}
+    blocked = model_status.get("transitionStatus") in FAILED_TRANSITIONS
     failed = [
         c
         for kind in ("LatestDeploymentReady", "PredictorReady", "Ready")
-        if (c := conditions.get(kind)) is not None and c.get("status") == "False"
+        if (c := conditions.get(kind)) is not None
+        and c.get("status") == "False"
+        and (blocked or c.get("reason") not in STARTING_REASONS)
     ]
+    if blocked and not failed:
+        failure = model_status.get("lastFailureInfo") or {}
+        failed = [
+            {
+                "reason": failure.get("reason") or model_status["transitionStatus"],
+                "message": failure.get("message", ""),
+            }
+        ]
     ready = conditions.get("Ready", {}).get("status") == "True"
     component = (status.get("components") or {}).get("predictor") or {}
     latest_created = component.get("latestCreatedRevision")

@@ -207,3 +207,31 @@ def test_status_patch_writes_defaults_and_removes_what_is_gone() -> None:
     stored = {"phase": "Running", "message": "old", "conditions": [], "kopf": {"x": 1}}
     new = TrainingRunStatus(phase="Running")
     assert status_patch(stored, new) == {"message": None}
+
+
+def test_a_raw_deployment_still_starting_is_progressing_until_kserve_says_the_load_failed() -> None:
+    """KServe's raw mode reports the Deployment's Available=False (MinimumReplicasUnavailable)
+    while the first pod starts (seen on the real node); only a blocked model is a failure."""
+    starting = [
+        {"type": t, "status": "False", "reason": "MinimumReplicasUnavailable",
+         "message": "Deployment does not have minimum availability."}
+        for t in ("PredictorReady", "Ready")
+    ]  # fmt: skip
+    pending = inferenceservice_view(
+        isvc(1, {"observedGeneration": 1, "conditions": starting,
+                 "modelStatus": {"transitionStatus": "InProgress"}})
+    )  # fmt: skip
+    assert pending.state == "Progressing"
+    crashing = inferenceservice_view(
+        isvc(1, {"observedGeneration": 1, "conditions": starting,
+                 "modelStatus": {"transitionStatus": "BlockedByFailedLoad",
+                                 "lastFailureInfo": {"reason": "ModelLoadFailed",
+                                                     "message": "exit code 1"}}})
+    )  # fmt: skip
+    assert (crashing.state, crashing.reason) == ("Failed", "MinimumReplicasUnavailable")
+    blocked_only = inferenceservice_view(
+        isvc(1, {"observedGeneration": 1,
+                 "modelStatus": {"transitionStatus": "BlockedByFailedLoad",
+                                 "lastFailureInfo": {"reason": "ModelLoadFailed"}}})
+    )  # fmt: skip
+    assert (blocked_only.state, blocked_only.reason) == ("Failed", "ModelLoadFailed")
