@@ -71,6 +71,14 @@ def build_inferenceservice(
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
         "ports": [{"containerPort": http_port, "protocol": "TCP"}],
         "resources": spec.resources.for_container(),
+        # Without it a new pod takes traffic before its server listens (seen on a real
+        # node: requests refused during every rollout). The model loads lazily, so this
+        # answers as soon as the server is up.
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": http_port},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
     }
     predictor: dict[str, Any] = {
         "minReplicas": spec.replicas.min,
