@@ -294,7 +294,14 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
     start_ray()
     # Imported now, while Ray and Prefect's API come up, rather than after the search.
     for module in prepared.task.model_modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as missing:
+            raise UserError(
+                f"spec.task: {run.spec.task} needs {missing.name}, which this install lacks: "
+                "pip install 'mlkube[torch]', or on a cluster spec.ray.image: "
+                "mlkube/runtime-full (the runtime image has no torch)"
+            ) from None
     wait_for_prefect_api()
     return train_flow(prepared, show_progress)
 
