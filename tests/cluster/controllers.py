@@ -99,6 +99,10 @@ def kserve_config(source: Path) -> dict[str, Any]:
     data["deploy"] = json.dumps({"defaultDeploymentMode": "Standard"})
     ingress = json.loads(data["ingress"])
     ingress["disableIngressCreation"] = True
+    ingress["disableIstioVirtualHost"] = True
+    # No Ingress here: status.url names the predictor's Service, reachable in the cluster.
+    ingress["ingressDomain"] = "cluster.local"
+    ingress["domainTemplate"] = "{{ .Name }}-predictor.{{ .Namespace }}.svc.{{ .IngressDomain }}"
     data["ingress"] = json.dumps(ingress)
     isvc = json.loads(re.sub(r"//.*", "", data.get("inferenceService", "{}")) or "{}")
     isvc["resource"] = {

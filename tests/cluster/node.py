@@ -351,12 +351,15 @@ table inet {GUARD_TABLE} {{
   }}
   chain forward {{
     type filter hook forward priority -10; policy accept;
+    # A Service kube-proxy has not programmed yet: its address is ours, so no escape, but
+    # the packet would follow the default route out.
+    iifname "{BRIDGE}" ip daddr {SERVICE_CIDR} counter drop
     iifname "{BRIDGE}" oifname != "{BRIDGE}" meta nfproto ipv4 {record}
     iifname "{BRIDGE}" meta nfproto ipv6 {beyond6} {record6}
   }}
   chain output {{
     type filter hook output priority -10; policy accept;
-    ip daddr {cluster} oifname != {{ "{BRIDGE}", "lo" }} {record}
+    ip daddr {cluster} oifname != {{ "{BRIDGE}", "lo" }} counter drop
     {daemons} ip daddr != {local} {record}
     {daemons} meta nfproto ipv6 oifname != "lo" {beyond6} {record6}
   }}
@@ -798,6 +801,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("cmd", choices=["up", "clean"])
     parser.add_argument("--no-images", action="store_true", help="import no built images")
+    parser.add_argument(
+        "--controllers", action="store_true", help="also run the real KubeRay and KServe"
+    )
     args = parser.parse_args(argv)
     if args.cmd == "clean":
         problems = clean_machine()
@@ -810,6 +816,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with Node(images=images) as node:
         print(f"node Ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
+        if args.controllers:
+            from tests.cluster.controllers import start_kserve, start_kuberay
+
+            start_kuberay(node)
+            start_kserve(node)
+            print(f"controllers up at {time.monotonic() - started:.1f}s", file=sys.stderr)
         print(f"export KUBECONFIG={node.kubeconfig}", flush=True)
         try:
             while not node.dead():

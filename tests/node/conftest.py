@@ -12,10 +12,10 @@ import re
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.cluster.controllers import start_kserve, start_kuberay
 from tests.cluster.controlplane import BinariesMissing
 from tests.cluster.images import image_archives
 from tests.cluster.node import Node, machine_state
@@ -42,10 +42,17 @@ class NodeSession:
         self.node: Node | None = None
 
     def start(self) -> Node:
+        """The node with the real KubeRay operator and KServe controller."""
         try:
             self.node = Node(images=self.images.values()).start()
         except BinariesMissing as e:
             pytest.fail(str(e), pytrace=False)
+        try:
+            start_kuberay(self.node)
+            start_kserve(self.node)
+        except BaseException:
+            self.stop()
+            raise
         return self.node
 
     def stop(self) -> None:
@@ -99,48 +106,3 @@ def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
     finally:
         node.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def pod_logs(node: Node, namespace: str, name: str) -> str:
-    return node.kubectl("logs", "-n", namespace, name, check=False).stdout
-
-
-def run_pod(
-    node: Node, namespace: str, name: str, image: str, command: list[str], timeout: float = 120
-) -> dict[str, Any]:
-    """Run a pod to completion; returns {"phase", "logs"}."""
-    import json
-
-    manifest = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": command,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                }
-            ],
-        },
-    }
-    node.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    node.kubectl(
-        "wait",
-        "-n",
-        namespace,
-        f"pod/{name}",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        f"--timeout={int(timeout)}s",
-        check=False,
-        timeout=timeout + 10,
-    )
-    phase = node.kubectl(
-        "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}"
-    ).stdout
-    return {"phase": phase, "logs": pod_logs(node, namespace, name)}

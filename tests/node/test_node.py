@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from tests.cluster.node import CGROUP_NAME, Node, cgroup_v2_root, differences, machine_state
-from tests.node.conftest import NodeSession, run_pod
+from tests.node.conftest import NodeSession
+from tests.node.steps import run_pod
 
 RUNTIME = "docker.io/mlkube/runtime:0.1.0"
 BLACKHOLE = "203.0.113.7"  # TEST-NET-3: no host there, and our guard drops it first

@@ -1,0 +1,182 @@
+"""The real test node, timed (needs root, `make k8s-binaries` and `make images`):
+
+- node bring-up, cold (an empty image store: the images are imported) and warm;
+- the real KubeRay and KServe controllers up, and `helm install` of the chart with MLflow;
+- a TrainingRun (the insurance example, 4 trials, on this two-core node): `kubectl apply`
+  to its first trial result (status.trials.completed >= 1) and to Succeeded;
+- a ModelDeployment: `kubectl apply` to Ready, and to the first prediction answered
+  through its Service (a v1 request from the host to the Service's cluster IP).
+
+Writes benchmarks/cluster/RESULTS.md.
+
+    sudo .venv/bin/python -m benchmarks.cluster.run [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+def _setup_env() -> None:
+    # Same offline switches and private HOME as the tests; the guard stays active.
+    from mlkube.local import OFFLINE_ENV
+
+    os.environ.update(OFFLINE_ENV)
+    os.environ.setdefault("MLKUBE_K8S_CACHE", str(Path.home() / ".cache" / "mlkube"))
+    os.environ["HOME"] = tempfile.mkdtemp(prefix="mlkube-bench-home-")
+
+
+def seconds_until(check: Any, timeout: float, poll: float = 0.5) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(poll)
+    raise TimeoutError(f"not reached in {timeout}s")
+
+
+def bring_up(images: list[Path], *, cold: bool) -> tuple[Any, float]:
+    from tests.cluster.node import Node, cache_root
+
+    if cold:
+        shutil.rmtree(cache_root() / "node" / "containerd", ignore_errors=True)
+    started = time.monotonic()
+    node = Node(images=images).start()
+    return node, time.monotonic() - started
+
+
+def round_trip(shared: Path) -> dict[str, float]:
+    from tests.cluster.controllers import start_kserve, start_kuberay
+    from tests.cluster.images import image_archives
+    from tests.node.steps import CHART, RELEASE_NS, example, helm, serve_dataset
+
+    images = list(image_archives().values())
+    times: dict[str, float] = {}
+    node, times["node up, cold (images imported)"] = bring_up(images, cold=True)
+    node.stop()
+    node, times["node up, warm"] = bring_up(images, cold=False)
+    try:
+        started = time.monotonic()
+        start_kuberay(node)
+        start_kserve(node)
+        times["KubeRay + KServe controllers up"] = time.monotonic() - started
+        started = time.monotonic()
+        helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
+             "--set", "mlflow.enabled=true", "--wait", "--timeout", "5m")  # fmt: skip
+        times["helm install (operator + MLflow Ready)"] = time.monotonic() - started
+        namespace = "bench"
+        node.kubectl("create", "namespace", namespace)
+        uri = serve_dataset(node, namespace, shared / "data" / "insurance.csv")
+        run = example(
+            "trainingrun.yaml",
+            **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 4, "spec.ray.workers": 0,
+               "spec.ray.head": {"cpu": "1", "memory": "3Gi"},
+               "spec.ttlSecondsAfterFinished": 0},
+        )  # fmt: skip
+
+        def tr_field(path: str) -> str:
+            return node.kubectl(
+                "get", "tr", "insurance", "-n", namespace, "-o", f"jsonpath={{{path}}}",
+                check=False,
+            ).stdout  # fmt: skip
+
+        node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
+        started = time.monotonic()
+        seconds_until(lambda: int(tr_field(".status.trials.completed") or 0) >= 1, 900)
+        times["TrainingRun: apply -> first trial result"] = time.monotonic() - started
+        seconds_until(lambda: tr_field(".status.phase") in ("Succeeded", "Failed"), 900)
+        times["TrainingRun: apply -> Succeeded"] = time.monotonic() - started
+        if tr_field(".status.phase") != "Succeeded":
+            raise RuntimeError("the TrainingRun failed")
+
+        deployment = example(
+            "modeldeployment.yaml",
+            **{"spec.replicas": {"min": 1, "max": 1},
+               "spec.resources": {"cpu": "500m", "memory": "1Gi"}},
+        )  # fmt: skip
+        node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
+        started = time.monotonic()
+
+        def md_ready() -> bool:
+            out = node.kubectl(
+                "get", "md", "insurance", "-n", namespace, "-o",
+                'jsonpath={.status.conditions[?(@.type=="Ready")].status}', check=False,
+            ).stdout  # fmt: skip
+            return out == "True"
+
+        seconds_until(md_ready, 600)
+        times["ModelDeployment: apply -> Ready"] = time.monotonic() - started
+        ip = node.kubectl(
+            "get", "svc", "insurance-predictor", "-n", namespace, "-o",
+            "jsonpath={.spec.clusterIP}",
+        ).stdout  # fmt: skip
+        body = json.dumps({"instances": [{"age": 40, "sex": "female", "bmi": 27.5,
+                                          "children": 1, "smoker": "no",
+                                          "region": "northwest"}]}).encode()  # fmt: skip
+
+        def predicted() -> bool:
+            request = urllib.request.Request(
+                f"http://{ip}/v1/models/insurance:predict", data=body,
+                headers={"content-type": "application/json"},
+            )  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        seconds_until(predicted, 300, poll=0.2)
+        times["ModelDeployment: apply -> first prediction"] = time.monotonic() - started
+        escaped = node.escaped()
+        if escaped:
+            raise RuntimeError(f"traffic beyond the machine: {escaped}")
+    finally:
+        node.stop()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster.run")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    args = parser.parse_args(argv)
+    _setup_env()
+    rounds: list[dict[str, float]] = []
+    for n in range(args.rounds):
+        print(f"round {n + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
+        rounds.append(round_trip(args.shared))
+        for name, value in rounds[-1].items():
+            print(f"  {name}: {value:.1f} s", file=sys.stderr, flush=True)
+    lines = [
+        "# Real node benchmark",
+        "",
+        f"Machine: {os.cpu_count()} cores, {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}; median of {args.rounds} round(s). "
+        "`python -m benchmarks.cluster.run`",
+        "",
+        "| step | seconds |",
+        "| --- | ---: |",
+    ]
+    for name in rounds[0]:
+        lines.append(f"| {name} | {statistics.median(r[name] for r in rounds):.1f} |")
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

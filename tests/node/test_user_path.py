@@ -1,0 +1,125 @@
+"""The user's path of docs/install.md on the real node, with the real KubeRay and KServe:
+`helm install`, a TrainingRun trained in Ray pods and logged to the chart's MLflow, a
+ModelDeployment served by KServe, predictions through the Service's cluster DNS name, and
+`helm uninstall`. Nothing here is played: every object is acted on by its real controller."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.node import Node
+from tests.node.steps import (
+    CHART,
+    MLFLOW,
+    RELEASE_NS,
+    RUNTIME,
+    example,
+    get_columns,
+    helm,
+    namespaced_leftovers,
+    run_script_pod,
+    serve_dataset,
+    total,
+    wait_for,
+)
+
+PODS = Path(__file__).resolve().parent / "pods"
+
+
+@pytest.fixture
+def release(node: Node) -> Any:
+    helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
+         "--set", "mlflow.enabled=true", "--wait", "--timeout", "5m")  # fmt: skip
+    yield "mlkube"
+    helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait", "--ignore-not-found")
+    node.kubectl("delete", "namespace", RELEASE_NS, "--wait=false", check=False)
+
+
+def test_install_train_serve_predict_uninstall(
+    node: Node, namespace: str, release: str, shared_dir: Path
+) -> None:
+    data_csv = shared_dir / "data" / "insurance.csv"
+    dataset_uri = serve_dataset(node, namespace, data_csv)
+
+    # Train. The node has two cores: no worker pods, and the Ray head goes once it is done.
+    run = example(
+        "trainingrun.yaml",
+        **{"spec.dataset.uri": dataset_uri, "spec.tuning.numTrials": 4,
+           "spec.ray.workers": 0, "spec.ray.head": {"cpu": "1", "memory": "3Gi"},
+           "spec.ttlSecondsAfterFinished": 0},
+    )  # fmt: skip
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
+    tr = wait_for(
+        node, "TrainingRun Succeeded",
+        lambda: (c := get_columns(node, "tr", namespace, "insurance"))["PHASE"]
+        in ("Succeeded", "Failed") and c,
+        timeout=900,
+    )  # fmt: skip
+    assert tr["PHASE"] == "Succeeded", node.kubectl("get", "tr", "-n", namespace, "-o", "yaml")
+    assert (tr["TRIALS"], tr["VERSION"], tr["PROMOTED"]) == ("4", "1", "true"), tr
+    rayjobs = node.kubectl("get", "rayjobs", "-n", namespace, "-o", "name").stdout.split()
+    assert rayjobs == ["rayjob.ray.io/insurance"]
+
+    # Serve what `champion` points at.
+    deployment = example(
+        "modeldeployment.yaml",
+        **{"spec.replicas": {"min": 1, "max": 1}, "spec.ttlSeconds": 5,
+           "spec.resources": {"cpu": "500m", "memory": "1Gi"}},
+    )  # fmt: skip
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
+    md = wait_for(
+        node, "ModelDeployment Ready",
+        lambda: (c := get_columns(node, "md", namespace, "insurance"))["READY"] == "True" and c,
+        timeout=300,
+    )  # fmt: skip
+    assert md["VERSION"] == "1"
+    url = md["URL"]
+    assert url == f"http://insurance-predictor.{namespace}.svc.cluster.local", md
+
+    with data_csv.open() as f:
+        rows = [
+            {k: (v if k in ("sex", "smoker", "region") else (float(v) if k == "bmi" else int(v)))
+             for k, v in row.items() if k != "charges"}
+            for _, row in zip(range(5), csv.DictReader(f), strict=False)
+        ]  # fmt: skip
+    pod_ip = node.kubectl(
+        "get", "pods", "-n", namespace, "-l", "serving.kserve.io/inferenceservice=insurance",
+        "-o", "jsonpath={.items[0].status.podIP}",
+    ).stdout  # fmt: skip
+    result = run_script_pod(
+        node, namespace, "client", PODS / "predict_client.py",
+        [json.dumps({"url": url, "model": "insurance", "rows": rows,
+                     "grpc": f"{pod_ip}:8081", "model_uri": "models:/insurance/1",
+                     "idle_seconds": 12})],
+        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
+    )  # fmt: skip
+    assert result["phase"] == "Succeeded", result["logs"]
+    seen = json.loads(result["logs"].strip().splitlines()[-1])
+    assert seen["v1"] == seen["direct"], seen
+    assert seen["v2"] == seen["direct"]
+    assert seen["grpc"] == seen["direct"]
+    assert seen["after_idle"] == seen["direct"]
+    loads = ("mlkube_model_loads_total", 'outcome="success"')
+    evictions = ("mlkube_model_cache_evictions_total", 'reason="ttl"')
+    assert total(seen["metrics_before_idle"], *loads) == 1  # the first request loaded it
+    assert total(seen["metrics_after_idle"], *evictions) == 1, seen["metrics_after_idle"]
+    assert total(seen["metrics_after_reload"], *loads) == 2
+
+    # The user removes what they made, then the release: nothing of mlkube's is left.
+    node.kubectl("delete", "md,tr", "--all", "-n", namespace, "--timeout=120s", timeout=130)
+    helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait")
+    node.kubectl("wait", "--for=delete", "pods", "--all", "-n", RELEASE_NS, "--timeout=120s",
+                 timeout=130)  # fmt: skip
+    for kind in ("rayjobs", "rayclusters", "inferenceservices"):
+        assert node.kubectl("get", kind, "-n", namespace, "-o", "name").stdout == ""
+    assert namespaced_leftovers(node, RELEASE_NS) == []
+    cluster_scoped = node.kubectl(
+        "get", "clusterroles,clusterrolebindings", "-l", "app.kubernetes.io/instance=mlkube",
+        "-o", "name",
+    ).stdout  # fmt: skip
+    assert cluster_scoped == ""
