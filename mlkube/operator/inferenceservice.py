@@ -24,6 +24,7 @@ ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 # KServe routes to the container with this name.
 PREDICTOR_CONTAINER = "kserve-container"
 PREDICTOR_MODULE = "mlkube.model_servers"
+PRESTOP_SECONDS = "5"
 
 
 def model_uri(name: str, version: int) -> str:
@@ -79,6 +80,9 @@ def build_inferenceservice(
             "periodSeconds": 2,
             "failureThreshold": 3,
         },
+        # A pod being replaced keeps serving until kube-proxy has taken it out of the
+        # Service, so no request reaches a server that already stopped listening.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", PRESTOP_SECONDS]}}},
     }
     predictor: dict[str, Any] = {
         "minReplicas": spec.replicas.min,
