@@ -106,3 +106,18 @@ def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
     finally:
         node.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def release(node: Node) -> Iterator[str]:
+    """`helm install` of charts/mlkube with its MLflow server, as docs/install.md says, and
+    the alias polled every 5 s instead of 30 (an operator setting) to keep tests short."""
+    from tests.node.steps import CHART, RELEASE_NS, helm
+
+    helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
+         "--set", "mlflow.enabled=true", "--set", "operator.aliasPollSeconds=5",
+         "--wait", "--timeout", "5m")  # fmt: skip
+    yield "mlkube"
+    helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait", "--ignore-not-found")
+    # The next test installs into the same namespace: wait until it is gone.
+    node.kubectl("delete", "namespace", RELEASE_NS, "--timeout=180s", check=False, timeout=190)

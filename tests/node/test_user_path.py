@@ -8,13 +8,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from tests.cluster.node import Node
 from tests.node.steps import (
-    CHART,
     MLFLOW,
     RELEASE_NS,
     RUNTIME,
@@ -29,15 +25,6 @@ from tests.node.steps import (
 )
 
 PODS = Path(__file__).resolve().parent / "pods"
-
-
-@pytest.fixture
-def release(node: Node) -> Any:
-    helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
-         "--set", "mlflow.enabled=true", "--wait", "--timeout", "5m")  # fmt: skip
-    yield "mlkube"
-    helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait", "--ignore-not-found")
-    node.kubectl("delete", "namespace", RELEASE_NS, "--wait=false", check=False)
 
 
 def test_install_train_serve_predict_uninstall(

@@ -1,0 +1,108 @@
+"""Faults on the real node: a predictor pod deleted while requests come."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.cluster.node import Node
+from tests.node.steps import RUNTIME, example, get_columns, serve_dataset, wait_for
+
+PODS = Path(__file__).resolve().parent / "pods"
+ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
+       "region": "northwest"}  # fmt: skip
+
+
+def start_load(node: Node, namespace: str, url: str) -> None:
+    client = {"url": url, "model": "insurance", "row": ROW, "max_seconds": 600,
+              "stop_file": "/tmp/stop"}  # fmt: skip
+    node.kubectl("create", "configmap", "load-script", "-n", namespace,
+                 f"--from-file=load_client.py={PODS / 'load_client.py'}")  # fmt: skip
+    node.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "load", "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False,
+            "containers": [{
+                "name": "main", "image": RUNTIME, "imagePullPolicy": "Never",
+                "command": ["python", "/script/load_client.py", json.dumps(client)],
+                "volumeMounts": [{"name": "script", "mountPath": "/script"}],
+            }],
+            "volumes": [{"name": "script", "configMap": {"name": "load-script"}}],
+        },
+    }))  # fmt: skip
+    node.kubectl("wait", "--for=condition=Ready", "pod/load", "-n", namespace,
+                 "--timeout=60s", timeout=70)  # fmt: skip
+
+
+def stop_load(node: Node, namespace: str) -> dict[str, object]:
+    node.kubectl("exec", "load", "-n", namespace, "--", "touch", "/tmp/stop")
+    node.kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/load", "-n",
+                 namespace, "--timeout=60s", timeout=70)  # fmt: skip
+    logs = node.kubectl("logs", "load", "-n", namespace).stdout
+    return dict(json.loads(logs.strip().splitlines()[-1]))
+
+
+def predictor_pods(node: Node, namespace: str) -> list[str]:
+    """Predictor pods that are Ready and not being deleted."""
+    pods = json.loads(
+        node.kubectl(
+            "get", "pods", "-n", namespace, "-l",
+            "serving.kserve.io/inferenceservice=insurance", "-o", "json",
+        ).stdout
+    )["items"]  # fmt: skip
+    return [
+        pod["metadata"]["name"]
+        for pod in pods
+        if not pod["metadata"].get("deletionTimestamp")
+        and any(c["type"] == "Ready" and c["status"] == "True"
+                for c in pod.get("status", {}).get("conditions", []))
+    ]  # fmt: skip
+
+
+def test_a_predictor_pod_deleted_under_load_costs_no_request_with_two_replicas(
+    node: Node, namespace: str, release: str, shared_dir: Path
+) -> None:
+    uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
+    run = example(
+        "trainingrun.yaml",
+        **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 1, "spec.ray.workers": 0,
+           "spec.ray.head": {"cpu": "800m", "memory": "3Gi"},
+           "spec.ttlSecondsAfterFinished": 0},
+    )  # fmt: skip
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
+    wait_for(
+        node, "TrainingRun Succeeded",
+        lambda: get_columns(node, "tr", namespace, "insurance")["PHASE"] == "Succeeded",
+        timeout=900,
+    )  # fmt: skip
+    deployment = example(
+        "modeldeployment.yaml",
+        **{"spec.model": {"name": "insurance", "version": 1},
+           "spec.replicas": {"min": 2, "max": 2},
+           "spec.resources": {"cpu": "300m", "memory": "1Gi"}},
+    )  # fmt: skip
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
+    wait_for(
+        node, "two predictor pods Ready",
+        lambda: get_columns(node, "md", namespace, "insurance")["READY"] == "True"
+        and len(predictor_pods(node, namespace)) == 2,
+        timeout=300,
+    )  # fmt: skip
+    url = get_columns(node, "md", namespace, "insurance")["URL"]
+    start_load(node, namespace, url)
+    time.sleep(3)
+    victim = predictor_pods(node, namespace)[0]
+    node.kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", "--timeout=120s",
+                 timeout=130)  # fmt: skip
+    wait_for(
+        node, "a replacement pod serving",
+        lambda: len([p for p in predictor_pods(node, namespace) if p != victim]) == 2,
+        timeout=180,
+    )  # fmt: skip
+    time.sleep(5)
+    seen = stop_load(node, namespace)
+    assert seen["errors"] == 0, seen
+    assert seen["requests"] > 100, seen
+    assert len(seen["answers"]) == 1, seen  # one version throughout
