@@ -232,6 +232,11 @@ def trainingrun_status(
         )
         ended_at = now
 
+    if reading.verdict == "failed" and outcome is not None and outcome.state == "FINISHED":
+        # The train flow finished and recorded its outcome; the RayJob failed afterwards (seen
+        # on a real node: the Ray head deleted after the job's end, so KubeRay never read
+        # the job's terminal state). What the run produced is MLflow's to say.
+        reading = JobReading(verdict="succeeded", reason=reading.reason)
     if reading.verdict == "succeeded":
         reading, phase = _success(reading, outcome, mlflow_error, ended_at, now, grace_seconds)
     elif reading.verdict == "failed":

@@ -106,3 +106,41 @@ def test_a_predictor_pod_deleted_under_load_costs_no_request_with_two_replicas(
     assert seen["errors"] == 0, seen
     assert seen["requests"] > 100, seen
     assert len(seen["answers"]) == 1, seen  # one version throughout
+
+
+def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
+    node: Node, namespace: str, release: str, shared_dir: Path
+) -> None:
+    uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
+    # Slow trials (1500 boosting rounds each), so that the search is still going.
+    run = example(
+        "trainingrun.yaml",
+        **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 12,
+           "spec.tuning.searchSpace": {"max_iter": {"choice": [1500]}},
+           "spec.ray.workers": 0, "spec.ray.head": {"cpu": "800m", "memory": "3Gi"},
+           "spec.ttlSecondsAfterFinished": 0},
+    )  # fmt: skip
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
+
+    def trials_completed() -> int:
+        out = node.kubectl("get", "tr", "insurance", "-n", namespace, "-o",
+                           "jsonpath={.status.trials.completed}").stdout  # fmt: skip
+        return int(out or 0)
+
+    wait_for(node, "a first trial result", lambda: trials_completed() >= 1, timeout=600)
+    node.kubectl("delete", "pod", "-n", namespace, "-l", "ray.io/node-type=head",
+                 "--wait=false")  # fmt: skip
+    ended = wait_for(
+        node, "TrainingRun ended",
+        lambda: (c := get_columns(node, "tr", namespace, "insurance"))["PHASE"]
+        in ("Succeeded", "Failed") and c,
+        timeout=600,
+    )  # fmt: skip
+    status = json.loads(
+        node.kubectl("get", "tr", "insurance", "-n", namespace, "-o", "json").stdout
+    )["status"]
+    assert ended["PHASE"] == "Failed", status
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "False" and succeeded["reason"], succeeded
+    assert status.get("message"), status
+    assert ended["VERSION"] == "" and ended["PROMOTED"] == "", ended

@@ -235,3 +235,23 @@ def test_a_raw_deployment_still_starting_is_progressing_until_kserve_says_the_lo
                                  "lastFailureInfo": {"reason": "ModelLoadFailed"}}})
     )  # fmt: skip
     assert (blocked_only.state, blocked_only.reason) == ("Failed", "ModelLoadFailed")
+
+
+def test_a_rayjob_failing_after_the_flow_finished_keeps_mlflows_outcome() -> None:
+    """Seen on the real node: the Ray head deleted right after the search ended; KubeRay
+    marks the RayJob Failed (it cannot read the job's end), while MLflow has the finished
+    parent run and the promoted version."""
+    lost_head = {
+        "jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
+        "reason": "JobDeploymentStatusTransitionGracePeriodExceeded",
+        "message": "The RayJob submitter finished but the ray job did not reach terminal state",
+        "endTime": "2026-01-01T11:59:30Z",
+    }  # fmt: skip
+    done = sync(
+        started(), lost_head,
+        outcome=outcome("FINISHED", model_version=3, promoted=True, reason="beats champion"),
+    )  # fmt: skip
+    assert (done.phase, done.model_version, done.promoted) == ("Succeeded", 3, True)
+    still_running = sync(started(), lost_head, outcome=outcome("RUNNING"))
+    assert still_running.phase == "Failed"
+    assert "did not reach terminal state" in (still_running.message or "")
