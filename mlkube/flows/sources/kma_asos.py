@@ -157,11 +157,12 @@ def service_key(settings: KmaAsosSettings) -> str:
 def read_secret(ref: SecretKeyRef) -> str:
     from kubernetes import client
 
-    from mlkube.flows.retrain import current_namespace, kube_client
+    from mlkube.kube_config import api_client, current_namespace
 
     namespace = ref.namespace or current_namespace()
     try:
-        secret = client.CoreV1Api(kube_client()).read_namespaced_secret(ref.name, namespace)
+        with api_client() as api:
+            secret = client.CoreV1Api(api).read_namespaced_secret(ref.name, namespace)
     except client.exceptions.ApiException as error:
         raise SourceError(
             f"source.serviceKeySecret: cannot read Secret {namespace}/{ref.name}: "
