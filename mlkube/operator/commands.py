@@ -54,7 +54,7 @@ def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mlkube.operator.__main__ import run_operator
+    from mlkube.operator.process import run_operator
 
     namespaces = [] if args.all_namespaces else args.namespaces
     run_operator(namespaces=namespaces or None, log_format=args.log_format, verbose=args.verbose)
@@ -105,3 +105,18 @@ def render_command(args: argparse.Namespace) -> int:
             )
     print(yaml.safe_dump_all(rendered, sort_keys=False, width=100), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mlkube.operator`."""
+    # Usage lines read `mlkube operator run ...`, the same command through the CLI.
+    parser = argparse.ArgumentParser(prog="mlkube")
+    add_operator_parser(parser.add_subparsers())
+    args = parser.parse_args(["operator", *(argv if argv is not None else _argv())])
+    return int(args.handler(args))
+
+
+def _argv() -> list[str]:
+    given = sys.argv[1:]
+    # `python -m mlkube.operator` alone, or with only options, means `run`.
+    return given if given[:1] in (["run"], ["render"], ["-h"], ["--help"]) else ["run", *given]

@@ -19,6 +19,7 @@ def test_operator_never_imports_ray_torch_or_prefect() -> None:
     # In a fresh interpreter: this test session may have imported them already.
     code = (
         "import sys, mlkube.operator.handlers, mlkube.operator.__main__, mlkube.operator.commands\n"
+        "import mlkube.operator.process\n"
         "heavy = ('ray', 'torch', 'prefect', 'mlflow', 'pandas')\n"
         "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
     )  # fmt: skip
