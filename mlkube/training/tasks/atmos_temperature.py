@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlkube.training.data import read_table, require_columns
 from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.data import read_table, require_columns
 from mlkube.training.tasks.torch_loop import epochs_of, fit_epochs, seed_everything
 
 HOURS_IN = 72
