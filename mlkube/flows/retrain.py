@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
-from mlkube.api import TrainingRun, UserError, load_manifest, parse_resource
+from mlkube.api import CommandFailed, TrainingRun, load_manifest, parse_resource
 from mlkube.api.common import GROUP, VERSION, CamelModel
 from mlkube.flows.checks import CheckReport, CheckSettings, run_checks
 from mlkube.flows.ingest import (
@@ -46,8 +46,8 @@ ANNOTATION_REASON = "mlkube.io/retrain-reason"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
-class RetrainFailed(UserError):
-    """The TrainingRun failed or did not finish in time; the report says more."""
+class RetrainFailed(CommandFailed):
+    """The TrainingRun failed or did not finish in time; the report says more (exit 1)."""
 
 
 class ClusterSettings(CamelModel):

@@ -1,6 +1,7 @@
 """`python -m mlkube.operator`: `mlkube operator ...`, `run` when no subcommand is given."""
 
-from mlkube.operator.commands import main
+from mlkube.cli import run
+from mlkube.operator.commands import module_argv
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(module_argv())
