@@ -28,8 +28,8 @@ node-deps:
 demo: venv
 	$(VENV)/bin/mlkube demo
 
-# Everything: unit, integration, the control-plane e2e tests and the real-node lane.
-test: venv k8s-binaries node-deps images
+# Everything: lint, then unit, integration, the control-plane e2e tests and the real-node lane.
+test: venv lint k8s-binaries node-deps images
 	$(PY) -m tests.cluster.node clean
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
@@ -38,9 +38,11 @@ test-cluster: venv k8s-binaries node-deps images
 	$(PY) -m tests.cluster.node clean
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/node
 
+# ruff, mypy --strict (pyproject.toml [tool.mypy]) and the import contracts ([tool.importlinter]).
 lint: venv
 	$(VENV)/bin/ruff check mlkube tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 # The chart ships the same CRDs; tests fail when either copy drifts from the models.
 crds: venv

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from mlkube.api import UserError
+from mlkube.api import CommandFailed
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -25,9 +25,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
             if not (out / name).exists() or (out / name).read_text() != text
         ]
         if stale:
-            print(f"error: {out}: out of date: {', '.join(stale)} (run `mlkube crds`)",
-                  file=sys.stderr)  # fmt: skip
-            return 1
+            raise CommandFailed(f"{out}: out of date: {', '.join(stale)} (run `mlkube crds`)")
         print(f"{out}: up to date")
         return 0
     for path in write_crds(out):
@@ -96,31 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional(sub: Any, module: str, adder: str) -> None:
-    """Subcommands whose module lives in an optional extra."""
-    import importlib
+    """Subcommands whose module needs an optional extra: left out when it is not installed."""
+    try:
+        commands = importlib.import_module(module)
+    except ModuleNotFoundError as missing:
+        # Only a third-party package may be missing; a module of ours missing is a bug.
+        if missing.name is None or missing.name.split(".")[0] == "mlkube":
+            raise
+        return
+    getattr(commands, adder)(sub)
 
-    with contextlib.suppress(ImportError, AttributeError):
-        getattr(importlib.import_module(module), adder)(sub)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Runs one command line, `mlkube`'s unless another parser is given, and returns its exit
+    code. The one place where an error becomes a line on stderr and an exit code."""
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return int(args.handler(args))
-    except UserError as error:
+    except CommandFailed as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def run() -> None:
-    """The `mlkube` command."""
+def run(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> NoReturn:
+    """The `mlkube` command, and the `python -m` entry points (with their own argv or parser)."""
     from mlkube.local import exit_process
 
-    exit_process(main())
+    exit_process(main(argv, parser))
 
 
 if __name__ == "__main__":

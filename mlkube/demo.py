@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mlkube.api import TrainingRun, UserError, load_manifest
 from mlkube.local import free_port, local_tracking_uri, mlkube_home
@@ -73,7 +73,8 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_ready(f"http://127.0.0.1:{port}/v1/models/{name}", server)
         rows = pd.read_csv(data).sample(3, random_state=1)
         target = result_target(rows)
-        records: list[dict[str, Any]] = rows.drop(columns=[target]).to_dict(orient="records")
+        # The CSV's column names: strings.
+        records = cast(list[dict[str, Any]], rows.drop(columns=[target]).to_dict(orient="records"))
         started = time.perf_counter()
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/models/{name}:predict",

@@ -1,7 +1,7 @@
 """The contract: pydantic models of mlkube's custom resources. Imports nothing of ours."""
 
 from mlkube.api.common import API_VERSION, GROUP, VERSION, Condition, ObjectMeta
-from mlkube.api.errors import UserError
+from mlkube.api.errors import CommandFailed, UserError
 from mlkube.api.manifest import ManifestError, load_manifest, parse_resource
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
 from mlkube.api.trainingrun import (
@@ -14,6 +14,7 @@ from mlkube.api.trainingrun import (
 __all__ = [
     "API_VERSION",
     "BUILTIN_TASKS",
+    "CommandFailed",
     "GROUP",
     "VERSION",
     "Condition",

@@ -68,7 +68,8 @@ def _describe(schema: dict[str, Any]) -> dict[str, Any]:
 
 def openapi_schema(model: type[BaseModel], keep_defaults: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True)
-    return _inline(raw, raw.get("$defs", {}), keep_defaults)
+    schema: dict[str, Any] = _inline(raw, raw.get("$defs", {}), keep_defaults)
+    return schema
 
 
 def _crd(

@@ -1,8 +1,20 @@
-"""Errors whose message is for the user: printed as one line, never as a traceback."""
+"""Errors whose message is for the user. Commands raise them; `mlkube.cli.main` alone turns
+one into a line `error: <message>` on stderr (never a traceback) and the exit code its class
+names."""
+
+from typing import ClassVar
 
 
-class UserError(ValueError):
-    """Bad input: a one-line message naming the field or file."""
+class CommandFailed(Exception):
+    """A command could not do its work (a check failed, a server did not answer): exit 1."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class UserError(CommandFailed, ValueError):
+    """Bad input: a one-line message naming the field or file; exit 2."""
+
+    exit_code = 2
 
 
 def first_line(error: BaseException) -> str:

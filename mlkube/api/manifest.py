@@ -23,17 +23,17 @@ class ManifestError(UserError):
     """A custom resource that cannot be used; the message is one line for the user."""
 
 
-def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """The first problem as `field.path: message`, plus how many more there are."""
+def format_validation_error(error: ValidationError, whole: str = "") -> str:
+    """The first problem as `field.path: message`, plus how many more there are; a problem
+    of the whole object (no field) is named `whole`."""
     problems = error.errors()
     first = problems[0]
     where = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
-    where = f"{prefix}.{where}" if prefix and where else (where or prefix)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{where}: {message}{more}"
+    return f"{where or whole}: {message}{more}"
 
 
 @overload

@@ -8,7 +8,6 @@ that `mlkube --help` stays quick.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +73,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from mlkube.flows.logs import quiet_console
 
     quiet_console(args.verbose)
-    from mlkube.flows.retrain import RetrainFailed, retrain
+    from mlkube.flows.retrain import retrain
 
-    try:
-        outcome = retrain(config)
-    except RetrainFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(outcome.summary())
+    print(retrain(config).summary())  # RetrainFailed: exit 1
     return 0
 
 

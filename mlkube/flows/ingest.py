@@ -89,7 +89,8 @@ class IngestRecord(BaseModel):
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     from fsspec.core import url_to_fs
 
-    return url_to_fs(uri, **(storage_options or {}))
+    found: tuple[Any, str] = url_to_fs(uri, **(storage_options or {}))
+    return found
 
 
 def is_parquet(uri: str) -> bool:

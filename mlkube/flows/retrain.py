@@ -12,7 +12,6 @@ The outcome is a Prefect markdown artifact and the flow's return value.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
 import re
 import string
@@ -24,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
-from mlkube.api import TrainingRun, UserError, load_manifest, parse_resource
+from mlkube.api import CommandFailed, TrainingRun, load_manifest, parse_resource
 from mlkube.api.common import GROUP, VERSION, CamelModel
 from mlkube.flows.checks import CheckReport, CheckSettings, run_checks
 from mlkube.flows.ingest import (
@@ -47,8 +46,8 @@ ANNOTATION_REASON = "mlkube.io/retrain-reason"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
-class RetrainFailed(UserError):
-    """The TrainingRun failed or did not finish in time; the report says more."""
+class RetrainFailed(CommandFailed):
+    """The TrainingRun failed or did not finish in time; the report says more (exit 1)."""
 
 
 class ClusterSettings(CamelModel):
@@ -243,36 +242,13 @@ def trainingrun_body(
 # --------------------------------------------------------------------------- cluster
 
 
-def kube_client() -> Any:
-    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        # $KUBECONFIG is read now: the client's default path was fixed at import.
-        return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
-
-
-def current_namespace() -> str:
-    mounted = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-    if mounted.exists():
-        return mounted.read_text().strip()
-    from kubernetes import config
-
-    try:
-        _, active = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
-    except (config.ConfigException, OSError):
-        return "default"
-    return str((active or {}).get("context", {}).get("namespace") or "default")
-
-
 @task(name="submit-trainingrun", cache_policy=NO_CACHE)
 def submit_trainingrun(body: dict[str, Any], namespace: str) -> str:
     from kubernetes import client
 
-    with kube_client() as api:
+    from mlkube.kube_config import api_client
+
+    with api_client() as api:
         try:
             created = cast(
                 dict[str, Any],
@@ -294,9 +270,11 @@ def wait_for_trainingrun(name: str, namespace: str, settings: ClusterSettings) -
     """The TrainingRun once its phase is terminal; RetrainFailed after the timeout."""
     from kubernetes import client
 
+    from mlkube.kube_config import api_client
+
     deadline = time.monotonic() + settings.timeout_seconds
     phase = None
-    with kube_client() as api:
+    with api_client() as api:
         custom = client.CustomObjectsApi(api)
         while True:
             found = cast(
@@ -335,6 +313,8 @@ def outcome_from_status(found: dict[str, Any]) -> TrainingOutcome:
 
 
 def train_on_cluster(body: dict[str, Any], settings: ClusterSettings) -> TrainingOutcome:
+    from mlkube.kube_config import current_namespace
+
     namespace = settings.namespace or current_namespace()
     name = submit_trainingrun(body, namespace)
     try:

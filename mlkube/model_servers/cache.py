@@ -76,7 +76,7 @@ class CachePolicy:
     passthrough: tuple[type[BaseException], ...] = field(default_factory=tuple)
 
     def backoff(self, attempts: int) -> float:
-        return min(self.base_backoff * 2 ** (attempts - 1), self.max_backoff)
+        return min(self.base_backoff * 2.0 ** (attempts - 1), self.max_backoff)
 
 
 Loader = Callable[[], Awaitable[tuple[V, int]]]

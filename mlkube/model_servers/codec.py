@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -128,7 +128,8 @@ def normalize_output(output: Any) -> np.ndarray | pd.DataFrame:
     if isinstance(output, pd.Series):
         return output.to_numpy()
     if hasattr(output, "detach"):  # a torch tensor from a custom pyfunc
-        return output.detach().cpu().numpy()
+        array: np.ndarray = output.detach().cpu().numpy()
+        return array
     if isinstance(output, dict):
         return pd.DataFrame({k: list(np.asarray(v)) for k, v in output.items()})
     return np.asarray(output)
@@ -293,11 +294,12 @@ class TabularCodec(Codec):
         return Rows(cols, _row_count({name: len(v) for name, v in cols.items()}, "inputs"))
 
     def concat(self, parts: list[Rows]) -> pd.DataFrame:
-        if len(parts) == 1:
-            cols = parts[0].data
-        else:
-            cols = {name: np.concatenate([p.data[name] for p in parts]) for name in parts[0].data}
-        return pd.DataFrame(cols)
+        # This codec's rows are always named columns.
+        columns = [cast(dict[str, np.ndarray], p.data) for p in parts]
+        if len(columns) == 1:
+            return pd.DataFrame(columns[0])
+        first = columns[0]
+        return pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in first})
 
     def batch_key(self, rows: Rows) -> tuple[str, ...]:
         return tuple(rows.data)

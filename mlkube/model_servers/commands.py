@@ -1,7 +1,8 @@
 """`mlkube serve` and `mlkube predict`: the local face of the predictor.
 
 Wired into mlkube/cli.py with `add_serve_parser(subparsers)` and `add_predict_parser(subparsers)`;
-each sets `handler(args) -> int`. Importing this module is cheap (no kserve, no mlflow).
+each sets `handler(args) -> int`, which raises mlkube.api.CommandFailed for cli.main to report.
+Importing this module is cheap (no kserve, no mlflow).
 """
 
 from __future__ import annotations
@@ -15,14 +16,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mlkube.api import CommandFailed, UserError
 from mlkube.local import local_tracking_uri
 from mlkube.model_servers.settings import ServerSettings
 
 LOCAL_HOST = "127.0.0.1"
 
 
-class CommandError(ValueError):
-    """A problem with the user's input; printed as one line."""
+class CommandError(UserError):
+    """A problem with the user's input (exit 2)."""
+
+
+class PredictionFailed(CommandFailed):
+    """The server could not be reached, or refused the request (exit 1)."""
 
 
 # -- serve ---------------------------------------------------------------------------------
@@ -81,9 +87,9 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
     try:
         return ServerSettings(**fields)
     except ValidationError as error:
-        from mlkube.model_servers.entrypoint import format_settings_error
+        from mlkube.api.manifest import format_validation_error
 
-        raise CommandError(format_settings_error(error)) from None
+        raise CommandError(format_validation_error(error, whole="arguments")) from None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -97,14 +103,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_for_serve(args)
-        check_port_free(settings.host, settings.http_port)
-        if settings.enable_grpc:
-            check_port_free(settings.host, settings.grpc_port)
-    except (CommandError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = settings_for_serve(args)
+    check_port_free(settings.host, settings.http_port)
+    if settings.enable_grpc:
+        check_port_free(settings.host, settings.grpc_port)
     from mlkube.model_servers.server import run
 
     print(
@@ -160,7 +162,7 @@ def read_input(inline: str | None, path: str | None) -> Any:
         return json.loads(frame.to_json(orient="records"))
     try:
         return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # not JSON, or not UTF-8 text
         raise CommandError(f"{path}: malformed JSON: {error}") from None
 
 
@@ -223,21 +225,17 @@ def build_request(data: Any, protocol: str) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    try:
-        name, protocol = args.model, args.protocol
-        if args.file:
-            from mlkube.api import ModelDeployment, load_manifest
+    name, protocol = args.model, args.protocol
+    if args.file:
+        from mlkube.api import ModelDeployment, load_manifest
 
-            deployment = load_manifest(args.file, ModelDeployment)
-            name = deployment.spec.model.name
-            protocol = protocol or deployment.spec.protocol
-        protocol = protocol or "v1"
-        if args.explain and protocol != "v1":
-            raise CommandError("--explain: explanations use the v1 protocol (add --protocol v1)")
-        body = build_request(read_input(args.data, args.input), protocol)
-    except ValueError as error:  # CommandError, ManifestError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        deployment = load_manifest(args.file, ModelDeployment)
+        name = deployment.spec.model.name
+        protocol = protocol or deployment.spec.protocol
+    protocol = protocol or "v1"
+    if args.explain and protocol != "v1":
+        raise CommandError("--explain: explanations use the v1 protocol (add --protocol v1)")
+    body = build_request(read_input(args.data, args.input), protocol)
     base = args.url.rstrip("/")
     if protocol == "v2":
         url = f"{base}/v2/models/{name}/infer"
@@ -248,15 +246,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         response = httpx.post(url, json=body, timeout=args.timeout)
     except httpx.HTTPError as error:
-        print(f"error: cannot reach {url}: {error} (is `mlkube serve` running?)", file=sys.stderr)
-        return 1
+        raise PredictionFailed(
+            f"cannot reach {url}: {error} (is `mlkube serve` running?)"
+        ) from None
     try:
         answer = response.json()
     except ValueError:
         answer = {"error": response.text.strip()[:500]}
     if response.status_code >= 400:
         message = answer.get("error") or answer.get("detail") if isinstance(answer, dict) else None
-        print(f"error: HTTP {response.status_code}: {message or answer}", file=sys.stderr)
-        return 1
+        raise PredictionFailed(f"HTTP {response.status_code}: {message or answer}")
     print(json.dumps(answer, indent=2))
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
+from mlkube.api.manifest import format_validation_error
 from mlkube.model_servers.settings import ServerSettings
 
 
@@ -92,13 +92,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**fields)
 
 
-def format_settings_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "arguments"
-    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(
         prog="python -m mlkube.model_servers",
@@ -109,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as error:
-        print(f"{parser.prog}: error: {format_settings_error(error)}", file=sys.stderr)
-        return 2
+        # Settings are this command's arguments: reported as argparse reports a bad one.
+        parser.error(format_validation_error(error, whole="arguments"))
     from mlkube.model_servers.server import run
 
     run(settings)

@@ -63,6 +63,6 @@ class RegistryModelRepository(ModelRepository):
                 missing.reason = f"model {name!r} has no alias {self.alias!r} in the registry"
                 raise missing from None
             except Exception:
-                return await model.healthy()  # registry trouble: let the load report it (503)
+                return bool(await model.healthy())  # registry trouble: let the load report it (503)
             self._known.add(name)
-        return await model.healthy()
+        return bool(await model.healthy())

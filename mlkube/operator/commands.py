@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
+
+from mlkube.api import UserError
 
 
 def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `operator` (with `run` and `render`) to an argparse subparsers object.
 
-    Each leaf sets `handler`: `args.handler(args)` returns an exit code.
+    Each leaf sets `handler`: `args.handler(args)` returns an exit code or raises
+    mlkube.api.CommandFailed.
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "operator",
@@ -54,7 +58,7 @@ def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mlkube.operator.__main__ import run_operator
+    from mlkube.operator.process import run_operator
 
     namespaces = [] if args.all_namespaces else args.namespaces
     run_operator(namespaces=namespaces or None, log_format=args.log_format, verbose=args.verbose)
@@ -62,19 +66,14 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> int:
-    from mlkube.api import ManifestError, ModelDeployment, TrainingRun
+    from mlkube.api import ModelDeployment, TrainingRun
     from mlkube.api.manifest import parse_resource, read_documents
     from mlkube.operator.inferenceservice import build_inferenceservice
     from mlkube.operator.rayjob import build_rayjob
     from mlkube.operator.settings import get_settings
 
     settings = get_settings()
-    try:
-        documents = read_documents(args.filename)
-        resources = [parse_resource(d, args.filename) for d in documents]
-    except ManifestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    resources = [parse_resource(d, args.filename) for d in read_documents(args.filename)]
     rendered = []
     for resource in resources:
         if resource.metadata.namespace is None:
@@ -84,12 +83,10 @@ def render_command(args: argparse.Namespace) -> int:
         elif isinstance(resource, ModelDeployment):
             version = resource.spec.model.version or args.model_version
             if version is None:
-                print(
-                    f"error: {args.filename}: {resource.metadata.name} follows an alias; "
-                    "give --model-version",
-                    file=sys.stderr,
+                raise UserError(
+                    f"{args.filename}: {resource.metadata.name} follows an alias; "
+                    "give --model-version"
                 )
-                return 2
             rendered.append(
                 build_inferenceservice(
                     resource,
@@ -105,3 +102,11 @@ def render_command(args: argparse.Namespace) -> int:
             )
     print(yaml.safe_dump_all(rendered, sort_keys=False, width=100), end="")
     return 0
+
+
+def module_argv(given: Sequence[str] | None = None) -> list[str]:
+    """`python -m mlkube.operator ARGS` as the `mlkube` arguments it stands for:
+    `operator ARGS`, where ARGS alone or with only options mean `run ARGS`."""
+    given = list(sys.argv[1:] if given is None else given)
+    named = given[:1] in (["run"], ["render"], ["-h"], ["--help"])
+    return ["operator", *(given if named else ["run", *given])]

@@ -50,10 +50,9 @@ LOG = logging.getLogger("mlkube.operator")
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the service account; elsewhere $KUBECONFIG, read now (the kubernetes
-    client kopf would otherwise use fixes its kubeconfig path when it is imported)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; elsewhere $KUBECONFIG (mlkube.kube_config)."""
+    return kube.connection_info(settings)
 
 
 @kopf.on.startup()

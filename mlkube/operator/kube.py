@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any, cast
@@ -10,6 +9,8 @@ from typing import Any, cast
 import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
+from mlkube import kube_config
 
 FIELD_MANAGER = "mlkube-operator"
 
@@ -30,15 +31,41 @@ INFERENCESERVICE = Kind("serving.kserve.io", "v1beta1", "inferenceservices", "In
 
 
 def configure() -> None:
-    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    """The client of the calls below, by mlkube's one rule (mlkube.kube_config)."""
     global _api
     with _lock:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            # Read $KUBECONFIG now: the client's default was fixed when it was imported.
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        _api = client.ApiClient()
+        _api = kube_config.api_client()
+
+
+def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """kopf's credentials by the same rule as the client's; None when there are none (kopf
+    then stops: no credentials). Read anew at each login, so a rotated token is picked up.
+
+    kopf.login_via_client translates the same way, but reads the kubeconfig path that the
+    kubernetes client fixed when it was imported.
+    """
+    try:
+        configuration = kube_config.client_configuration()
+    except config.ConfigException:
+        return None
+    # The client keeps "Bearer <token>" under BearerToken (kubernetes >= 36) or authorization.
+    header = configuration.get_api_key_with_prefix(
+        "BearerToken"
+    ) or configuration.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        default_namespace=kube_config.current_namespace(),
+        trust_env=settings.networking.trust_env,
+    )
 
 
 def _custom() -> client.CustomObjectsApi:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import kopf
 from prometheus_client import Counter, Histogram, start_http_server
 
 RECONCILES = Counter(
@@ -49,8 +50,7 @@ def measured(resource: str, handler: str) -> Callable[[F], F]:
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                retry = type(error).__name__ == "TemporaryError"
-                result = "retry" if retry else "error"
+                result = "retry" if isinstance(error, kopf.TemporaryError) else "error"
                 ERRORS.labels(resource, handler, type(error).__name__).inc()
                 raise
             finally:

@@ -16,7 +16,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from mlkube.training.outcome import Outcome, outcome_from_tags, trainingrun_filter
 
@@ -48,7 +49,7 @@ class Backoff:
         return now >= self.next_attempt
 
     def failed(self, now: float, error: str) -> float:
-        delay = min(self.initial * 2**self.failures, self.maximum)
+        delay = min(self.initial * 2.0**self.failures, self.maximum)
         self.failures += 1
         self.next_attempt = now + delay
         self.last_error = error
@@ -88,7 +89,8 @@ class RestMlflowReader:
         request = urllib.request.Request(url, data=data, headers=self._headers())
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"{}")
+                answer: dict[str, Any] = json.loads(response.read() or b"{}")
+                return answer
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return None
@@ -186,6 +188,9 @@ class ClientMlflowReader:
             raise MlflowUnavailable(f"{self.tracking_uri}: {error}") from None
 
 
+Answer = TypeVar("Answer")
+
+
 class GuardedReader:
     """A reader that, once MLflow fails, refuses calls until the backoff has passed, so
     that a down MLflow costs one timeout per backoff step, not one per object."""
@@ -196,7 +201,7 @@ class GuardedReader:
         self.backoff = backoff
         self._lock = threading.Lock()
 
-    def _guarded(self, call: Any, *args: Any) -> Any:
+    def _guarded(self, call: Callable[..., Answer], *args: Any) -> Answer:
         now = time.monotonic()
         with self._lock:
             if not self.backoff.ready(now):

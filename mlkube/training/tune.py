@@ -122,11 +122,13 @@ def _observer_callback(observer: TrialObserver) -> Any:
     from ray.tune import Callback
 
     class ObserverCallback(Callback):
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        def on_trial_start(
+            self, iteration: int, trials: list[Any], trial: Any, **info: Any
+        ) -> None:
             observer.trial_started(trial.trial_id, trial.config)
 
         def on_trial_result(
-            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
         ) -> None:
             metrics = {
                 k: float(result[k])
@@ -135,10 +137,14 @@ def _observer_callback(observer: TrialObserver) -> Any:
             }
             observer.trial_result(trial.trial_id, metrics, int(result.get("training_iteration", 1)))
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        def on_trial_complete(
+            self, iteration: int, trials: list[Any], trial: Any, **info: Any
+        ) -> None:
             observer.trial_ended(trial.trial_id, None)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        def on_trial_error(
+            self, iteration: int, trials: list[Any], trial: Any, **info: Any
+        ) -> None:
             observer.trial_ended(trial.trial_id, _trial_error(trial))
 
     return ObserverCallback()

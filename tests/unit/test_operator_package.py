@@ -10,22 +10,50 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlkube.operator.commands import add_operator_parser
+from mlkube.cli import main as cli_main
+from mlkube.operator.commands import add_operator_parser, module_argv
 
 REPO = Path(__file__).resolve().parents[2]
+HEAVY = "('ray', 'torch', 'prefect', 'mlflow', 'pandas')"
 
 
 def test_operator_never_imports_ray_torch_or_prefect() -> None:
     # In a fresh interpreter: this test session may have imported them already.
     code = (
         "import sys, mlkube.operator.handlers, mlkube.operator.__main__, mlkube.operator.commands\n"
-        "heavy = ('ray', 'torch', 'prefect', 'mlflow', 'pandas')\n"
-        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+        "import mlkube.operator.process\n"
+        f"print(','.join(sorted(m for m in {HEAVY} if m in sys.modules)))\n"
     )  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert out.stdout.strip() == ""
+
+
+def test_the_operator_entry_point_builds_its_command_line_without_them() -> None:
+    """`python -m mlkube.operator` goes through mlkube.cli, which imports the training
+    commands only when they run; pyproject.toml's operator-image contract relies on this."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['mlkube.operator', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('mlkube.operator', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(','.join(sorted(m for m in {HEAVY} if m in sys.modules)), file=sys.stderr)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert "usage: mlkube operator" in out.stdout
+    assert out.stderr.strip() == ""
+
+
+def test_module_arguments_default_to_run() -> None:
+    assert module_argv([]) == ["operator", "run"]
+    assert module_argv(["-n", "a"]) == ["operator", "run", "-n", "a"]
+    assert module_argv(["render", "-f", "x"]) == ["operator", "render", "-f", "x"]
+    assert module_argv(["--help"]) == ["operator", "--help"]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -49,11 +77,12 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "apiVersion: mlkube.io/v1alpha1\nkind: ModelDeployment\nmetadata: {name: md}\n"
         "spec: {model: {name: ins}}\n"
     )
-    args = parse("render", "-f", str(manifest), "--model-version", "4")
-    assert args.handler(args) == 0
+    assert cli_main(["operator", "render", "-f", str(manifest), "--model-version", "4"]) == 0
     rayjob, isvc = yaml.safe_load_all(capsys.readouterr().out)
     assert rayjob["kind"] == "RayJob" and isvc["kind"] == "InferenceService"
     assert "models:/ins/4" in isvc["spec"]["predictor"]["containers"][0]["args"]
-    args = parse("render", "-f", str(manifest))
-    assert args.handler(args) == 2
-    assert "give --model-version" in capsys.readouterr().err
+    assert cli_main(["operator", "render", "-f", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {manifest}: md follows an alias; give --model-version\n"
+    assert cli_main(["operator", "render", "-f", str(tmp_path / "none.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.yaml'}: no such file\n"

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import math
 import os
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import unquote
 from zoneinfo import ZoneInfo
@@ -155,11 +157,12 @@ def service_key(settings: KmaAsosSettings) -> str:
 def read_secret(ref: SecretKeyRef) -> str:
     from kubernetes import client
 
-    from mlkube.flows.retrain import current_namespace, kube_client
+    from mlkube.kube_config import api_client, current_namespace
 
     namespace = ref.namespace or current_namespace()
     try:
-        secret = client.CoreV1Api(kube_client()).read_namespaced_secret(ref.name, namespace)
+        with api_client() as api:
+            secret = client.CoreV1Api(api).read_namespaced_secret(ref.name, namespace)
     except client.exceptions.ApiException as error:
         raise SourceError(
             f"source.serviceKeySecret: cannot read Secret {namespace}/{ref.name}: "
@@ -202,7 +205,7 @@ def fetch_items(
         page, pages = 1, 1
         while page <= pages:
             params = request_params(settings, key, begin, end, page)
-            body = with_retries(settings, lambda p=params: get_page(http, settings.url, p))
+            body = with_retries(settings, functools.partial(get_page, http, settings.url, params))
             if body is None:  # NODATA_ERROR: nothing in the range
                 return items
             page_items = body_items(body)
@@ -215,7 +218,9 @@ def fetch_items(
     return items
 
 
-def with_retries(settings: KmaAsosSettings, call: Any) -> dict[str, Any] | None:
+def with_retries(
+    settings: KmaAsosSettings, call: Callable[[], dict[str, Any] | None]
+) -> dict[str, Any] | None:
     attempt = 0
     while True:
         try:

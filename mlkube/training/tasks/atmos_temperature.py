@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlkube.training.data import read_table, require_columns
 from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.data import read_table, require_columns
 from mlkube.training.tasks.torch_loop import epochs_of, fit_epochs, seed_everything
 
 HOURS_IN = 72
@@ -31,7 +31,8 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "numpy"]
 def offline_sample() -> pd.DataFrame:
     from vega_datasets import local_data
 
-    return local_data.seattle_temps()
+    sample: pd.DataFrame = local_data.seattle_temps()
+    return sample
 
 
 def hourly_series(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -66,7 +67,8 @@ def build_forecaster(hidden: int, layers: int, mean: float, std: float) -> Any:
         def forward(self, hours: torch.Tensor) -> torch.Tensor:
             mean, std = self.get_buffer("mean"), self.get_buffer("std")
             _, state = self.gru(((hours - mean) / std).unsqueeze(-1))
-            return self.head(state[-1]) * std + mean
+            forecast: torch.Tensor = self.head(state[-1]) * std + mean
+            return forecast
 
     return Forecaster()
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mlkube.training.data import read_table, require_columns
 from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.data import read_table, require_columns
 from mlkube.training.tasks.torch_loop import epochs_of, fit_epochs, seed_everything
 
 HOLDOUT_FRACTION = 0.2

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 from mlflow.models import set_model
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModel
 
 from mlkube.training.tasks.mnist import CLASSES, NEAREST, build_cnn
 
 
 class MnistModel(PythonModel):
-    def load_context(self, context):
+    def load_context(self, context: Any) -> None:
         import torch
 
         config = context.model_config
@@ -38,7 +38,7 @@ class MnistModel(PythonModel):
             return torch.softmax(self.network(self._pixels(model_input)), dim=1).numpy()
 
     # No type hints here: MLflow would read them as a schema of their own.
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         return self.predict_proba(model_input).argmax(axis=1).astype("int64")
 
     def explain(self, model_input: Any) -> list[dict[str, Any]]:

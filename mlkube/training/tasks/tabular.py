@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlkube.training.data import read_table, require_columns
 from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.data import read_table, require_columns
 
 HOLDOUT_FRACTION = 0.2
 CV_FOLDS = 3

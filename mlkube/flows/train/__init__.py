@@ -25,11 +25,7 @@ from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, par
 from mlkube.api.errors import first_line
 from mlkube.flows.logs import quiet_console
 from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
-from mlkube.local import (
-    exit_process,
-    local_artifact_root,
-    local_tracking_uri,
-)
+from mlkube.local import local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
 from mlkube.training.search_space import merged_space
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
@@ -316,23 +312,20 @@ def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRu
     return parse_resource(document, "--spec-json", TrainingRun)
 
 
-def main(argv: list[str] | None = None) -> int:
+def entrypoint_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m mlkube.flows.train` (run by mlkube.cli.main)."""
     parser = argparse.ArgumentParser(prog="python -m mlkube.flows.train", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec-file", help="TrainingRun YAML file")
     source.add_argument("--spec-json", help="TrainingRun object as JSON")
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=run_entrypoint)
+    return parser
+
+
+def run_entrypoint(args: argparse.Namespace) -> int:
+    """Trains and prints the result as JSON; bad input raises UserError (exit 2)."""
     quiet_console(verbose=True)
-    try:
-        run = read_trainingrun(args.spec_json, args.spec_file)
-        start_prefect_api()
-        result = train(run)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(result.model_dump_json())
+    run = read_trainingrun(args.spec_json, args.spec_file)
+    start_prefect_api()
+    print(train(run).model_dump_json())
     return 0
-
-
-if __name__ == "__main__":
-    exit_process(main())

@@ -1,4 +1,4 @@
-"""Reading datasets from any URI pandas/fsspec understands, with one-line errors."""
+"""Reading the tasks' datasets from any URI pandas/fsspec understands, with one-line errors."""
 
 from __future__ import annotations
 
