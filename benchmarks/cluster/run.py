@@ -62,7 +62,14 @@ def bring_up(images: list[Path], *, cold: bool) -> tuple[Any, float]:
 def round_trip(shared: Path) -> dict[str, float]:
     from tests.cluster.controllers import start_kserve, start_kuberay
     from tests.cluster.images import image_archives
-    from tests.node.steps import CHART, RELEASE_NS, example, helm, serve_dataset
+    from tests.node.steps import (
+        CHART,
+        RELEASE_NS,
+        example,
+        helm,
+        serve_dataset,
+        small_trainingrun,
+    )
 
     images = list(image_archives().values())
     times: dict[str, float] = {}
@@ -81,12 +88,7 @@ def round_trip(shared: Path) -> dict[str, float]:
         namespace = "bench"
         node.kubectl("create", "namespace", namespace)
         uri = serve_dataset(node, namespace, shared / "data" / "insurance.csv")
-        run = example(
-            "trainingrun.yaml",
-            **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 4, "spec.ray.workers": 0,
-               "spec.ray.head": {"cpu": "1", "memory": "3Gi"},
-               "spec.ttlSecondsAfterFinished": 0},
-        )  # fmt: skip
+        run = small_trainingrun(uri)
 
         def tr_field(path: str) -> str:
             return node.kubectl(

@@ -19,6 +19,9 @@ EXAMPLES = REPO / "examples" / "insurance"
 RUNTIME = "docker.io/mlkube/runtime:0.1.0"
 RELEASE_NS = "mlkube-system"
 MLFLOW = f"http://mlkube-mlflow.{RELEASE_NS}.svc.cluster.local:5000"
+# One insurance row, as a client would send it.
+ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
+       "region": "northwest"}  # fmt: skip
 
 
 def helm(node: Node, *args: str, timeout: float = 600) -> str:
@@ -124,43 +127,71 @@ def pod_logs(node: Node, namespace: str, name: str) -> str:
     return node.kubectl("logs", "-n", namespace, name, check=False).stdout
 
 
+def pod_manifest(
+    namespace: str,
+    name: str,
+    image: str,
+    command: list[str],
+    *,
+    script: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A run-once pod as uid 10001; `script` is mounted at /script from the ConfigMap
+    `<name>-script` (see `add_script`)."""
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "command": command,
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+    }
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "containers": [container],
+    }
+    if script is not None:
+        container["volumeMounts"] = [{"name": "script", "mountPath": "/script"}]
+        spec["volumes"] = [{"name": "script", "configMap": {"name": f"{name}-script"}}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def add_script(node: Node, namespace: str, name: str, script: Path) -> list[str]:
+    """Put `script` in the ConfigMap pod `name` mounts; returns its command line start."""
+    node.kubectl(
+        "create", "configmap", f"{name}-script", "-n", namespace,
+        f"--from-file={script.name}={script}",
+    )  # fmt: skip
+    return ["python", f"/script/{script.name}"]
+
+
+def pod_ended(node: Node, namespace: str, name: str, timeout: float) -> dict[str, Any]:
+    """Wait for the pod to end; returns {"phase", "logs"}."""
+    deadline = time.monotonic() + timeout
+    phase = ""
+    while time.monotonic() < deadline:
+        phase = node.kubectl(
+            "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}"
+        ).stdout
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(1)
+    return {"phase": phase, "logs": pod_logs(node, namespace, name)}
+
+
 def run_pod(
     node: Node, namespace: str, name: str, image: str, command: list[str], timeout: float = 120
 ) -> dict[str, Any]:
     """Run a pod to completion; returns {"phase", "logs"}."""
-    manifest = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": command,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                }
-            ],
-        },
-    }
+    manifest = pod_manifest(namespace, name, image, command)
     node.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    node.kubectl(
-        "wait",
-        "-n",
-        namespace,
-        f"pod/{name}",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        f"--timeout={int(timeout)}s",
-        check=False,
-        timeout=timeout + 10,
-    )
-    phase = node.kubectl(
-        "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}"
-    ).stdout
-    return {"phase": phase, "logs": pod_logs(node, namespace, name)}
+    return pod_ended(node, namespace, name, timeout)
 
 
 def run_script_pod(
@@ -175,38 +206,47 @@ def run_script_pod(
     timeout: float = 300,
 ) -> dict[str, Any]:
     """Run `script` (mounted from a ConfigMap) with `args` in a pod to completion."""
-    node.kubectl(
-        "create", "configmap", f"{name}-script", "-n", namespace,
-        f"--from-file={script.name}={script}",
-    )  # fmt: skip
-    manifest = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": ["python", f"/script/{script.name}", *args],
-                    "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
-                    "volumeMounts": [{"name": "script", "mountPath": "/script"}],
-                }
-            ],
-            "volumes": [{"name": "script", "configMap": {"name": f"{name}-script"}}],
-        },
-    }
+    command = [*add_script(node, namespace, name, script), *args]
+    manifest = pod_manifest(namespace, name, image, command, script=script, env=env)
     node.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    deadline = time.monotonic() + timeout
-    phase = ""
-    while time.monotonic() < deadline:
-        phase = node.kubectl(
-            "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}"
-        ).stdout
-        if phase in ("Succeeded", "Failed"):
-            break
-        time.sleep(1)
-    return {"phase": phase, "logs": pod_logs(node, namespace, name)}
+    return pod_ended(node, namespace, name, timeout)
+
+
+def start_load(node: Node, namespace: str, client: dict[str, Any]) -> None:
+    """A pod `load` running pods/load_client.py with `client` as its argument."""
+    script = Path(__file__).resolve().parent / "pods" / "load_client.py"
+    command = [*add_script(node, namespace, "load", script), json.dumps(client)]
+    manifest = pod_manifest(namespace, "load", RUNTIME, command, script=script)
+    node.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    node.kubectl("wait", "--for=condition=Ready", "pod/load", "-n", namespace,
+                 "--timeout=60s", timeout=70)  # fmt: skip
+
+
+def load_result(node: Node, namespace: str, timeout: float = 120) -> dict[str, Any]:
+    """What the `load` pod printed once it ended."""
+    ended = pod_ended(node, namespace, "load", timeout)
+    return dict(json.loads(ended["logs"].strip().splitlines()[-1]))
+
+
+def small_trainingrun(uri: str, **changes: Any) -> dict[str, Any]:
+    """The insurance example sized for the two-core node: 4 trials, no worker pods, a Ray
+    head of 0.8 CPU that goes as soon as the job ends; `changes` as for `example`."""
+    return example(
+        "trainingrun.yaml",
+        **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 4, "spec.ray.workers": 0,
+           "spec.ray.head": {"cpu": "800m", "memory": "3Gi"},
+           "spec.ttlSecondsAfterFinished": 0, **changes},
+    )  # fmt: skip
+
+
+def trainingrun_ended(
+    node: Node, namespace: str, name: str, timeout: float = 900
+) -> dict[str, str]:
+    """`kubectl get tr NAME` once its phase is Succeeded or Failed."""
+    columns: dict[str, str] = wait_for(
+        node, f"TrainingRun {name} ended",
+        lambda: (c := get_columns(node, "tr", namespace, name))["PHASE"]
+        in ("Succeeded", "Failed") and c,
+        timeout=timeout,
+    )  # fmt: skip
+    return columns

@@ -7,41 +7,29 @@ import time
 from pathlib import Path
 
 from tests.cluster.node import Node
-from tests.node.steps import RUNTIME, example, get_columns, serve_dataset, wait_for
+from tests.node.steps import (
+    ROW,
+    example,
+    get_columns,
+    load_result,
+    serve_dataset,
+    small_trainingrun,
+    start_load,
+    trainingrun_ended,
+    wait_for,
+)
 
 PODS = Path(__file__).resolve().parent / "pods"
-ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
-       "region": "northwest"}  # fmt: skip
 
 
-def start_load(node: Node, namespace: str, url: str) -> None:
-    client = {"url": url, "model": "insurance", "row": ROW, "max_seconds": 600,
-              "stop_file": "/tmp/stop"}  # fmt: skip
-    node.kubectl("create", "configmap", "load-script", "-n", namespace,
-                 f"--from-file=load_client.py={PODS / 'load_client.py'}")  # fmt: skip
-    node.kubectl("apply", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "load", "namespace": namespace},
-        "spec": {
-            "restartPolicy": "Never", "automountServiceAccountToken": False,
-            "containers": [{
-                "name": "main", "image": RUNTIME, "imagePullPolicy": "Never",
-                "command": ["python", "/script/load_client.py", json.dumps(client)],
-                "volumeMounts": [{"name": "script", "mountPath": "/script"}],
-            }],
-            "volumes": [{"name": "script", "configMap": {"name": "load-script"}}],
-        },
-    }))  # fmt: skip
-    node.kubectl("wait", "--for=condition=Ready", "pod/load", "-n", namespace,
-                 "--timeout=60s", timeout=70)  # fmt: skip
+def start_load_until_told(node: Node, namespace: str, url: str) -> None:
+    start_load(node, namespace, {"url": url, "model": "insurance", "row": ROW,
+                                 "max_seconds": 600, "stop_file": "/tmp/stop"})  # fmt: skip
 
 
 def stop_load(node: Node, namespace: str) -> dict[str, object]:
     node.kubectl("exec", "load", "-n", namespace, "--", "touch", "/tmp/stop")
-    node.kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/load", "-n",
-                 namespace, "--timeout=60s", timeout=70)  # fmt: skip
-    logs = node.kubectl("logs", "load", "-n", namespace).stdout
-    return dict(json.loads(logs.strip().splitlines()[-1]))
+    return load_result(node, namespace)
 
 
 def predictor_pods(node: Node, namespace: str) -> list[str]:
@@ -65,18 +53,9 @@ def test_a_predictor_pod_deleted_under_load_costs_no_request_with_two_replicas(
     node: Node, namespace: str, release: str, shared_dir: Path
 ) -> None:
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
-    run = example(
-        "trainingrun.yaml",
-        **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 1, "spec.ray.workers": 0,
-           "spec.ray.head": {"cpu": "800m", "memory": "3Gi"},
-           "spec.ttlSecondsAfterFinished": 0},
-    )  # fmt: skip
+    run = small_trainingrun(uri, **{"spec.tuning.numTrials": 1})
     node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
-    wait_for(
-        node, "TrainingRun Succeeded",
-        lambda: get_columns(node, "tr", namespace, "insurance")["PHASE"] == "Succeeded",
-        timeout=900,
-    )  # fmt: skip
+    assert trainingrun_ended(node, namespace, "insurance")["PHASE"] == "Succeeded"
     deployment = example(
         "modeldeployment.yaml",
         **{"spec.model": {"name": "insurance", "version": 1},
@@ -91,7 +70,7 @@ def test_a_predictor_pod_deleted_under_load_costs_no_request_with_two_replicas(
         timeout=300,
     )  # fmt: skip
     url = get_columns(node, "md", namespace, "insurance")["URL"]
-    start_load(node, namespace, url)
+    start_load_until_told(node, namespace, url)
     time.sleep(3)
     victim = predictor_pods(node, namespace)[0]
     node.kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", "--timeout=120s",
@@ -113,13 +92,13 @@ def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
 ) -> None:
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
     # Slow trials (1500 boosting rounds each), so that the search is still going.
-    run = example(
-        "trainingrun.yaml",
-        **{"spec.dataset.uri": uri, "spec.tuning.numTrials": 12,
-           "spec.tuning.searchSpace": {"max_iter": {"choice": [1500]}},
-           "spec.ray.workers": 0, "spec.ray.head": {"cpu": "800m", "memory": "3Gi"},
-           "spec.ttlSecondsAfterFinished": 0},
-    )  # fmt: skip
+    run = small_trainingrun(
+        uri,
+        **{
+            "spec.tuning.numTrials": 12,
+            "spec.tuning.searchSpace": {"max_iter": {"choice": [1500]}},
+        },
+    )
     node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
 
     def trials_completed() -> int:
@@ -130,12 +109,7 @@ def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
     wait_for(node, "a first trial result", lambda: trials_completed() >= 1, timeout=600)
     node.kubectl("delete", "pod", "-n", namespace, "-l", "ray.io/node-type=head",
                  "--wait=false")  # fmt: skip
-    ended = wait_for(
-        node, "TrainingRun ended",
-        lambda: (c := get_columns(node, "tr", namespace, "insurance"))["PHASE"]
-        in ("Succeeded", "Failed") and c,
-        timeout=600,
-    )  # fmt: skip
+    ended = trainingrun_ended(node, namespace, "insurance", timeout=600)
     status = json.loads(
         node.kubectl("get", "tr", "insurance", "-n", namespace, "-o", "json").stdout
     )["status"]

@@ -5,48 +5,38 @@ while a client keeps sending requests, none of which may fail."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from tests.cluster.node import Node
 from tests.node.steps import (
     MLFLOW,
     RELEASE_NS,
+    ROW,
     RUNTIME,
     example,
     get_columns,
+    load_result,
     run_script_pod,
     serve_dataset,
+    small_trainingrun,
+    start_load,
+    trainingrun_ended,
     wait_for,
 )
 
 PODS = Path(__file__).resolve().parent / "pods"
-ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
-       "region": "northwest"}  # fmt: skip
 
 
-def train(node: Node, namespace: str, name: str, uri: str, **changes: object) -> dict[str, str]:
-    run = example(
-        "trainingrun.yaml",
-        **{"metadata.name": name, "spec.dataset.uri": uri, "spec.tuning.numTrials": 4,
-           "spec.ray.workers": 0, "spec.ray.head": {"cpu": "800m", "memory": "3Gi"},
-           "spec.ttlSecondsAfterFinished": 0, **changes},
-    )  # fmt: skip
-    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
-    return {"name": name}
-
-
-def finished(node: Node, namespace: str, name: str, timeout: float = 900) -> dict[str, str]:
-    columns = wait_for(
-        node, f"TrainingRun {name} finished",
-        lambda: (c := get_columns(node, "tr", namespace, name))["PHASE"]
-        in ("Succeeded", "Failed") and c,
-        timeout=timeout,
-    )  # fmt: skip
+def finished(node: Node, namespace: str, name: str) -> dict[str, str]:
+    columns = trainingrun_ended(node, namespace, name)
     assert columns["PHASE"] == "Succeeded", node.kubectl(
         "get", "tr", name, "-n", namespace, "-o", "yaml"
     ).stdout
-    return dict(columns)
+    return columns
+
+
+def apply(node: Node, namespace: str, manifest: dict[str, object]) -> None:
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
 
 
 def test_a_better_model_rolls_out_without_a_failed_request(
@@ -54,11 +44,11 @@ def test_a_better_model_rolls_out_without_a_failed_request(
 ) -> None:
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
     # A weak first champion: one boosting round.
-    train(node, namespace, "weak", uri, **{
-        "spec.tuning.numTrials": 1,
+    apply(node, namespace, small_trainingrun(uri, **{
+        "metadata.name": "weak", "spec.tuning.numTrials": 1,
         "spec.tuning.searchSpace": {"max_iter": {"choice": [1]},
                                     "learning_rate": {"choice": [0.01]}},
-    })  # fmt: skip
+    }))  # fmt: skip
     weak = finished(node, namespace, "weak")
     assert (weak["VERSION"], weak["PROMOTED"]) == ("1", "true")
 
@@ -78,23 +68,9 @@ def test_a_better_model_rolls_out_without_a_failed_request(
     # The client runs in a pod of its own while the better model is trained and rolled out.
     client = {"url": url, "model": "insurance", "row": ROW, "max_seconds": 900,
               "after_change_seconds": 15}  # fmt: skip
-    node.kubectl("create", "configmap", "load-script", "-n", namespace,
-                 f"--from-file=load_client.py={PODS / 'load_client.py'}")  # fmt: skip
-    node.kubectl("apply", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "load", "namespace": namespace},
-        "spec": {
-            "restartPolicy": "Never", "automountServiceAccountToken": False,
-            "containers": [{
-                "name": "main", "image": RUNTIME, "imagePullPolicy": "Never",
-                "command": ["python", "/script/load_client.py", json.dumps(client)],
-                "volumeMounts": [{"name": "script", "mountPath": "/script"}],
-            }],
-            "volumes": [{"name": "script", "configMap": {"name": "load-script"}}],
-        },
-    }))  # fmt: skip
+    start_load(node, namespace, client)
 
-    train(node, namespace, "better", uri)
+    apply(node, namespace, small_trainingrun(uri, **{"metadata.name": "better"}))
     # The operator pod goes while the better run trains: its replacement takes over.
     wait_for(
         node, "TrainingRun better Running",
@@ -115,14 +91,7 @@ def test_a_better_model_rolls_out_without_a_failed_request(
         timeout=300,
     )  # fmt: skip
     assert md["URL"] == url
-    deadline = time.monotonic() + 120
-    phase = ""
-    while time.monotonic() < deadline and phase not in ("Succeeded", "Failed"):
-        phase = node.kubectl("get", "pod", "load", "-n", namespace, "-o",
-                             "jsonpath={.status.phase}").stdout  # fmt: skip
-        time.sleep(1)
-    logs = node.kubectl("logs", "load", "-n", namespace).stdout
-    seen = json.loads(logs.strip().splitlines()[-1])
+    seen = load_result(node, namespace)
 
     versions = {}
     for version in (1, 2):

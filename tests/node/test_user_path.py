@@ -20,7 +20,9 @@ from tests.node.steps import (
     namespaced_leftovers,
     run_script_pod,
     serve_dataset,
+    small_trainingrun,
     total,
+    trainingrun_ended,
     wait_for,
 )
 
@@ -34,19 +36,9 @@ def test_install_train_serve_predict_uninstall(
     dataset_uri = serve_dataset(node, namespace, data_csv)
 
     # Train. The node has two cores: no worker pods, and the Ray head goes once it is done.
-    run = example(
-        "trainingrun.yaml",
-        **{"spec.dataset.uri": dataset_uri, "spec.tuning.numTrials": 4,
-           "spec.ray.workers": 0, "spec.ray.head": {"cpu": "1", "memory": "3Gi"},
-           "spec.ttlSecondsAfterFinished": 0},
-    )  # fmt: skip
+    run = small_trainingrun(dataset_uri)
     node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
-    tr = wait_for(
-        node, "TrainingRun Succeeded",
-        lambda: (c := get_columns(node, "tr", namespace, "insurance"))["PHASE"]
-        in ("Succeeded", "Failed") and c,
-        timeout=900,
-    )  # fmt: skip
+    tr = trainingrun_ended(node, namespace, "insurance")
     assert tr["PHASE"] == "Succeeded", node.kubectl("get", "tr", "-n", namespace, "-o", "yaml")
     assert (tr["TRIALS"], tr["VERSION"], tr["PROMOTED"]) == ("4", "1", "true"), tr
     rayjobs = node.kubectl("get", "rayjobs", "-n", namespace, "-o", "name").stdout.split()
