@@ -25,6 +25,7 @@ def main() -> None:
     answers: list[float] = []
     requests, errors = 0, 0
     kinds: dict[str, int] = {}
+    error_window: list[float] = []  # wall-clock time of the first and the last error
     while time.monotonic() < deadline:
         if changed_at and time.monotonic() - changed_at > args.get("after_change_seconds", 10):
             break
@@ -39,6 +40,8 @@ def main() -> None:
                 value = json.load(response)["predictions"][0]
         except (urllib.error.URLError, OSError, ValueError) as error:
             errors += 1
+            now = time.time()
+            error_window = [error_window[0] if error_window else now, now]
             kind = f"{type(error).__name__}: {getattr(error, 'reason', error)}"[:120]
             kinds[kind] = kinds.get(kind, 0) + 1
             time.sleep(0.05)
@@ -52,6 +55,7 @@ def main() -> None:
         json.dumps(
             {
                 "requests": requests,
+                "error_window": error_window,
                 "errors": errors,
                 "error_kinds": kinds,
                 "answers": answers,
