@@ -81,11 +81,11 @@ def round_trip(shared: Path) -> dict[str, float]:
     from tests.node.steps import (
         CHART,
         RELEASE_NS,
-        RUNTIME,
         example,
         helm,
         serve_dataset,
         small_trainingrun,
+        start_sleeper,
     )
 
     images = list(image_archives().values())
@@ -126,20 +126,7 @@ def round_trip(shared: Path) -> dict[str, float]:
         # The first prediction is asked for from a pod that is already running, through the
         # Service's cluster DNS name (the host's own traffic to Service IPs is dropped by the
         # node's guard before kube-proxy would translate it; see tests/cluster/README.md).
-        node.kubectl(
-            "run",
-            "poller",
-            "-n",
-            namespace,
-            f"--image={RUNTIME}",
-            "--image-pull-policy=Never",
-            "--restart=Never",
-            "--",
-            "sleep",
-            "3600",
-        )
-        node.kubectl("wait", "--for=condition=Ready", "pod/poller", "-n", namespace,
-                     "--timeout=120s", timeout=130)  # fmt: skip
+        start_sleeper(node, namespace, "poller")
         deployment = example(
             "modeldeployment.yaml",
             **{"spec.replicas": {"min": 1, "max": 1},

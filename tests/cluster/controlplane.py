@@ -25,10 +25,12 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import ssl
+import string
 import subprocess
 import sys
 import tempfile
@@ -789,6 +791,13 @@ def _https_ok(url: str) -> bool:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def namespace_for_test(test_name: str, prefix: str) -> str:
+    """A fresh namespace name after a test's name: `<prefix>-<slug>-<5 random chars>`."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+    return f"{prefix}-{slug}-{suffix}"
 
 
 def _slug(text: str) -> str:

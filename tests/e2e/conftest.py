@@ -5,9 +5,6 @@ One control plane per test session; a fresh namespace per test. See tests/cluste
 
 from __future__ import annotations
 
-import random
-import re
-import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import crds as crd_files
-from tests.cluster.controlplane import Binaries, BinariesMissing, ControlPlane
+from tests.cluster.controlplane import Binaries, BinariesMissing, ControlPlane, namespace_for_test
 from tests.cluster.players import InferenceServicePlayer, RayJobPlayer
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -86,12 +83,6 @@ def crds(foreign_crds: list[str], mlkube_crds: list[str]) -> list[str]:
     return [*foreign_crds, *mlkube_crds]
 
 
-def _namespace_name(test_name: str) -> str:
-    slug = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-")
-    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-    return f"t-{slug}-{suffix}"
-
-
 @pytest.fixture
 def namespace(
     control_plane: ControlPlane, kube_api: client.ApiClient, request: pytest.FixtureRequest
@@ -99,7 +90,7 @@ def namespace(
     """A fresh namespace named after the test; deleted afterwards (not waited for)."""
     control_plane.assert_alive()  # a dead apiserver: say so, with its log, not "refused"
     core = client.CoreV1Api(kube_api)
-    name = _namespace_name(request.node.name)
+    name = namespace_for_test(request.node.name, "t")
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     try:
         yield name

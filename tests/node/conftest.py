@@ -7,16 +7,13 @@ unless the test is marked `expects_escape` (it then checks the record and clears
 
 from __future__ import annotations
 
-import random
-import re
-import string
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.controllers import start_kserve, start_kuberay
-from tests.cluster.controlplane import BinariesMissing
+from tests.cluster.controlplane import BinariesMissing, namespace_for_test
 from tests.cluster.images import image_archives
 from tests.cluster.node import Node, machine_state
 
@@ -92,15 +89,9 @@ def images(node_session: NodeSession) -> dict[str, Path]:
     return node_session.images
 
 
-def _namespace_name(test_name: str) -> str:
-    slug = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-")
-    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-    return f"n-{slug}-{suffix}"
-
-
 @pytest.fixture
 def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = _namespace_name(request.node.name)
+    name = namespace_for_test(request.node.name, "n")
     node.kubectl("create", "namespace", name)
     try:
         yield name

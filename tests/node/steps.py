@@ -171,6 +171,14 @@ def add_script(node: Node, namespace: str, name: str, script: Path) -> list[str]
     return ["python", f"/script/{script.name}"]
 
 
+def start_sleeper(node: Node, namespace: str, name: str, timeout: float = 120) -> None:
+    """A runtime-image pod that only sleeps, once it is Ready."""
+    node.kubectl("run", name, "-n", namespace, f"--image={RUNTIME}", "--image-pull-policy=Never",
+                 "--restart=Never", "--", "sleep", "3600")  # fmt: skip
+    node.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace,
+                 f"--timeout={int(timeout)}s", timeout=timeout + 10)  # fmt: skip
+
+
 def pod_ended(node: Node, namespace: str, name: str, timeout: float) -> dict[str, Any]:
     """Wait for the pod to end; returns {"phase", "logs"}."""
     deadline = time.monotonic() + timeout

@@ -11,9 +11,8 @@ import pytest
 
 from tests.cluster.node import CGROUP_NAME, Node, cgroup_v2_root, differences, machine_state
 from tests.node.conftest import NodeSession
-from tests.node.steps import run_pod
+from tests.node.steps import RUNTIME, run_pod, start_sleeper
 
-RUNTIME = "docker.io/mlkube/runtime:0.1.0"
 BLACKHOLE = "203.0.113.7"  # TEST-NET-3: no host there, and our guard drops it first
 
 
@@ -173,21 +172,7 @@ def test_stopping_the_node_leaves_nothing_behind(node_session: NodeSession) -> N
     node = node_session.node
     assert node is not None
     # A pod still running when the node stops.
-    node.kubectl(
-        "run",
-        "sleeper",
-        "-n",
-        "default",
-        f"--image={RUNTIME}",
-        "--image-pull-policy=Never",
-        "--restart=Never",
-        "--",
-        "sleep",
-        "3600",
-    )
-    node.kubectl(
-        "wait", "-n", "default", "pod/sleeper", "--for=condition=Ready", "--timeout=60s", timeout=70
-    )
+    start_sleeper(node, "default", "sleeper", timeout=60)
     node_session.stop()
     left = differences(node_session.before, machine_state())
     node_session.start()
