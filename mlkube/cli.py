@@ -37,6 +37,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlkube.api import TrainingRun, load_manifest
 
     run = load_manifest(Path(args.file), TrainingRun)
+    if args.dataset:
+        run.spec.dataset.uri = args.dataset
+    if args.tracking_uri:
+        run.spec.mlflow.tracking_uri = args.tracking_uri
+    from mlkube.training.prepare import preflight
+
+    # What can be refused without Ray and Prefect is refused before either starts.
+    preflight(run)
     from mlkube.flows.logs import quiet_console
     from mlkube.flows.prefect_api import start_prefect_api
 
@@ -46,10 +54,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlkube.flows.train import train
     from mlkube.reports import print_train_result
 
-    if args.dataset:
-        run.spec.dataset.uri = args.dataset
-    if args.tracking_uri:
-        run.spec.mlflow.tracking_uri = args.tracking_uri
     result = train(run, show_progress=not args.quiet)
     print_train_result(result)
     return 0

@@ -29,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 INSURANCE = REPO.parent / "shared" / "data" / "insurance.csv"
 MARKS = ("first trial reported", "last trial reported", "summary printed", "process ended")
+# A run with a dataset that isn't there: how long a user waits for the one-line error.
+REFUSED = "missing dataset refused (exit 2)"
 
 
 def log(message: str) -> None:
@@ -76,6 +78,23 @@ def run_once(checkout: Path, manifest: Path, env: dict[str, str], trials: int) -
     return marks
 
 
+def refusal_seconds(checkout: Path, manifest: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "mlkube", "train", "-f", str(manifest), "--dataset", "/no/such.csv"],
+        cwd=checkout,
+        env={**env, "PYTHONPATH": str(checkout)},
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 2 or "dataset.uri" not in done.stderr:
+        raise SystemExit(
+            f"{checkout}: a missing dataset gave exit {done.returncode}: {done.stderr}"
+        )
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -105,6 +124,7 @@ def main() -> int:
         results[checkout] = []
         for repeat in range(1, args.repeats + 1):
             marks = run_once(checkout, manifest, env, args.trials)
+            marks[REFUSED] = refusal_seconds(checkout, manifest, env)
             results[checkout].append(marks)
             log(f"{checkout}: run {repeat}/{args.repeats}: {marks[MARKS[3]]:.1f} s in all")
 
@@ -123,7 +143,7 @@ def main() -> int:
         "| --- |" + " ---: |" * len(checkouts),
         *(
             f"| {mark} | " + " | ".join(f"{median(c, mark):.1f}" for c in checkouts) + " |"
-            for mark in MARKS
+            for mark in (*MARKS, REFUSED)
         ),
     ]
     text = "\n".join(lines)

@@ -123,8 +123,8 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from mlkube.api import parse_resource
-    from mlkube.flows.train import prepare
     from mlkube.local import local_tracking_uri
+    from mlkube.training.prepare import prepare
     from mlkube.training.tune import ensure_ray
 
     load_before = os.getloadavg()[0]

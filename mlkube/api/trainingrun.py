@@ -53,6 +53,13 @@ class Dataset(CamelModel):
         description="Any URI pandas/fsspec reads; omitted means the task's offline sample.",
     )
     target: str | None = Field(default=None, description="Label column (tabular tasks).")
+    problem: Literal["auto", "regression", "classification"] = Field(
+        default="auto",
+        description=(
+            "What the target is. auto: a text or boolean target, or an integer one with few "
+            "values, is a classification; anything else a regression."
+        ),
+    )
 
 
 class ModelName(CamelModel):

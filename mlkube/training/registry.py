@@ -74,21 +74,28 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> int | None:
 
 
 def evaluate(
-    client: MlflowClient, task: Task, data: TaskData, model_uri: str, name: str, alias: str
+    client: MlflowClient,
+    task: Task,
+    data: TaskData,
+    model_uri: str,
+    name: str,
+    alias: str,
+    metric: str,
 ) -> Evaluation:
-    """Scores the logged model (what will be served) and the current alias holder."""
+    """Scores the logged model (what will be served) and the current alias holder on
+    `metric`, the one the search optimised."""
     import mlflow.pyfunc
 
     new = task.evaluate(mlflow.pyfunc.load_model(model_uri), data)
     current = version_by_alias(client, name, alias)
     if current is None:
-        return Evaluation(task.metric, new, None, None)
+        return Evaluation(metric, new, None, None)
     try:
         champion = task.evaluate(mlflow.pyfunc.load_model(f"models:/{name}/{current}"), data)
     except Exception as error:  # a champion of another shape must not block a new model
         reason = f"{type(error).__name__}: {first_line(error)}"
-        return Evaluation(task.metric, new, current, None, reason)
-    return Evaluation(task.metric, new, current, champion)
+        return Evaluation(metric, new, current, None, reason)
+    return Evaluation(metric, new, current, champion)
 
 
 def register(model_uri: str, name: str, tags: dict[str, str], description: str) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from mlkube.api.errors import CommandFailed
 from mlkube.background import BackgroundStart
 from mlkube.local import ensure_ray_bootstrap_config, mlkube_home
 from mlkube.training.search_space import to_tune
@@ -50,6 +51,16 @@ def ray_temp_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"mlkube-ray-{os.getuid()}")
 
 
+# Ray gives its local node a fixed 30 s to register; on a machine this busy a second or
+# third try usually gets through, and a user is better served by a wait than a traceback.
+RAY_START_ATTEMPTS = 3
+RAY_START_TIMED_OUT = "timed out during startup"
+
+
+class RayDidNotStart(CommandFailed):
+    """Ray's local node did not come up; one line saying what to do."""
+
+
 def _init_ray(num_cpus: int | None) -> None:
     import ray
 
@@ -57,13 +68,29 @@ def _init_ray(num_cpus: int | None) -> None:
         ray.init(log_to_driver=False)
         return
     ensure_ray_bootstrap_config()
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=ray_temp_dir(),
-        object_store_memory=512 * 1024 * 1024,
-        configure_logging=False,
+    for _ in range(RAY_START_ATTEMPTS):
+        try:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                _temp_dir=ray_temp_dir(),
+                object_store_memory=512 * 1024 * 1024,
+                configure_logging=False,
+            )
+            return
+        except Exception as error:
+            if RAY_START_TIMED_OUT not in str(error):
+                raise
+            ray.shutdown()
+    raise RayDidNotStart(ray_start_advice(RAY_START_ATTEMPTS, os.getloadavg()[0]))
+
+
+def ray_start_advice(attempts: int, load: float) -> str:
+    return (
+        f"Ray's local node did not start in {attempts} tries of 30 s; the machine is busy "
+        f"(load {load:.1f} on {os.cpu_count()} cores). Try again when it is quieter, or start "
+        "Ray once with `ray start --head` and set RAY_ADDRESS=auto"
     )
 
 

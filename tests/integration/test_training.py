@@ -138,7 +138,7 @@ def classification_csv(tmp_path: Path, insurance_csv: Path) -> Path:
 @pytest.mark.parametrize(
     ("task", "extra"),
     [
-        ("tabular", {"tuning": {"numTrials": 2}}),
+        ("tabular", {"tuning": {"numTrials": 2, "metric": "roc_auc"}}),
         (
             "atmos-temperature",
             {
@@ -178,7 +178,10 @@ def test_every_task_trains_registers_and_promotes(
     assert int(local_mlflow.get_model_version_by_alias(model_name, "champion").version) == 1
     assert result.metric in result.holdout
     if task == "tabular":
-        assert result.metric == "accuracy" and result.holdout["accuracy"] > 0.8
+        # A metric from probabilities, where more is better without the spec saying so.
+        assert result.metric == "roc_auc" and result.mode == "max"
+        assert result.holdout["roc_auc"] > 0.9 and result.holdout["accuracy"] > 0.8
+        assert set(result.holdout) == {"accuracy", "f1", "log_loss", "roc_auc"}
     if task in ("atmos-temperature", "mnist"):
         # Learning curves: one point per epoch in some trial's nested run.
         histories = [
@@ -186,6 +189,23 @@ def test_every_task_trains_registers_and_promotes(
             for t in trial_runs(local_mlflow, result)
         ]
         assert max(len(h) for h in histories) == 2
+
+
+def test_an_integer_target_is_a_regression_when_the_user_says_so(
+    model_name: str, insurance_csv: Path
+) -> None:
+    """`children` (0-5) would be taken as six classes; `problem: regression` makes it a
+    regression, and r2 is maximised without the spec giving a mode."""
+    spec = {
+        "task": "tabular",
+        "model": {"name": model_name},
+        "dataset": {"uri": str(insurance_csv), "target": "children", "problem": "regression"},
+        "tuning": {"numTrials": 2, "metric": "r2"},
+    }
+    result = train(trainingrun("children-regression", spec), show_progress=False)
+    assert result.metric == "r2" and result.mode == "max"
+    assert set(result.holdout) == {"mae", "rmse", "r2"}
+    assert result.best_value == max(t.value for t in result.trials if t.value is not None)
 
 
 def test_mnist_model_explains_with_nearest_training_examples(

@@ -60,6 +60,26 @@ CASES = {
         ),
         "spec.tuning.searchSpace.depth: task insurance has no such parameter",
     ),
+    "problem the task cannot solve": (
+        lambda d, csv: d["spec"].update(task="mnist", dataset={"problem": "regression"}),
+        "dataset.problem: task mnist solves classification, not regression",
+    ),
+    "regression on a text target": (
+        lambda d, csv: d["spec"].update(
+            task="tabular",
+            dataset={"uri": str(csv), "target": "smoker", "problem": "regression"},
+        ),
+        "dataset.problem: a regression needs a numeric target; 'smoker' holds object values",
+    ),
+    "metric that does not fit the problem": (
+        lambda d, csv: d["spec"].update(dataset={"uri": str(csv)}, tuning={"metric": "accuracy"}),
+        "spec.tuning.metric: 'accuracy' is not reported by task insurance "
+        "(choose one of: mae, rmse, r2)",
+    ),
+    "unknown problem": (
+        lambda d, csv: d["spec"].update(dataset={"uri": str(csv), "problem": "ranking"}),
+        "spec.dataset.problem: Input should be 'auto', 'regression' or 'classification'",
+    ),
     "wrong apiVersion": (
         lambda d, csv: d.update(apiVersion="mlkube.io/v1"),
         "apiVersion must be mlkube.io/v1alpha1",

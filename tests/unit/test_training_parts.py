@@ -57,7 +57,7 @@ def test_unknown_user_task_is_a_one_line_error() -> None:
 
 
 def test_asha_needs_a_task_with_epochs() -> None:
-    from mlkube.flows.train import search_settings
+    from mlkube.training.prepare import search_settings
 
     run = parse_resource(
         {

@@ -13,7 +13,6 @@ import importlib
 import json
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from mlkube.flows.logs import quiet_console
 from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
 from mlkube.local import local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
-from mlkube.training.search_space import merged_space
-from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
+from mlkube.training.prepare import MISSING_EXTRA, Prepared, preflight, prepare
 from mlkube.training.tracking import RunTracker, TrialRecord
 from mlkube.training.tune import SearchSettings, run_search, start_ray
 
@@ -61,57 +59,6 @@ class TrainResult(BaseModel):
     alias: str
     reason: str
     champion_version: int | None
-
-
-@dataclass
-class Prepared:
-    """A TrainingRun checked against its task and data, ready to train."""
-
-    run: TrainingRun
-    task: Task
-    data: TaskData
-    settings: SearchSettings
-
-
-def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
-    """What to search, with the task's defaults filled in; refuses what the task can't do."""
-    tuning = run.spec.tuning
-    metric = tuning.metric or the_task.metric
-    if metric not in the_task.metric_names():
-        raise TaskError(
-            f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
-            f"(it reports {', '.join(the_task.metric_names())})"
-        )
-    if tuning.scheduler == "asha" and not the_task.has_epochs:
-        raise TaskError(
-            f"spec.tuning.scheduler: asha needs a task with epochs, not {run.spec.task}"
-        )
-    unknown = sorted(set(tuning.search_space) - set(the_task.search_space))
-    if unknown:
-        raise TaskError(
-            f"spec.tuning.searchSpace.{unknown[0]}: task {run.spec.task} has no such "
-            f"parameter (it tunes {', '.join(the_task.search_space)})"
-        )
-    override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
-    return SearchSettings(
-        num_trials=tuning.num_trials,
-        max_concurrent_trials=tuning.max_concurrent_trials,
-        metric=metric,
-        mode=tuning.mode or the_task.mode,
-        scheduler=tuning.scheduler,
-        search_space=merged_space(the_task.search_space, override),
-        timeout_seconds=tuning.timeout_seconds,
-        seed=tuning.seed,
-        max_epochs=the_task.max_epochs,
-    )
-
-
-def prepare(run: TrainingRun) -> Prepared:
-    """Load and validate: raises UserError with one line when the run cannot train."""
-    the_task = resolve_task(run.spec.task)
-    data = the_task.load(run.spec.dataset.uri, run.spec.dataset.target, run.spec.tuning.seed)
-    # The metric can depend on the data (classification or regression): validate after.
-    return Prepared(run, the_task, data, search_settings(run, the_task))
 
 
 def experiment_for(client: Any, model_name: str, tracking_uri: str) -> str:
@@ -153,7 +100,13 @@ def fit_and_log(prepared: Prepared, best: TrialRecord, experiment_id: str, run_i
 def evaluate_task(prepared: Prepared, client: Any, model_uri: str) -> registry.Evaluation:
     spec = prepared.run.spec
     return registry.evaluate(
-        client, prepared.task, prepared.data, model_uri, spec.model.name, spec.promotion.alias
+        client,
+        prepared.task,
+        prepared.data,
+        model_uri,
+        spec.model.name,
+        spec.promotion.alias,
+        prepared.settings.metric,
     )
 
 
@@ -295,8 +248,7 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
         except ModuleNotFoundError as missing:
             raise UserError(
                 f"spec.task: {run.spec.task} needs {missing.name}, which this install lacks: "
-                "pip install 'mlkube[torch]', or on a cluster spec.ray.image: "
-                "mlkube/runtime-full (the runtime image has no torch)"
+                f"{MISSING_EXTRA}"
             ) from None
     wait_for_prefect_api()
     return train_flow(prepared, show_progress)
@@ -326,6 +278,7 @@ def run_entrypoint(args: argparse.Namespace) -> int:
     """Trains and prints the result as JSON; bad input raises UserError (exit 2)."""
     quiet_console(verbose=True)
     run = read_trainingrun(args.spec_json, args.spec_file)
+    preflight(run)
     start_prefect_api()
     print(train(run).model_dump_json())
     return 0

@@ -80,6 +80,7 @@ class AtmosTemperatureTask(Task):
     mode = "min"
     has_epochs = True
     max_epochs = 8
+    problems = ("regression",)
 
     @property
     def search_space(self) -> SearchSpace:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from mlkube.api.errors import UserError
 
 Mode = Literal["min", "max"]
+Problem = Literal["auto", "regression", "classification"]
 # Same syntax as TrainingRun.spec.tuning.searchSpace, e.g. {"lr": {"loguniform": [1e-4, 0.1]}}.
 SearchSpace = dict[str, dict[str, Any]]
 Report = Callable[[dict[str, float]], None]
@@ -43,6 +44,9 @@ class Task(ABC):
     max_epochs: int = 1
     # What log_model imports; the flow imports them while it waits for Ray and Prefect.
     model_modules: tuple[str, ...] = ("mlflow.models",)
+    # What spec.dataset.problem may say besides "auto"; the flow sets `problem` before load.
+    problems: tuple[Problem, ...] = ()
+    problem: Problem = "auto"
 
     @property
     @abstractmethod
@@ -72,3 +76,7 @@ class Task(ABC):
 
     def metric_names(self) -> list[str]:
         return [self.metric]
+
+    def mode_for(self, metric: str) -> Mode:
+        """Whether less or more of `metric` is better, when the spec does not say."""
+        return self.mode

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.base import DataError, Mode, Report, SearchSpace, Task, TaskData
 from mlkube.training.tasks.data import read_table, require_columns
 from mlkube.training.tasks.torch_loop import epochs_of, fit_epochs, seed_everything
 
@@ -79,6 +79,7 @@ class MnistTask(Task):
     mode = "min"
     has_epochs = True
     max_epochs = 8
+    problems = ("classification",)
 
     @property
     def search_space(self) -> SearchSpace:
@@ -91,6 +92,9 @@ class MnistTask(Task):
 
     def metric_names(self) -> list[str]:
         return ["loss", "accuracy"]
+
+    def mode_for(self, metric: str) -> Mode:
+        return "max" if metric == "accuracy" else "min"
 
     def load(self, uri: str | None, target: str | None, seed: int) -> TaskData:
         from sklearn.model_selection import train_test_split

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.base import DataError, Mode, Problem, Report, SearchSpace, Task, TaskData
 from mlkube.training.tasks.data import read_table, require_columns
 
 HOLDOUT_FRACTION = 0.2
@@ -17,6 +17,14 @@ CV_FOLDS = 3
 # An integer or text target with at most this many classes is a classification.
 MAX_CLASSES = 20
 PIP_REQUIREMENTS = ["scikit-learn==1.9.1", "skops", "pandas", "numpy"]
+# The metrics reported for each kind of problem, the first the default, and which way is better.
+REGRESSION_METRICS: dict[str, Mode] = {"mae": "min", "rmse": "min", "r2": "max"}
+CLASSIFICATION_METRICS: dict[str, Mode] = {
+    "accuracy": "max",
+    "f1": "max",
+    "log_loss": "min",
+    "roc_auc": "max",
+}
 
 
 def is_classification(target: pd.Series) -> bool:
@@ -29,6 +37,7 @@ class TabularTask(Task):
     name = "tabular"
     model_modules = ("mlflow.models", "mlflow.sklearn", "skops.io")
     default_target: tuple[str, ...] = ()
+    problems: tuple[Problem, ...] = ("regression", "classification")
 
     def __init__(self) -> None:
         self.classification = False
@@ -67,8 +76,9 @@ class TabularTask(Task):
         features = frame.drop(columns=[label])
         if features.shape[1] == 0:
             raise DataError(f"dataset.uri: {uri} has no feature columns besides {label!r}")
-        self.classification = is_classification(frame[label])
-        self.metric, self.mode = ("accuracy", "max") if self.classification else ("mae", "min")
+        self.classification = self.is_classification(frame[label], label)
+        self.metric = self.metric_names()[0]
+        self.mode = self.mode_for(self.metric)
         from sklearn.model_selection import train_test_split
 
         x_search, x_holdout, y_search, y_holdout = train_test_split(
@@ -88,6 +98,24 @@ class TabularTask(Task):
                 "kind": "classification" if self.classification else "regression",
             },
         )
+
+    def is_classification(self, target: pd.Series, label: str) -> bool:
+        if self.problem == "classification":
+            return True
+        if self.problem == "regression":
+            if target.dtype.kind not in "iuf":
+                raise DataError(
+                    f"dataset.problem: a regression needs a numeric target; {label!r} holds "
+                    f"{target.dtype} values"
+                )
+            return False
+        return is_classification(target)
+
+    def metric_names(self) -> list[str]:
+        return list(CLASSIFICATION_METRICS if self.classification else REGRESSION_METRICS)
+
+    def mode_for(self, metric: str) -> Mode:
+        return {**REGRESSION_METRICS, **CLASSIFICATION_METRICS}.get(metric, self.mode)
 
     def pipeline(self, config: Mapping[str, Any], features: pd.DataFrame, seed: int) -> Any:
         from sklearn.compose import ColumnTransformer
@@ -117,19 +145,44 @@ class TabularTask(Task):
         )
         return Pipeline([("encode", encode), ("model", estimator)])
 
-    def score(self, y_true: Any, y_pred: Any) -> dict[str, float]:
+    def score(
+        self, model: Any, x: pd.DataFrame, y_true: Any, y_pred: Any = None
+    ) -> dict[str, float]:
+        """All of metric_names() for a fitted scikit-learn model on (x, y_true); y_pred, when
+        given, are the served model's predictions."""
         from sklearn import metrics
 
+        y_pred = model.predict(x) if y_pred is None else y_pred
         if self.classification:
-            return {
+            scores = {
                 "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
-                "f1_macro": float(metrics.f1_score(y_true, y_pred, average="macro")),
+                "f1": float(metrics.f1_score(y_true, y_pred, average="macro")),
             }
+            return scores | self.probability_scores(model, x, y_true)
         return {
             "mae": float(metrics.mean_absolute_error(y_true, y_pred)),
             "rmse": float(np.sqrt(metrics.mean_squared_error(y_true, y_pred))),
             "r2": float(metrics.r2_score(y_true, y_pred)),
         }
+
+    @staticmethod
+    def probability_scores(model: Any, x: pd.DataFrame, y_true: Any) -> dict[str, float]:
+        from sklearn import metrics
+
+        classes = model.classes_
+        probabilities = model.predict_proba(x)
+        scores = {"log_loss": float(metrics.log_loss(y_true, probabilities, labels=classes))}
+        try:
+            if len(classes) == 2:
+                auc = metrics.roc_auc_score(y_true, probabilities[:, 1])
+            else:
+                auc = metrics.roc_auc_score(
+                    y_true, probabilities, multi_class="ovr", labels=classes
+                )
+        except ValueError:  # a class missing from y_true: the area is not defined
+            auc = float("nan")
+        scores["roc_auc"] = float(auc)
+        return scores
 
     def train(self, config: Mapping[str, Any], data: TaskData, report: Report, seed: int) -> None:
         from sklearn.model_selection import KFold, StratifiedKFold
@@ -141,8 +194,7 @@ class TabularTask(Task):
         folds = []
         for train_index, valid_index in splitter.split(x, y):
             model = self.pipeline(config, x, seed).fit(x.iloc[train_index], y.iloc[train_index])
-            predicted = model.predict(x.iloc[valid_index])
-            folds.append(self.score(y.iloc[valid_index], predicted))
+            folds.append(self.score(model, x.iloc[valid_index], y.iloc[valid_index]))
         report({name: float(np.mean([f[name] for f in folds])) for name in folds[0]})
 
     def fit(self, config: Mapping[str, Any], data: TaskData, seed: int) -> Any:
@@ -176,7 +228,9 @@ class TabularTask(Task):
 
     def evaluate(self, loaded_model: Any, data: TaskData) -> dict[str, float]:
         x, y = data.holdout
-        return self.score(y, loaded_model.predict(x))
+        # Labels as served, through the pyfunc; probabilities (log_loss, roc_auc) from the
+        # scikit-learn model inside it.
+        return self.score(loaded_model.get_raw_model(), x, y, loaded_model.predict(x))
 
 
 class InsuranceTask(TabularTask):

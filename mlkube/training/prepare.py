@@ -1,0 +1,119 @@
+"""A TrainingRun checked against its task and data before anything slow starts.
+
+`preflight` is what can be refused in a fraction of a second, before Ray, Prefect and
+MLflow are imported or started: an unknown or unimportable task, a missing extra, a local
+dataset that is missing or unreadable, a target column not in its header, a problem the
+task can't solve. `prepare` then reads the data and checks the search against the task.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from dataclasses import dataclass
+
+from mlkube.api import TrainingRun, UserError
+from mlkube.api.errors import first_line
+from mlkube.training.search_space import merged_space
+from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
+from mlkube.training.tasks.base import DataError
+from mlkube.training.tasks.data import local_path
+from mlkube.training.tune import SearchSettings
+
+MISSING_EXTRA = (
+    "pip install 'mlkube[torch]', or on a cluster spec.ray.image: mlkube/runtime-full "
+    "(the runtime image has no torch)"
+)
+
+
+@dataclass
+class Prepared:
+    """A TrainingRun checked against its task and data, ready to train."""
+
+    run: TrainingRun
+    task: Task
+    data: TaskData
+    settings: SearchSettings
+
+
+def preflight(run: TrainingRun) -> Task:
+    """The checks that need neither Ray nor Prefect nor the whole dataset; returns the task
+    with spec.dataset.problem applied. Raises UserError with one line."""
+    the_task = resolve_task(run.spec.task)
+    for module in the_task.model_modules:
+        top = module.split(".")[0]
+        if importlib.util.find_spec(top) is None:
+            raise UserError(
+                f"spec.task: {run.spec.task} needs {top}, which this install lacks: {MISSING_EXTRA}"
+            )
+    problem = run.spec.dataset.problem
+    if problem != "auto" and problem not in the_task.problems:
+        can = " or ".join(the_task.problems) or "no choice of problem"
+        raise TaskError(f"dataset.problem: task {run.spec.task} solves {can}, not {problem}")
+    the_task.problem = problem
+    if run.spec.dataset.uri:
+        check_local_dataset(run.spec.dataset.uri, run.spec.dataset.target)
+    return the_task
+
+
+def check_local_dataset(uri: str, target: str | None) -> None:
+    """A local file must exist and be readable; a CSV's header must name the target."""
+    path = local_path(uri)
+    if path is None:
+        return  # remote: read later, with the same one-line errors
+    if not path.is_file():
+        raise DataError(f"dataset.uri: no such file: {uri}")
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(64 * 1024)
+    except OSError as error:
+        raise DataError(f"dataset.uri: cannot read {uri}: {first_line(error)}") from None
+    if not target or path.suffix.lower() not in (".csv", ".txt", ""):
+        return
+    first = head.decode("utf-8", errors="replace").splitlines()[:1]
+    columns = next(csv.reader(first), []) if first else []
+    if target not in columns:
+        raise DataError(
+            f"dataset.target: column {target!r} not in {uri} (columns: {', '.join(columns)})"
+        )
+
+
+def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
+    """What to search, with the task's defaults filled in; refuses what the task can't do."""
+    tuning = run.spec.tuning
+    metric = tuning.metric or the_task.metric
+    if metric not in the_task.metric_names():
+        raise TaskError(
+            f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
+            f"(choose one of: {', '.join(the_task.metric_names())})"
+        )
+    if tuning.scheduler == "asha" and not the_task.has_epochs:
+        raise TaskError(
+            f"spec.tuning.scheduler: asha needs a task with epochs, not {run.spec.task}"
+        )
+    unknown = sorted(set(tuning.search_space) - set(the_task.search_space))
+    if unknown:
+        raise TaskError(
+            f"spec.tuning.searchSpace.{unknown[0]}: task {run.spec.task} has no such "
+            f"parameter (it tunes {', '.join(the_task.search_space)})"
+        )
+    override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
+    return SearchSettings(
+        num_trials=tuning.num_trials,
+        max_concurrent_trials=tuning.max_concurrent_trials,
+        metric=metric,
+        mode=tuning.mode or the_task.mode_for(metric),
+        scheduler=tuning.scheduler,
+        search_space=merged_space(the_task.search_space, override),
+        timeout_seconds=tuning.timeout_seconds,
+        seed=tuning.seed,
+        max_epochs=the_task.max_epochs,
+    )
+
+
+def prepare(run: TrainingRun) -> Prepared:
+    """Load and validate: raises UserError with one line when the run cannot train."""
+    the_task = preflight(run)
+    data = the_task.load(run.spec.dataset.uri, run.spec.dataset.target, run.spec.tuning.seed)
+    # The metric can depend on the data (classification or regression): validate after.
+    return Prepared(run, the_task, data, search_settings(run, the_task))
