@@ -25,8 +25,10 @@ k8s-binaries:
 node-deps:
 	@bash tests/cluster/node-deps.sh
 
+# DEMO_TRIALS: the search's size (the test of this target uses fewer).
+DEMO_TRIALS ?= 8
 demo: venv
-	$(VENV)/bin/mlkube demo
+	$(VENV)/bin/mlkube demo --trials $(DEMO_TRIALS)
 
 # Everything: lint, then unit, integration, the control-plane e2e tests and the real-node lane.
 test: venv lint k8s-binaries node-deps images
