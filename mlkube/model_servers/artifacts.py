@@ -171,6 +171,8 @@ class ArtifactCache:
                 partial.mkdir()
                 # runs:/id/model downloads into partial/model, models:/ into partial itself
                 model_dir = self._download(source.uri, partial)
+                if not (model_dir / "MLmodel").is_file():  # e.g. a version whose files are gone
+                    raise DamagedCopy(f"{source.label}: the download holds no MLmodel file")
                 seal(model_dir)
                 if final.exists():  # an unfinished or damaged copy
                     shutil.rmtree(final, ignore_errors=True)

@@ -92,3 +92,11 @@ def test_the_cache_directory_is_private(origin: Origin, tmp_path: Path) -> None:
     wide.chmod(0o777)
     ArtifactCache(wide, 2**30, download=origin.download)
     assert stat.S_IMODE(wide.stat().st_mode) == 0o700
+
+
+def test_a_download_without_an_mlmodel_file_is_refused(origin: Origin, tmp_path: Path) -> None:
+    (origin.dir / "MLmodel").unlink()  # the store lost the version's files
+    cache = ArtifactCache(tmp_path / "cache", 2**30, download=origin.download)
+    with pytest.raises(DamagedCopy, match="no MLmodel file"):
+        cache.fetch(SOURCE)
+    assert not cache.cached(SOURCE)
