@@ -31,6 +31,10 @@ FLAVOUR_IMPORTS = {
 Explainer = Callable[[Any], Any]
 
 
+class Unloadable(Exception):
+    """The version's artifacts are on disk (downloaded afresh) and still do not load."""
+
+
 @dataclass
 class LoadedModel:
     source: ModelSource
@@ -179,7 +183,10 @@ class ModelLoader:
             log.warning("loading %s failed (%s); downloading it again", source.label, error)
             self.artifacts.discard(source)
             path = self.artifacts.fetch(source)
-            pyfunc = mlflow.pyfunc.load_model(str(path))
+            try:
+                pyfunc = mlflow.pyfunc.load_model(str(path))
+            except Exception as again:
+                raise Unloadable(f"{source.label} does not load: {again}") from again
         codec = codec_for_schema(pyfunc.metadata.get_input_schema())
         on_batch = self._on_batch
 
