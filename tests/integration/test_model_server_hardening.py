@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.fixtures.mlflow_server import MlflowServer, stop_process_group, tail, wait_http_ok
 from tests.integration.test_model_server import (
     ROWS,
     ModelServerProcess,
+    _grpc_infer,
     _log_sklearn,
     _poll,
     _start,
@@ -237,6 +239,22 @@ def test_a_body_over_the_cap_is_a_413(servers: dict[str, ModelServerProcess]) ->
 
     streamed = httpx.post(f"{d.url}/v2/models/{GOOD}/infer", content=chunks(), timeout=60)
     assert streamed.status_code == 413
+    assert d.alive()
+
+
+def test_a_grpc_message_over_the_cap_is_refused(servers: dict[str, ModelServerProcess]) -> None:
+    import grpc
+
+    d = servers["D"]
+    columns = [
+        (c, "BYTES" if isinstance(ROWS[0][c], str) else "FP64",
+         np.array([("x" * 2**20 if c == "region" else ROWS[0][c])],
+                  dtype=object if isinstance(ROWS[0][c], str) else float))
+        for c in ROWS[0]
+    ]  # fmt: skip
+    with pytest.raises(grpc.RpcError) as refused:
+        _grpc_infer(d.grpc_port, GOOD, columns)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert d.alive()
 
 
