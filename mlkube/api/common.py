@@ -13,6 +13,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Kubernetes quantities such as "500m", "2", "4Gi".
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+# A size in bytes, as Kubernetes writes one ("64Mi", "1G", "1048576"); no milli-bytes.
+BYTE_SIZE_PATTERN = r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from mlkube.api.common import (
+    BYTE_SIZE_PATTERN,
     CamelModel,
     Condition,
     MlflowSettings,
@@ -74,6 +75,19 @@ class Canary(CamelModel):
     traffic_percent: int = Field(ge=0, le=100)
 
 
+class RequestLimits(CamelModel):
+    """Caps on one request; over them the predictor answers 413 (bytes) or 400 (rows)."""
+
+    max_request_bytes: str | None = Field(
+        default=None,
+        pattern=BYTE_SIZE_PATTERN,
+        description="Largest request body, e.g. 64Mi; the predictor's default when omitted.",
+    )
+    max_request_rows: int | None = Field(
+        default=None, ge=1, description="Most rows in one request; the predictor's default."
+    )
+
+
 class ModelDeploymentSpec(CamelModel):
     model: ModelSelector
     protocol: Literal["v1", "v2"] = "v1"
@@ -83,6 +97,7 @@ class ModelDeploymentSpec(CamelModel):
     resources: Resources = Field(default_factory=Resources)
     image: str | None = Field(default=None, description="Predictor image; operator default.")
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
 class CanaryStatus(CamelModel):

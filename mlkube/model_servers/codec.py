@@ -39,6 +39,62 @@ class Rows:
     n: int
 
 
+# -- limits --------------------------------------------------------------------------------
+NAMED_IN_ERRORS = 5  # an error names this many keys and counts the rest (bodies stay small)
+
+
+def some(names: Sequence[Any], limit: int = NAMED_IN_ERRORS) -> str:
+    """Names for an error message, e.g. "a, b, c, d, e and 99995 more": one short line."""
+    shown = ", ".join(str(name)[:40] for name in names[:limit])
+    more = len(names) - limit
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _element_count(data: Any) -> int:
+    if isinstance(data, np.ndarray):
+        return int(data.size)
+    if isinstance(data, list | tuple):
+        return sum(_element_count(item) if isinstance(item, list | tuple) else 1 for item in data)
+    return 1
+
+
+def check_v2_shapes(request: InferRequest) -> int:
+    """Each input's data must fill its declared shape; returns the rows (largest first dim)."""
+    rows = 0
+    for inp in request.inputs:
+        shape = [int(d) for d in inp.shape]
+        if not shape or any(d < 0 for d in shape):
+            raise InvalidInput(f"input {inp.name!r}: shape {shape} must list non-negative sizes")
+        needed = int(np.prod(shape))
+        given = _element_count(_request_data(inp))
+        if given != needed:
+            raise InvalidInput(
+                f"input {inp.name!r}: shape {shape} needs {needed} values, got {given}"
+            )
+        rows = max(rows, shape[0])
+    return rows
+
+
+def v1_rows(body: Any) -> int:
+    """Rows a v1 body asks for, counted before any conversion."""
+    data = v1_payload(body)
+    if isinstance(data, list):
+        return len(data)
+    if isinstance(data, dict):
+        lengths = [len(v) for v in data.values() if isinstance(v, list)]
+        return max(lengths, default=1)
+    return 1
+
+
+def check_rows(rows: int, limit: int | None) -> None:
+    """Refuse a request over the row cap before it costs a conversion."""
+    if limit is not None and rows > limit:
+        raise InvalidInput(
+            f"request has {rows} rows, over this server's limit of {limit} "
+            "(max_request_rows; split the request)"
+        )
+
+
 # -- values --------------------------------------------------------------------------------
 def _describe(value: Any) -> str:
     text = repr(value)
@@ -118,7 +174,7 @@ def v1_payload(body: Any) -> Any:
         return body["instances"]
     if "inputs" in body:
         return body["inputs"]
-    raise InvalidInput(f'expected "instances" or "inputs", got keys: {", ".join(body) or "none"}')
+    raise InvalidInput(f'expected "instances" or "inputs", got keys: {some(list(body)) or "none"}')
 
 
 # -- outputs -------------------------------------------------------------------------------
@@ -213,7 +269,8 @@ class Codec:
 def _row_count(lengths: dict[str, int], what: str) -> int:
     """The number of rows in equally long columns; refuses ragged or empty ones."""
     if len(set(lengths.values())) != 1:
-        raise InvalidInput(f"{what} have different lengths: {lengths}")
+        pairs = [f"{name}={length}" for name, length in lengths.items()]
+        raise InvalidInput(f"{what} have different lengths: {some(pairs)}")
     n = next(iter(lengths.values()))
     if n == 0:
         raise InvalidInput("no rows given")
@@ -247,11 +304,10 @@ class TabularCodec(Codec):
         missing = [n for n in self.names if n in required and n not in given]
         extra = [n for n in given if n not in self._by_name]
         if missing:
-            raise InvalidInput(f"missing column(s){where}: {', '.join(missing)}{hint}")
+            raise InvalidInput(f"missing column(s){where}: {some(missing)}{hint}")
         if extra:
             raise InvalidInput(
-                f"unknown column(s){where}: {', '.join(map(str, extra))}; "
-                f"expected {', '.join(self.names)}{hint}"
+                f"unknown column(s){where}: {some(extra)}; expected {some(self.names)}{hint}"
             )
 
     def _from_records(self, records: list[dict[str, Any]]) -> Rows:
@@ -361,7 +417,7 @@ class TensorCodec(Codec):
 
     def decode_v2(self, request: InferRequest) -> Rows:
         if len(request.inputs) != 1:
-            names = ", ".join(i.name for i in request.inputs) or "none"
+            names = some([i.name for i in request.inputs]) or "none"
             raise InvalidInput(f"expected one input tensor, got {len(request.inputs)} ({names})")
         inp = request.inputs[0]
         try:

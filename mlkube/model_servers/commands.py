@@ -74,6 +74,8 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
             "ttl_seconds": spec.ttl_seconds,
             "protocol": spec.protocol,
         }
+        limits = spec.limits.model_dump(exclude_none=True)  # unset: the server's defaults
+        fields |= limits
         tracking_uri = tracking_uri or spec.mlflow.tracking_uri
     elif args.model_uri:
         fields["model_uri"] = args.model_uri

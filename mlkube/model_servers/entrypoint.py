@@ -72,6 +72,32 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="OpenMP/BLAS/torch threads per predict (default 1: best for small requests)",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        dest="max_request_bytes",
+        help="largest request body, e.g. 64Mi (larger: 413)",
+    )
+    parser.add_argument(
+        "--max-request-rows",
+        dest="max_request_rows",
+        type=int,
+        help="most rows in one request (more: 400 naming the limit)",
+    )
+    parser.add_argument(
+        "--mlflow-timeout",
+        dest="mlflow_timeout",
+        type=int,
+        help="seconds one MLflow HTTP call may take",
+    )
+    parser.add_argument(
+        "--mlflow-retries", dest="mlflow_retries", type=int, help="retries of an MLflow call"
+    )
+    parser.add_argument(
+        "--shutdown-seconds",
+        dest="shutdown_seconds",
+        type=float,
+        help="after SIGTERM, exit within this many seconds",
+    )
+    parser.add_argument(
         "--no-prefetch",
         dest="prefetch",
         action="store_false",

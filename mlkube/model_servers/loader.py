@@ -31,6 +31,10 @@ FLAVOUR_IMPORTS = {
 Explainer = Callable[[Any], Any]
 
 
+class Unloadable(Exception):
+    """The version's artifacts are on disk (downloaded afresh) and still do not load."""
+
+
 @dataclass
 class LoadedModel:
     source: ModelSource
@@ -137,6 +141,7 @@ class ModelLoader:
         self._resolve = resolver
         self._invariant: dict[str, bool] = {}  # per model version: immutable, kept over evictions
         self._pinned: dict[str, ModelSource] = {}  # URIs naming a version resolve once
+        self._resolved: dict[str, ModelSource] = {}  # the last answer for every URI
 
     def source(self, uri: str) -> ModelSource:
         """What `uri` means now. A version or run never changes meaning, so it is asked once
@@ -147,7 +152,14 @@ class ModelLoader:
         source = self._resolve(uri)
         if not uri.startswith("models:/") or "@" not in uri:
             self._pinned[uri] = source
+        self._resolved[uri] = source
         return source
+
+    def on_disk(self, uri: str) -> bool:
+        """`uri` was resolved and its artifacts are complete on local disk (no MLflow call:
+        readiness probes ask this every few seconds)."""
+        source = self._resolved.get(uri)
+        return source is not None and self.artifacts.cached(source)
 
     def prefetch(self, uri: str) -> Path:
         """Download (not load) and import the flavour's modules: makes the first request fast."""
@@ -162,7 +174,19 @@ class ModelLoader:
 
         source = self.source(uri)
         path = self.artifacts.fetch(source)
-        pyfunc = mlflow.pyfunc.load_model(str(path))
+        try:
+            pyfunc = mlflow.pyfunc.load_model(str(path))
+        except Exception as error:
+            if source.local_path is not None:
+                raise
+            # A copy damaged in a way sizes do not show: one fresh download before giving up.
+            log.warning("loading %s failed (%s); downloading it again", source.label, error)
+            self.artifacts.discard(source)
+            path = self.artifacts.fetch(source)
+            try:
+                pyfunc = mlflow.pyfunc.load_model(str(path))
+            except Exception as again:
+                raise Unloadable(f"{source.label} does not load: {again}") from again
         codec = codec_for_schema(pyfunc.metadata.get_input_schema())
         on_batch = self._on_batch
 

@@ -1,14 +1,22 @@
-"""The kserve.Model for one MLflow model URI: ready at once, loaded on the first request.
+"""The kserve.Model for one MLflow model URI: registered at once, loaded on the first request.
 
-Readiness means "can serve": the model registers ready without loading weights (KServe's
-ModelServer refuses not-ready models) and eviction never flips it. Loading, keeping and
-evicting are the cache's job; this class only turns requests into cache use and codec calls.
+Two readinesses. KServe's own (`ready`, `healthy()`) is True from the start, because KServe's
+ModelServer refuses models that are not ready and its predict path asks it: the first request
+must be able to load the model. What probes see (`can_serve()`, wired in by server.py) is
+honest: the version is resolved, its artifacts are complete on local disk, and the last load
+into memory did not fail. Eviction from memory never changes it. Loading, keeping and evicting
+are the cache's job; this class turns requests into cache use and codec calls, and decodes
+large requests off the event loop so probes answer while they are read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,13 +27,37 @@ from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotR
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from mlkube.model_servers.cache import LoadFailed, ModelCache
-from mlkube.model_servers.codec import to_infer_response, to_json
-from mlkube.model_servers.loader import LoadedModel, ModelLoader
+from mlkube.model_servers.codec import (
+    Rows,
+    check_rows,
+    check_v2_shapes,
+    to_infer_response,
+    to_json,
+    v1_rows,
+)
+from mlkube.model_servers.loader import LoadedModel, ModelLoader, Unloadable
 from mlkube.model_servers.sources import UnknownModel
+
+log = logging.getLogger(__name__)
+
+INLINE_ROWS = 256  # smaller requests are decoded on the event loop: a thread hop costs more
+INLINE_BYTES = 64 * 2**10  # smaller v1 bodies are parsed on the event loop, for the same reason
+PREPARE_RETRY_SECONDS = 5.0  # between attempts to resolve and download for readiness
+_URL = re.compile(r"\b(?!models:/)[A-Za-z][A-Za-z0-9+.-]*:/+[^\s'\"]*")
+_PATH = re.compile(r"(?<![\w.:/<])/[^\s'\"]+")
+_HOST = re.compile(r"host='[^']*'|port=\d+")  # urllib3's "HTTPConnectionPool(host=..., port=...)"
+
+
+def public_reason(text: str, limit: int = 300) -> str:
+    """What a client may see of an internal error: no MLflow URLs, no artifact paths, short.
+    The server log keeps the whole message."""
+    text = _URL.sub("<url>", text.splitlines()[0] if text else "")
+    text = _HOST.sub("<host>", _PATH.sub("<path>", text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_body(payload: Any) -> Any:
-    """A v1 body as parsed JSON; KServe hands over bytes when the content-type is not JSON."""
+    """A v1 body as parsed JSON (server.py's DataPlane hands it over as bytes)."""
     if isinstance(payload, bytes | bytearray | str):
         try:
             return orjson.loads(payload)
@@ -61,6 +93,7 @@ class LazyModel(Model):
         loader: ModelLoader,
         missing_is_404: bool = False,
         on_missing: Callable[[str], None] | None = None,
+        max_request_rows: int | None = None,
     ) -> None:
         super().__init__(name)
         self.uri = uri
@@ -68,7 +101,11 @@ class LazyModel(Model):
         self._loader = loader
         self._missing_is_404 = missing_is_404
         self._on_missing = on_missing
+        self.max_request_rows = max_request_rows
         self.ready = True
+        self.unloadable: str | None = None  # why the version cannot load, once it could not
+        self._preparing: threading.Thread | None = None
+        self._prepare_after = 0.0
 
     # -- life ------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -79,7 +116,36 @@ class LazyModel(Model):
         return payload  # the codec validates against the signature, with better messages
 
     async def _load(self) -> tuple[LoadedModel, int]:
-        return await asyncio.to_thread(self._loader.load, self.name, self.uri)
+        loaded = await asyncio.to_thread(self._loader.load, self.name, self.uri)
+        self.unloadable = None
+        return loaded
+
+    # -- readiness probes ------------------------------------------------------------------
+    def can_serve(self) -> bool:
+        """Resolved, artifacts verified on local disk, and loadable so far. Starts the
+        resolve + download in the background when they are missing (never a load)."""
+        if self.unloadable is not None:
+            return False
+        if self._loader.on_disk(self.uri):
+            return True
+        self.prepare_soon()
+        return False
+
+    def prepare_soon(self) -> None:
+        """Resolve and download in a thread, one at a time, at most every few seconds."""
+        if self._preparing is not None and self._preparing.is_alive():
+            return
+        if time.monotonic() < self._prepare_after:
+            return
+        self._preparing = threading.Thread(target=self._prepare, daemon=True)
+        self._preparing.start()
+
+    def _prepare(self) -> None:
+        try:
+            self._loader.prefetch(self.uri)
+        except Exception as error:  # readiness stays false; a request would say why
+            self._prepare_after = time.monotonic() + PREPARE_RETRY_SECONDS
+            log.warning("preparing %s failed: %s", self.uri, error)
 
     @contextlib.asynccontextmanager
     async def loaded(self) -> AsyncIterator[LoadedModel]:
@@ -93,9 +159,13 @@ class LazyModel(Model):
                 missing = ModelNotFound(self.name)
                 missing.reason = str(error)
                 raise missing from None
-            raise ModelNotReady(self.name, f"Failed to load {self.uri}: {error}") from None
+            reason = public_reason(str(error))
+            raise ModelNotReady(self.name, f"Failed to load {self.uri}: {reason}") from None
         except LoadFailed as error:
-            raise ModelNotReady(self.name, f"Failed to load {self.uri}: {error}") from None
+            if isinstance(error.__cause__, Unloadable):
+                self.unloadable = str(error.__cause__)
+            reason = public_reason(str(error))
+            raise ModelNotReady(self.name, f"Failed to load {self.uri}: {reason}") from None
         try:
             yield model
         finally:
@@ -110,12 +180,32 @@ class LazyModel(Model):
     ) -> dict[str, Any] | InferResponse:
         async with self.loaded() as model:
             if isinstance(payload, InferRequest):
-                rows = model.codec.decode_v2(payload)
+                rows = await self._decode(model, payload)
                 output = await self._run(model, rows)
                 request_id = payload.id or uuid.uuid4().hex
                 return to_infer_response(output, self.name, request_id, model.codec.output_name)
-            rows = model.codec.decode_v1(json_body(payload))
+            rows = await self._decode(model, payload)
             return {"predictions": to_json(await self._run(model, rows))}
+
+    async def _decode(self, model: LoadedModel, payload: Any) -> Rows:
+        """The request as model input; big ones are parsed and converted in a thread."""
+        if isinstance(payload, InferRequest):
+            rows = check_v2_shapes(payload)
+            check_rows(rows, self.max_request_rows)
+            if rows <= INLINE_ROWS:
+                return model.codec.decode_v2(payload)
+            return await asyncio.to_thread(model.codec.decode_v2, payload)
+        if isinstance(payload, bytes | bytearray | str) and len(payload) > INLINE_BYTES:
+            return await asyncio.to_thread(self._decode_v1, model, payload)
+        body = json_body(payload)
+        if v1_rows(body) <= INLINE_ROWS:
+            return self._decode_v1(model, body)
+        return await asyncio.to_thread(self._decode_v1, model, body)
+
+    def _decode_v1(self, model: LoadedModel, payload: Any) -> Rows:
+        body = json_body(payload)
+        check_rows(v1_rows(body), self.max_request_rows)
+        return model.codec.decode_v1(body)
 
     async def _run(self, model: LoadedModel, rows: Any) -> Any:
         try:
@@ -124,14 +214,15 @@ class LazyModel(Model):
             raise
         except Exception as error:
             if _is_bad_input(error):
-                raise InvalidInput(str(error).splitlines()[0]) from None
-            raise InferenceError(f"{type(error).__name__}: {str(error)[:500]}") from error
+                raise InvalidInput(public_reason(str(error), 500)) from None
+            reason = public_reason(str(error), 500)
+            raise InferenceError(f"{type(error).__name__}: {reason}") from error
 
     async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
         async with self.loaded() as model:
             if model.explainer is None:
                 raise NotImplementedError(f"model {self.name!r} carries no explainer")
-            rows = model.codec.decode_v1(json_body(payload))
+            rows = await self._decode(model, payload)
             explain = model.explainer
             try:
                 result = await asyncio.to_thread(explain, model.codec.concat([rows]))

@@ -8,9 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlkube.api.common import BYTE_SIZE_PATTERN
 from mlkube.local import mlkube_home
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")
+_QUANTITY = re.compile(BYTE_SIZE_PATTERN)
 _FACTORS = {
     None: 1,
     "k": 10**3,
@@ -65,15 +66,29 @@ class ServerSettings(BaseModel):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     disk_cache_bytes: int = Field(default=4 * 2**30, description="Bound of the artifact cache")
     max_batch_rows: int = Field(default=256, ge=1, description="Rows in one micro-batch")
-    prefetch: bool = Field(default=True, description="Download artifacts at start (not weights)")
-    prefetch_wait: float = Field(
-        default=60, ge=0, description="Seconds to wait for the prefetch before listening"
+    prefetch: bool = Field(
+        default=True, description="Download artifacts at start (not into memory); readiness waits"
+    )
+    max_request_bytes: int = Field(
+        default=64 * 2**20, ge=1, description="Largest request body; larger ones get a 413"
+    )
+    max_request_rows: int = Field(
+        default=100_000, ge=1, description="Most rows in one request; more get a 400 naming it"
+    )
+    mlflow_timeout: int = Field(
+        default=10, ge=1, description="Seconds one MLflow HTTP call may take (each attempt)"
+    )
+    mlflow_retries: int = Field(default=2, ge=0, description="Retries of a failed MLflow call")
+    shutdown_seconds: float = Field(
+        default=20,
+        gt=0,
+        description="After SIGTERM, exit within this (the pod's 30 s grace less its preStop)",
     )
     predict_threads: int | None = Field(
         default=1, ge=1, description="OpenMP/BLAS/torch threads per predict; None: library default"
     )
 
-    @field_validator("memory_budget", "disk_cache_bytes", mode="before")
+    @field_validator("memory_budget", "disk_cache_bytes", "max_request_bytes", mode="before")
     @classmethod
     def _quantity(cls, value: str | int | None) -> int | None:
         return None if value is None else parse_quantity(value)

@@ -37,13 +37,18 @@ def is_raw_mode(deployment_mode: str | None) -> bool:
 
 def predictor_args(deployment: ModelDeployment, version: int, http_port: int) -> list[str]:
     spec = deployment.spec
-    return [
+    args = [
         "--model-name", spec.model.name,
         "--model-uri", model_uri(spec.model.name, version),
         "--ttl-seconds", str(spec.ttl_seconds),
         "--protocol", spec.protocol,
         "--http_port", str(http_port),
     ]  # fmt: skip
+    if spec.limits.max_request_bytes is not None:
+        args += ["--max-request-bytes", spec.limits.max_request_bytes]
+    if spec.limits.max_request_rows is not None:
+        args += ["--max-request-rows", str(spec.limits.max_request_rows)]
+    return args
 
 
 def build_inferenceservice(
@@ -73,8 +78,9 @@ def build_inferenceservice(
         "ports": [{"containerPort": http_port, "protocol": "TCP"}],
         "resources": spec.resources.for_container(),
         # Without it a new pod takes traffic before its server listens (seen on a real
-        # node: requests refused during every rollout). The model loads lazily, so this
-        # answers as soon as the server is up.
+        # node: requests refused during every rollout). It answers 200 once the pinned
+        # version's artifacts are verified on the pod's disk and it has not failed to load
+        # (the model itself loads into memory on the first request).
         "readinessProbe": {
             "httpGet": {"path": "/v2/health/ready", "port": http_port},
             "periodSeconds": 2,

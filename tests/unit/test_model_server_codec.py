@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from typing import Any
 
@@ -187,3 +188,109 @@ def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
     loop_thread = asyncio.run(main())
     assert threads[0] != loop_thread
     assert threads[1:] == [loop_thread, loop_thread]
+
+
+# -- hardening: error sizes, v2 shapes, row caps --------------------------------------------
+def test_an_error_about_many_unknown_keys_names_a_few_and_counts_the_rest() -> None:
+    record = {**RECORD, **{f"junk{i}": 1 for i in range(100_000)}}
+    with pytest.raises(InvalidInput) as caught:
+        TABULAR.decode_v1({"instances": [record]})
+    message = str(caught.value)
+    assert "unknown column(s): junk0, junk1, junk2, junk3, junk4 and 99995 more" in message
+    assert len(message) < 300
+    with pytest.raises(InvalidInput) as caught:
+        TABULAR.decode_v1({f"k{i}": 1 for i in range(100_000)})
+    assert "and 99995 more" in str(caught.value) and len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (v2(("age", [5], "INT64", [1, 2])), "shape [5] needs 5 values, got 2"),
+        (v2(("x", [2, 3], "FP64", [1.0, 2.0, 3.0])), "shape [2, 3] needs 6 values, got 3"),
+        (v2(("age", [-1], "INT64", [1])), "must list non-negative sizes"),
+    ],
+)
+def test_v2_shapes_are_checked_against_the_data(request_: InferRequest, message: str) -> None:
+    from mlkube.model_servers.codec import check_v2_shapes
+
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        check_v2_shapes(request_)
+    assert check_v2_shapes(v2(("x", [2, 3], "FP64", [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))) == 2
+
+
+def test_the_row_cap_counts_before_converting() -> None:
+    from mlkube.model_servers.codec import check_rows, v1_rows
+
+    assert v1_rows({"instances": [RECORD] * 7}) == 7
+    assert v1_rows({"inputs": {"age": [1] * 9, "bmi": [1.0] * 9}}) == 9
+    assert v1_rows({"instances": RECORD}) == 1
+    check_rows(10, 10)
+    with pytest.raises(
+        InvalidInput, match="11 rows, over this server's limit of 10 .*max_request_rows"
+    ):
+        check_rows(11, 10)
+
+
+def test_internal_urls_and_paths_never_reach_a_client() -> None:
+    from mlkube.model_servers.model import public_reason
+
+    text = (
+        "Failed to download artifacts from path 'mlflow-artifacts:/1/models/m-abc/artifacts' "
+        "via http://10.0.0.7:5000/api/2.0/mlflow-artifacts, cause: No such file "
+        "or directory: '/var/lib/mlflow/artifacts/1/models/m-abc/MLmodel' for models:/ins/3; "
+        "HTTPConnectionPool(host='10.0.0.8', port=45678): Read timed out"
+    )
+    public = public_reason(text)
+    for secret in ("10.0.0.7", "10.0.0.8", "45678", "mlflow-artifacts:/", "/var/lib", "m-abc"):
+        assert secret not in public
+    assert "models:/ins/3" in public and "No such file" in public
+    assert len(public_reason("x" * 10_000)) <= 300
+
+
+class ThreadRecordingCodec(TabularCodec):
+    """The real tabular codec, noting which thread decoded each request."""
+
+    def __init__(self) -> None:
+        super().__init__(TABULAR.columns)
+        self.threads: list[int] = []
+
+    def decode_v1(self, body: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return super().decode_v1(body)
+
+    def decode_v2(self, request: InferRequest) -> Any:
+        self.threads.append(threading.get_ident())
+        return super().decode_v2(request)
+
+
+def test_big_requests_are_decoded_off_the_event_loop_and_small_ones_on_it() -> None:
+    import orjson
+    from kserve.errors import InvalidInput as Invalid
+
+    from mlkube.model_servers.cache import ModelCache
+    from mlkube.model_servers.loader import LoadedModel
+    from mlkube.model_servers.model import INLINE_BYTES, INLINE_ROWS, LazyModel
+
+    codec = ThreadRecordingCodec()
+    loaded = LoadedModel(None, None, codec, None, None, 0)  # type: ignore[arg-type]
+    model = LazyModel("m", "models:/m/1", ModelCache(), None, max_request_rows=10**6)  # type: ignore[arg-type]
+    small = orjson.dumps({"instances": [RECORD]})
+    big = orjson.dumps({"instances": [RECORD] * (INLINE_BYTES // 40)})
+    assert len(big) > INLINE_BYTES
+    many = v2(("age", [INLINE_ROWS + 1], "INT64", [1] * (INLINE_ROWS + 1)),
+              ("bmi", [INLINE_ROWS + 1], "FP64", [1.0] * (INLINE_ROWS + 1)),
+              ("smoker", [INLINE_ROWS + 1], "BYTES", ["no"] * (INLINE_ROWS + 1)))  # fmt: skip
+
+    async def decode_all() -> int:
+        for payload in (small, big, many):
+            await model._decode(loaded, payload)
+        with pytest.raises(Invalid, match="max_request_rows"):
+            model.max_request_rows = 5
+            await model._decode(loaded, big)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(decode_all())
+    assert codec.threads[0] == loop_thread
+    assert codec.threads[1] != loop_thread and codec.threads[2] != loop_thread
+    assert len(codec.threads) == 3  # over the row cap: refused before decoding

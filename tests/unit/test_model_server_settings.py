@@ -27,6 +27,7 @@ spec:
   model: {name: insurance}
   protocol: v2
   ttlSeconds: 42
+  limits: {maxRequestBytes: 8Mi, maxRequestRows: 500}
 """
 
 
@@ -74,6 +75,7 @@ def test_serve_settings_from_a_model_deployment(tmp_path: Path) -> None:
     assert settings.model_uri == "models:/insurance@champion"
     assert (settings.ttl_seconds, settings.protocol, settings.host) == (42, "v2", "127.0.0.1")
     assert settings.memory_budget == 64 * 2**20
+    assert (settings.max_request_bytes, settings.max_request_rows) == (8 * 2**20, 500)
 
 
 def test_predict_bodies_for_both_protocols(tmp_path: Path) -> None:
@@ -103,7 +105,7 @@ def test_bad_entrypoint_arguments_are_one_line() -> None:
             "mlkube.model_servers",
             "--model-uri",
             "models:/a/1",
-            "--memory-budget",
+            "--max-request-bytes",
             "lots",
         ],
         capture_output=True,
@@ -112,7 +114,7 @@ def test_bad_entrypoint_arguments_are_one_line() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "memory_budget" in result.stderr and "Traceback" not in result.stderr
+    assert "max_request_bytes" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_server_imports_neither_ray_nor_prefect(tmp_path: Path) -> None:

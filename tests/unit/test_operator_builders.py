@@ -113,3 +113,23 @@ def test_inferenceservice_canary_and_raw_mode() -> None:
     )
     assert "canaryTrafficPercent" not in raw["spec"]["predictor"]
     assert raw["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+
+
+def test_inferenceservice_hands_request_limits_to_the_predictor() -> None:
+    from mlkube.model_servers.entrypoint import (
+        OneLineParser,
+        add_server_arguments,
+        settings_from_args,
+    )
+
+    md = deployment(limits={"maxRequestBytes": "32Mi", "maxRequestRows": 5000})
+    isvc = build_inferenceservice(md, 7, tracking_uri="http://m:5000", image="pred:1")
+    parser = OneLineParser()
+    add_server_arguments(parser)
+    args = isvc["spec"]["predictor"]["containers"][0]["args"]
+    settings = settings_from_args(parser.parse_args(args))
+    assert settings.max_request_bytes == 32 * 2**20
+    assert settings.max_request_rows == 5000
+    # unset: the predictor's own defaults, not a second copy of them here
+    plain = build_inferenceservice(deployment(), 7, tracking_uri="http://m:5000", image="p:1")
+    assert "--max-request-bytes" not in plain["spec"]["predictor"]["containers"][0]["args"]
