@@ -292,6 +292,8 @@ class RestMlflowReader:
             page = self._call("experiments/search", _ExperimentsPage, deadline, body=body)
             if page is None:
                 return ids
+            if len(page.experiments) > PAGE_SIZE:  # what is held stays MAX_PAGES * PAGE_SIZE
+                raise MlflowBadAnswer(f"MLflow listed more than {PAGE_SIZE} experiments a page")
             ids += [e.experiment_id for e in page.experiments]
             token = page.next_page_token
             if not token:
@@ -434,8 +436,8 @@ def reader_for(
     target: TrackingTarget, *, timeout: float = 5.0, backoff_initial: float = 2.0,
     backoff_max: float = 120.0,
 ) -> GuardedReader:  # fmt: skip
-    """One reader (and one backoff) per tracking URI and credentials; the MAX_READERS
-    used last are kept (specs can name many URIs)."""
+    """One reader (and one backoff) per tracking URI and credentials; of the readers for
+    specs' URIs, the ones used last are kept, MAX_READERS in all."""
     key = (target.uri, target.credentials)
     with _readers_lock:
         reader = _readers.get(key)
@@ -449,6 +451,9 @@ def reader_for(
             reader = GuardedReader(inner, Backoff(backoff_initial, backoff_max))
             _readers[key] = reader
         _readers.move_to_end(key)
-        while len(_readers) > MAX_READERS:
-            _readers.popitem(last=False)
+        # The operator's own reader (with credentials) stays: specs naming many URIs must
+        # not reset the backoff that protects its MLflow.
+        spare = [k for k in _readers if not k[1]]
+        for old in spare[: max(0, len(_readers) - MAX_READERS)]:
+            del _readers[old]
         return reader

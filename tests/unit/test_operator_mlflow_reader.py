@@ -243,6 +243,13 @@ def test_endless_paging_is_cut_off(serve: Callable[..., Server]) -> None:
     assert len(server.seen) == MAX_PAGES
 
 
+def test_a_page_larger_than_asked_for_is_a_bad_answer(serve: Callable[..., Server]) -> None:
+    experiments = [{"experiment_id": str(n)} for n in range(mlflow_reader.PAGE_SIZE + 1)]
+    server = serve(lambda request: answer(200, {"experiments": experiments}))
+    with pytest.raises(MlflowBadAnswer, match="experiments a page"):
+        RestMlflowReader(server.uri, credentials=False).find_outcome("u", "ns")
+
+
 def test_a_repeated_page_token_ends_the_listing(serve: Callable[..., Server]) -> None:
     def circle(request: Seen) -> Reply:
         if request.path.endswith("experiments/search"):
@@ -301,9 +308,13 @@ def test_an_answer_of_the_wrong_shape_is_a_bad_answer(
     assert reader.backoff.failures == 0
 
 
-def test_the_reader_cache_is_bounded() -> None:
-    targets = [TrackingTarget(uri=f"http://h{n}.example:1", credentials=False)
-               for n in range(MAX_READERS * 3)]  # fmt: skip
+def test_the_reader_cache_is_bounded_and_keeps_the_operators_own() -> None:
+    own = reader_for(TrackingTarget(uri="http://mlflow:5000", credentials=True))
+    targets = [
+        TrackingTarget(uri=f"http://h{n}.example:1", credentials=False)
+        for n in range(MAX_READERS * 3)
+    ]
     readers = [reader_for(target) for target in targets]
     assert len(mlflow_reader._readers) <= MAX_READERS
     assert reader_for(targets[-1]) is readers[-1]  # the recent ones are kept
+    assert reader_for(TrackingTarget(uri="http://mlflow:5000", credentials=True)) is own
