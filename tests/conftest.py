@@ -16,7 +16,7 @@ NETGUARD = Path(__file__).resolve().parent / "netguard"
 
 pytest_plugins = [
     name
-    for name in ["tests.fixtures.mlflow_server"]
+    for name in ["tests.fixtures.mlflow_server", "tests.fixtures.http_server"]
     if (REPO / (name.replace(".", "/") + ".py")).exists()
 ]
 

@@ -20,7 +20,7 @@ from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
 from mlkube.operator.inferenceservice import build_inferenceservice, carries
 from mlkube.operator.metrics import CHILDREN_CREATED, MLFLOW_ERRORS, TRANSITIONS, measured
-from mlkube.operator.mlflow_reader import GuardedReader, MlflowUnavailable, reader_for
+from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
     MANAGED_BY,
@@ -28,8 +28,8 @@ from mlkube.operator.names import (
     inferenceservice_name,
     rayjob_name,
 )
-from mlkube.operator.rayjob import build_rayjob, tracking_uri_for
-from mlkube.operator.rollout import MODEL_RESOLVED, plan_rollout
+from mlkube.operator.rayjob import build_rayjob
+from mlkube.operator.rollout import MODEL_RESOLVED, plan_rollout, refused_deployment_status
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
     MLFLOW_REACHABLE,
@@ -37,9 +37,16 @@ from mlkube.operator.status import (
     TERMINAL_PHASES,
     find_condition,
     inferenceservice_view,
+    refused_trainingrun_status,
     set_condition,
     status_patch,
     trainingrun_status,
+)
+from mlkube.operator.tracking import (
+    NOT_ALLOWED,
+    TrackingTarget,
+    TrackingUriNotAllowed,
+    tracking_target,
 )
 
 TRAININGRUNS = (GROUP, VERSION, "trainingruns")
@@ -105,9 +112,14 @@ def post(body: kopf.Body, kind: str, reason: str, message: str) -> None:
             body.metadata.name, reason, message)  # fmt: skip
 
 
-def _mlflow(uri: str) -> GuardedReader:
+def _target(spec_uri: str | None) -> TrackingTarget:
+    """The MLflow a resource's spec asks for, if the admin allows it (TrackingUriNotAllowed)."""
+    return tracking_target(spec_uri, SETTINGS.mlflow_tracking_uri, SETTINGS.mlflow_allowed_hosts)
+
+
+def _mlflow(target: TrackingTarget) -> GuardedReader:
     return reader_for(
-        uri,
+        target,
         timeout=SETTINGS.mlflow_timeout_seconds,
         backoff_initial=SETTINGS.mlflow_backoff_initial_seconds,
         backoff_max=SETTINGS.mlflow_backoff_max_seconds,
@@ -119,7 +131,7 @@ def _announce_mlflow(body: kopf.Body, before: Any, after: Any) -> None:
     if new is None or (old is not None and old.status == new.status):
         return
     if new.status == "False":
-        post(body, "Warning", "MlflowUnreachable", new.message)
+        post(body, "Warning", f"Mlflow{new.reason}", new.message)
     elif old is not None:
         post(body, "Normal", "MlflowReachable", "MLflow answers again")
 
@@ -151,6 +163,15 @@ def _first(index: kopf.Index[str, Any], key: str) -> Any | None:
 def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
     """Create (or adopt, after a restart) the one RayJob of this TrainingRun."""
     run: TrainingRun = _parse(TrainingRun, body)
+    previous: TrainingRunStatus = _status_of(TrainingRunStatus, body.status)
+    try:
+        _target(run.spec.mlflow.tracking_uri)
+    except TrackingUriNotAllowed as refused:
+        new = refused_trainingrun_status(previous, NOT_ALLOWED, str(refused), _now())
+        new.observed_generation = meta.get("generation")
+        patch.status.update(status_patch(body.status, new))
+        post(body, "Warning", NOT_ALLOWED, str(refused))
+        return
     manifest = build_rayjob(run, SETTINGS.mlflow_tracking_uri)
     kopf.adopt(manifest, owner=body)
     _, created = kube.create_or_adopt(kube.RAYJOB, manifest, meta["uid"])
@@ -160,7 +181,6 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
         post(body, "Normal", "RayJobCreated", f"created RayJob {name}")
     else:
         post(body, "Normal", "RayJobAdopted", f"RayJob {name} already existed")
-    previous: TrainingRunStatus = _status_of(TrainingRunStatus, body.status)
     new = previous.model_copy(deep=True)
     new.ray_job_name = name
     new.observed_generation = meta.get("generation")
@@ -196,15 +216,17 @@ def sync_trainingrun(
         exists, rayjob_status = found is not None, (found or {}).get("status")
     run: TrainingRun = _parse(TrainingRun, body)
     started = bool((rayjob_status or {}).get("jobStatus")) or not exists
-    outcome, mlflow_error = None, None
+    outcome, mlflow_error, mlflow_reason = None, None, ""
     if started:
         try:
-            outcome = _mlflow(tracking_uri_for(run, SETTINGS.mlflow_tracking_uri)).find_outcome(
-                uid, previous.mlflow_run_id
+            outcome = _mlflow(_target(run.spec.mlflow.tracking_uri)).find_outcome(
+                uid, meta["namespace"], previous.mlflow_run_id
             )
-        except MlflowUnavailable as error:
+        except TrackingUriNotAllowed as refused:  # the allow-list changed since the create
+            mlflow_error, mlflow_reason = str(refused), NOT_ALLOWED
+        except MlflowError as error:
             MLFLOW_ERRORS.inc()
-            mlflow_error = str(error)
+            mlflow_error, mlflow_reason = error.message, error.reason
     new = trainingrun_status(
         previous,
         rayjob_status=rayjob_status,
@@ -214,6 +236,7 @@ def sync_trainingrun(
         mlflow_checked=started,
         now=_now(),
         grace_seconds=SETTINGS.failed_job_grace_seconds,
+        mlflow_reason=mlflow_reason or "Unreachable",
     )
     new.observed_generation = meta.get("generation")
     patch.status.update(status_patch(body.status, new))
@@ -237,6 +260,7 @@ def sync_trainingrun(
 
 def _desired_version(
     deployment: ModelDeployment,
+    target: TrackingTarget,
     memo: kopf.Memo,
     conditions: list[Any],
     *,
@@ -253,13 +277,12 @@ def _desired_version(
     fresh = last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
     if not force and fresh and memo.get("alias") == alias:
         return memo.get("alias_version"), conditions
-    uri = deployment.spec.mlflow.tracking_uri or SETTINGS.mlflow_tracking_uri
     try:
-        version = _mlflow(uri).resolve_alias(selector.name, alias)
-    except MlflowUnavailable as error:
+        version = _mlflow(target).resolve_alias(selector.name, alias)
+    except MlflowError as error:
         MLFLOW_ERRORS.inc()
         conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", "Unreachable", str(error), now
+            conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now
         )
         return memo.get("alias_version") if memo.get("alias") == alias else None, conditions
     memo["alias"], memo["alias_checked_at"], memo["alias_version"] = alias, now, version
@@ -287,9 +310,18 @@ def _reconcile_deployment(
 ) -> None:
     deployment: ModelDeployment = _parse(ModelDeployment, body)
     previous: ModelDeploymentStatus = _status_of(ModelDeploymentStatus, body.status)
+    try:
+        target = _target(deployment.spec.mlflow.tracking_uri)
+    except TrackingUriNotAllowed as refused:
+        refusal = refused_deployment_status(previous, NOT_ALLOWED, str(refused), _now())
+        refusal.observed_generation = meta.get("generation")
+        patch.status.update(status_patch(body.status, refusal))
+        if previous.phase != "Failed" or previous.message != refusal.message:
+            post(body, "Warning", NOT_ALLOWED, str(refused))
+        return
     working = previous.model_copy(deep=True)
     desired, working.conditions = _desired_version(
-        deployment, memo, working.conditions, force=force_resolve
+        deployment, target, memo, working.conditions, force=force_resolve
     )
     # Read, not indexed: a promotion or rollback must see the result of the previous
     # step, never a watch that lags behind it. ModelDeployments are few.
@@ -310,7 +342,7 @@ def _reconcile_deployment(
         manifest = build_inferenceservice(
             deployment,
             rollout.target_version,
-            tracking_uri=deployment.spec.mlflow.tracking_uri or SETTINGS.mlflow_tracking_uri,
+            tracking_uri=target.uri,
             image=SETTINGS.predictor_image,
             http_port=SETTINGS.predictor_http_port,
             canary_traffic_percent=rollout.canary_traffic_percent,

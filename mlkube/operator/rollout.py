@@ -165,6 +165,21 @@ def plan_rollout(
     )
 
 
+def refused_deployment_status(
+    previous: ModelDeploymentStatus, reason: str, message: str, now: dt.datetime
+) -> ModelDeploymentStatus:
+    """A ModelDeployment the operator will not act on (its spec asks for something the
+    admin does not allow): Failed, with the reason; its InferenceService is left as is."""
+    status = previous.model_copy(deep=True)
+    status.phase = "Failed"
+    status.message = message
+    status.conditions = set_condition(
+        status.conditions, MODEL_RESOLVED, "False", reason, message, now
+    )
+    status.conditions = set_condition(status.conditions, READY, "False", reason, message, now)
+    return status
+
+
 def _rollout_condition(
     status: ModelDeploymentStatus,
     value: Literal["True", "False", "Unknown"],

@@ -21,6 +21,10 @@ class OperatorSettings(BaseSettings):
         validation_alias=AliasChoices("MLKUBE_OPERATOR_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
         description="Used when a resource's spec.mlflow.trackingUri is omitted.",
     )
+    # Hosts (`host` or `host:port`) a spec's mlflow.trackingUri may name besides the host
+    # of mlflow_tracking_uri. The operator's MLflow credentials go to neither: only to
+    # mlflow_tracking_uri itself (mlkube/operator/tracking.py).
+    mlflow_allowed_hosts: list[str] = Field(default_factory=list)
     predictor_image: str = "mlkube/runtime:0.1.0"
     predictor_http_port: int = 8080
     kserve_deployment_mode: DeploymentMode | None = Field(

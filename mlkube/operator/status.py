@@ -24,6 +24,8 @@ SUCCEEDED = "Succeeded"
 MLFLOW_REACHABLE = "MlflowReachable"
 # jobStatus FAILED seen while jobDeploymentStatus still said Running; since its transition.
 JOB_FAILING = "JobFailing"
+# False while the MLflow parent run carries outcome tags that do not parse.
+OUTCOME_READABLE = "OutcomeReadable"
 
 
 def timestamp(moment: dt.datetime) -> str:
@@ -177,11 +179,13 @@ def trainingrun_status(
     mlflow_checked: bool,
     now: dt.datetime,
     grace_seconds: float,
+    mlflow_reason: str = "Unreachable",
 ) -> TrainingRunStatus:
     """The TrainingRun's next status from its RayJob's status and its MLflow parent run.
 
     MLflow is the source of truth for what the run produced; the RayJob says whether the
-    process ran and how it ended. Terminal phases are final.
+    process ran and how it ended. Terminal phases are final. `mlflow_error` and
+    `mlflow_reason` are the operator's own words, never what a server said.
     """
     if previous.phase in TERMINAL_PHASES:
         return previous
@@ -189,12 +193,21 @@ def trainingrun_status(
     conditions = status.conditions
     if mlflow_error is not None:
         conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", "Unreachable", mlflow_error, now
+            conditions, MLFLOW_REACHABLE, "False", mlflow_reason, mlflow_error, now
         )
     elif mlflow_checked:
         conditions = set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
     if outcome is not None:
         _apply_outcome(status, outcome)
+        if outcome.unreadable_tags:
+            message = "the MLflow parent run has tags that do not parse: " + ", ".join(
+                sorted(outcome.unreadable_tags)
+            )
+            conditions = set_condition(
+                conditions, OUTCOME_READABLE, "False", "UnreadableTags", message, now
+            )
+        else:
+            conditions = drop_condition(conditions, OUTCOME_READABLE)
 
     if rayjob_exists:
         job = RayJobStatus.model_validate(rayjob_status or {})
@@ -258,6 +271,19 @@ def trainingrun_status(
     status.phase = phase  # type: ignore[assignment]
     status.message = reading.message or None
     status.conditions = conditions
+    return status
+
+
+def refused_trainingrun_status(
+    previous: TrainingRunStatus, reason: str, message: str, now: dt.datetime
+) -> TrainingRunStatus:
+    """A TrainingRun the operator will not run (its spec asks for something the admin does
+    not allow): Failed at once, with the reason; no RayJob."""
+    status = previous.model_copy(deep=True)
+    status.phase = "Failed"
+    status.message = message
+    status.completion_time = status.completion_time or timestamp(now)
+    status.conditions = set_condition(status.conditions, SUCCEEDED, "False", reason, message, now)
     return status
 
 

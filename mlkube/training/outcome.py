@@ -8,7 +8,9 @@ the operator can use it without the training stack.
 from __future__ import annotations
 
 import json
-from typing import Literal
+import math
+from collections.abc import Callable
+from typing import Literal, TypeVar, get_args
 
 from pydantic import BaseModel
 
@@ -33,6 +35,7 @@ TAG_ROLE = "mlkube.role"
 TAG_PARENT_RUN = "mlflow.parentRunId"
 
 RunState = Literal["RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED"]
+Parsed = TypeVar("Parsed")
 
 
 class Outcome(BaseModel):
@@ -50,35 +53,93 @@ class Outcome(BaseModel):
     promoted: bool | None = None
     reason: str | None = None
     error: str | None = None
+    # Tags whose values did not parse (they are left out above).
+    unreadable_tags: list[str] = []
 
     @property
     def finished(self) -> bool:
         return self.state in ("FINISHED", "FAILED", "KILLED")
 
 
-def outcome_from_tags(run_id: str, state: str, tags: dict[str, str]) -> Outcome:
-    def number(key: str) -> float | None:
-        return float(tags[key]) if key in tags else None
+RUN_STATES: frozenset[str] = frozenset(get_args(RunState))
 
-    params = json.loads(tags.get(TAG_BEST_PARAMS, "{}"))
-    version = tags.get(TAG_MODEL_VERSION)
-    promoted = tags.get(TAG_PROMOTED)
+
+def _int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # NaN and inf do not survive a JSON status patch
+        raise ValueError(text)
+    return value
+
+
+def _params(text: str) -> dict[str, str]:
+    params = json.loads(text)
+    if not isinstance(params, dict):
+        raise ValueError(text)
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def _promoted(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError(text)
+    return text == "true"
+
+
+def outcome_from_tags(run_id: str, state: str, tags: dict[str, str]) -> Outcome:
+    """The outcome the tags record. Anyone who can write to the MLflow can write these
+    tags: a value that does not parse is left out and its tag named in
+    `unreadable_tags`, never raised."""
+    unreadable: list[str] = []
+
+    def read(key: str, parse: Callable[[str], Parsed]) -> Parsed | None:
+        if key not in tags:
+            return None
+        try:
+            return parse(tags[key])
+        except (ValueError, TypeError, RecursionError):
+            unreadable.append(key)
+            return None
+
+    known_state = state if state in RUN_STATES else "RUNNING"
+    if known_state != state:
+        unreadable.append("status")
+    version = read(TAG_MODEL_VERSION, _int) if tags.get(TAG_MODEL_VERSION) else None
     return Outcome(
         run_id=run_id,
-        state=state,  # type: ignore[arg-type]
-        trials_completed=int(tags.get(TAG_TRIALS_COMPLETED, 0)),
-        trials_total=int(tags.get(TAG_TRIALS_TOTAL, 0)),
+        state=known_state,  # type: ignore[arg-type]
+        trials_completed=read(TAG_TRIALS_COMPLETED, _int) or 0,
+        trials_total=read(TAG_TRIALS_TOTAL, _int) or 0,
         best_metric=tags.get(TAG_BEST_METRIC),
-        best_value=number(TAG_BEST_VALUE),
-        best_params={k: str(v) for k, v in params.items()},
-        holdout_value=number(TAG_HOLDOUT_VALUE),
-        model_version=int(version) if version else None,
-        promoted=None if promoted is None else promoted == "true",
+        best_value=read(TAG_BEST_VALUE, _float),
+        best_params=read(TAG_BEST_PARAMS, _params) or {},
+        holdout_value=read(TAG_HOLDOUT_VALUE, _float),
+        model_version=version,
+        promoted=read(TAG_PROMOTED, _promoted),
         reason=tags.get(TAG_PROMOTION_REASON),
         error=tags.get(TAG_ERROR),
+        unreadable_tags=unreadable,
     )
 
 
-def trainingrun_filter(uid: str) -> str:
-    """MLflow search filter for the parent run of one TrainingRun."""
-    return f"tags.`{TAG_UID}` = '{uid}' and tags.`{TAG_ROLE}` = 'parent'"
+def trainingrun_filter(uid: str, namespace: str) -> str:
+    """MLflow search filter for the parent run of one TrainingRun: its uid and namespace
+    (Kubernetes values: no quotes in them)."""
+    return (
+        f"tags.`{TAG_UID}` = '{uid}' and tags.`{TAG_NAMESPACE}` = '{namespace}'"
+        f" and tags.`{TAG_ROLE}` = 'parent'"
+    )
+
+
+def belongs_to(tags: dict[str, str], uid: str, namespace: str) -> bool:
+    """The run is the parent run of this TrainingRun (the same test as the filter)."""
+    return (
+        tags.get(TAG_UID) == uid
+        and tags.get(TAG_NAMESPACE) == namespace
+        and tags.get(TAG_ROLE) == "parent"
+    )

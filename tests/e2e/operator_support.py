@@ -16,6 +16,8 @@ os.environ.update({
     "MLKUBE_OPERATOR_WATCH_TIMEOUT_SECONDS": "5",
     "MLKUBE_OPERATOR_MLFLOW_BACKOFF_INITIAL_SECONDS": "0.5",
     "MLKUBE_OPERATOR_MLFLOW_BACKOFF_MAX_SECONDS": "2",
+    # The tests' TrainingRuns name the loopback MLflow server in spec.mlflow.trackingUri.
+    "MLKUBE_OPERATOR_MLFLOW_ALLOWED_HOSTS": '["127.0.0.1"]',
 })  # fmt: skip
 
 

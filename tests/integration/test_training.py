@@ -115,9 +115,8 @@ def test_parent_run_records_trials_and_outcome(
         assert {"learning_rate", "max_iter"} <= set(trial.data.params)
         assert "mae" in trial.data.metrics
     # The parent run is found the way the operator looks it up.
-    found = local_mlflow.search_runs(
-        [result.experiment_id], filter_string=outcome.trainingrun_filter(tags[outcome.TAG_UID])
-    )
+    wanted = outcome.trainingrun_filter(tags[outcome.TAG_UID], tags[outcome.TAG_NAMESPACE])
+    found = local_mlflow.search_runs([result.experiment_id], filter_string=wanted)
     assert [r.info.run_id for r in found] == [result.run_id]
     # The registered version carries signature and input example.
     version = local_mlflow.get_model_version(model_name, "1")

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from mlkube.api.trainingrun import TrainingRunStatus
 from mlkube.operator.status import (
     JOB_FAILING,
     MLFLOW_REACHABLE,
+    OUTCOME_READABLE,
     SUCCEEDED,
     find_condition,
     inferenceservice_view,
     one_line,
     trainingrun_status,
 )
-from mlkube.training.outcome import Outcome
+from mlkube.training import outcome as tags
+from mlkube.training.outcome import Outcome, outcome_from_tags
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 GRACE = 30.0
@@ -255,3 +259,41 @@ def test_a_rayjob_failing_after_the_flow_finished_keeps_mlflows_outcome() -> Non
     still_running = sync(started(), lost_head, outcome=outcome("RUNNING"))
     assert still_running.phase == "Failed"
     assert "did not reach terminal state" in (still_running.message or "")
+
+
+PARSED_TAGS = [
+    tags.TAG_TRIALS_TOTAL, tags.TAG_TRIALS_COMPLETED, tags.TAG_BEST_VALUE, tags.TAG_BEST_PARAMS,
+    tags.TAG_HOLDOUT_VALUE, tags.TAG_MODEL_VERSION, tags.TAG_PROMOTED,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["abc", "[1,2]", "{", "nan", "-3", "1e999"])
+@pytest.mark.parametrize("key", PARSED_TAGS)
+def test_an_outcome_tag_that_does_not_parse_is_a_condition_not_a_crash(
+    key: str, value: str
+) -> None:
+    good = {tags.TAG_TRIALS_TOTAL: "4", tags.TAG_TRIALS_COMPLETED: "4", tags.TAG_BEST_METRIC: "mae",
+            tags.TAG_BEST_VALUE: "2.5", tags.TAG_BEST_PARAMS: '{"lr": 0.1}',
+            tags.TAG_MODEL_VERSION: "3", tags.TAG_PROMOTED: "true"}  # fmt: skip
+    if key == tags.TAG_BEST_PARAMS and value in ("-3", "nan", "1e999"):
+        pytest.skip("JSON that is no dict is covered by [1,2]")
+    if key in (tags.TAG_BEST_VALUE, tags.TAG_HOLDOUT_VALUE) and value == "-3":
+        pytest.skip("a metric may be negative")
+    read = outcome_from_tags("r1", "FINISHED", {**good, key: value})
+    assert read.unreadable_tags == [key]
+    status = sync(started(), {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+                  outcome=read)  # fmt: skip
+    condition = find_condition(status.conditions, OUTCOME_READABLE)
+    assert condition is not None and condition.status == "False"
+    assert condition.reason == "UnreadableTags" and key in condition.message
+    assert value not in condition.message  # the tag is named, its value is not echoed
+    status.model_dump_json()  # what is written to the API server: finite numbers only
+    # The next read with good tags clears it.
+    fixed = sync(started(), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                 outcome=outcome_from_tags("r1", "RUNNING", good))  # fmt: skip
+    assert find_condition(fixed.conditions, OUTCOME_READABLE) is None
+
+
+def test_an_unknown_run_state_is_unreadable_not_a_crash() -> None:
+    read = outcome_from_tags("r1", "EXPLODED", {})
+    assert (read.state, read.unreadable_tags) == ("RUNNING", ["status"])
