@@ -265,16 +265,10 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
         )
         client.set_terminated(run_id, "FINISHED")
     except BaseException as error:
-        said = f"{type(error).__name__}: {first_line(error)}"
-        client.set_tag(run_id, outcome.TAG_ERROR, said)
-        # Ctrl-C, or SIGTERM (a deleted TrainingRun's pods; SystemExit from its handler).
-        killed = isinstance(error, KeyboardInterrupt | SystemExit)
-        client.set_terminated(run_id, "KILLED" if killed else "FAILED")
-        registry.explain_versions_without_alias(
-            client, run.spec.model.name, run.metadata.uid or "",
-            f"not promoted: the train flow stopped ({said}) after registering this version "
-            "and before setting its alias",
-        )  # fmt: skip
+        client.set_tag(run_id, outcome.TAG_ERROR, f"{type(error).__name__}: {first_line(error)}")
+        client.set_terminated(
+            run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        )
         raise
     return TrainResult(
         trainingrun=run.metadata.name,
