@@ -8,6 +8,7 @@ that `mlkube --help` stays quick.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = load_config(args.file, _overrides(args))
     from mlkube.flows.retrain import ingest_and_check
 
-    step = ingest_and_check(config)
+    step = ingest_and_check(config, on_wait=lambda line: print(line, file=sys.stderr, flush=True))
     record = step.record
     for check in step.checks.results:
         verdict = "skipped" if check.skipped else ("pass" if check.passed else "FAIL")

@@ -8,16 +8,28 @@ the dataset as it was; the next run finds the same gap and fills it. On object s
 (s3://, gs://) a written object appears whole, so the rename step is a copy there.
 
 What each run added is appended to a small JSON ledger next to the dataset
-(`<dataset>.ledger.json`), written the same way, after the dataset.
+(`<dataset>.ledger.json`), written the same way, after the dataset. The ledger also keeps
+`decidedThrough`: the last hour a run handed to a training (or skipped on purpose, for
+drift). Hours after it were committed by a run whose training never started, so the next
+run trains on them even when the source has nothing new.
+
+One ingest per local dataset at a time: a run holds an exclusive lock on `.<name>.lock`
+beside the dataset (flock: the kernel releases it when the process dies) from reading the
+dataset to writing the ledger. So a temp file found while holding the lock belongs to a
+dead run and is removed; a live run's never is.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import io
 import json
 import os
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +44,8 @@ from mlkube.flows.sources.base import empty_frame
 LEDGER_SUFFIX = ".ledger.json"
 LEDGER_KEEP = 1000  # entries; older ones are dropped so the file stays small
 TEMP_MARK = ".tmp-"
+LOCK_SUFFIX = ".lock"
+LOCK_POLL_SECONDS = 0.2
 
 
 class DatasetError(UserError):
@@ -41,6 +55,9 @@ class DatasetError(UserError):
 class DatasetSettings(CamelModel):
     uri: str = Field(description="Parquet (.parquet/.pq) or CSV; any fsspec URI.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    lock_timeout_seconds: float = Field(
+        default=1800, gt=0, description="How long a run waits for another run of this dataset."
+    )
 
     @field_validator("uri")
     @classmethod
@@ -206,33 +223,110 @@ def write_atomically(fs: Any, path: str, data: bytes) -> None:
         raise
 
 
-def remove_stale_temps(fs: Any, path: str) -> None:
-    """Temp files of runs that were killed before their rename (one ingest at a time)."""
+def remove_stale_temps(path: Path) -> None:
+    """Temp files of runs that were killed before their rename; only called with the
+    dataset's lock held, when no live run can have one."""
+    for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
+        stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def dataset_lock(
+    settings: DatasetSettings, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Holds the dataset's lock (local files; object stores have no lock to take, so one
+    schedule per dataset there); `on_wait` hears once that another run holds it."""
+    fs, path = filesystem(settings.uri, settings.storage_options)
     if not is_local(fs):
+        yield
         return
     target = Path(path)
-    for stale in target.parent.glob(f".{target.name}{TEMP_MARK}*"):
-        stale.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Opened for appending: the lock file is never truncated or removed, so every run
+    # locks the same inode.
+    with open(target.parent / f".{target.name}{LOCK_SUFFIX}", "ab") as handle:
+        deadline = time.monotonic() + settings.lock_timeout_seconds
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DatasetError(
+                        f"dataset.uri: another run has held {settings.uri} for more than "
+                        f"{settings.lock_timeout_seconds:g} s (lockTimeoutSeconds)"
+                    ) from None
+                if on_wait is not None and not told:
+                    on_wait(f"waiting for another run's ingest of {settings.uri} to finish")
+                    told = True
+                time.sleep(LOCK_POLL_SECONDS)
+        try:
+            remove_stale_temps(target)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def ledger_uri(dataset_uri: str) -> str:
     return dataset_uri + LEDGER_SUFFIX
 
 
-def read_ledger(settings: DatasetSettings) -> list[dict[str, Any]]:
+class Ledger(CamelModel):
+    """`<dataset>.ledger.json`."""
+
+    dataset: str
+    decided_through: dt.datetime | None = Field(
+        default=None,
+        description="The last hour a run handed to a training or skipped on purpose; "
+        "none yet: every hour held is still to be trained on.",
+    )
+    entries: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def read_ledger_document(settings: DatasetSettings) -> Ledger:
     fs, path = filesystem(ledger_uri(settings.uri), settings.storage_options)
     if not fs.exists(path):
-        return []
+        return Ledger(dataset=settings.uri)
     with fs.open(path, "rb") as handle:
         document = json.loads(handle.read() or b"{}")
-    return list(document.get("entries", []))
+    document.setdefault("dataset", settings.uri)
+    return Ledger.model_validate(document)
+
+
+def read_ledger(settings: DatasetSettings) -> list[dict[str, Any]]:
+    return read_ledger_document(settings).entries
+
+
+def write_ledger(settings: DatasetSettings, ledger: Ledger) -> None:
+    fs, path = filesystem(ledger_uri(settings.uri), settings.storage_options)
+    document = ledger.model_dump(mode="json", by_alias=True)
+    write_atomically(fs, path, json.dumps(document, indent=1).encode())
 
 
 def append_ledger(settings: DatasetSettings, record: IngestRecord) -> None:
-    entries = [*read_ledger(settings), record.model_dump(mode="json")][-LEDGER_KEEP:]
-    document = {"dataset": settings.uri, "entries": entries}
-    fs, path = filesystem(ledger_uri(settings.uri), settings.storage_options)
-    write_atomically(fs, path, json.dumps(document, indent=1).encode())
+    ledger = read_ledger_document(settings)
+    ledger.entries = [*ledger.entries, record.model_dump(mode="json")][-LEDGER_KEEP:]
+    write_ledger(settings, ledger)
+
+
+def mark_decided(settings: DatasetSettings, through: dt.datetime) -> None:
+    """Records that the hours up to `through` went to a training (or were skipped on
+    purpose). Never moves back: runs may finish in any order."""
+    with dataset_lock(settings):
+        ledger = read_ledger_document(settings)
+        if ledger.decided_through is not None and ledger.decided_through >= through:
+            return
+        ledger.decided_through = through
+        write_ledger(settings, ledger)
+
+
+def undecided_hours(existing: pd.DataFrame, decided_through: dt.datetime | None) -> pd.DataFrame:
+    """Rows held that no run has handed to a training: committed by a run whose
+    TrainingRun was never submitted (or held before any run trained)."""
+    if decided_through is None:
+        return existing
+    return existing[existing[TIME_COLUMN] > pd.Timestamp(decided_through)]
 
 
 def commit(
@@ -250,7 +344,6 @@ def commit(
     if plan.new.empty:
         return record
     fs, path = filesystem(dataset.uri, dataset.storage_options)
-    remove_stale_temps(fs, path)
     parts = [frame for frame in (plan.existing, plan.new) if not frame.empty]
     table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     try:

@@ -16,6 +16,7 @@ import random
 import re
 import string
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,10 +31,14 @@ from mlkube.flows.ingest import (
     DatasetSettings,
     IngestRecord,
     commit,
+    dataset_lock,
+    mark_decided,
     not_committed,
     plan_ingest,
+    read_ledger_document,
+    undecided_hours,
 )
-from mlkube.flows.sources import AnySource
+from mlkube.flows.sources import TIME_COLUMN, AnySource
 
 PLURAL = "trainingruns"
 LABEL_FLOW_RUN_ID = "mlkube.io/flow-run-id"
@@ -97,6 +102,16 @@ class IngestStep(BaseModel):
     record: IngestRecord
     checks: CheckReport
     unit: str
+    # Hours held before this run that no run has trained on (an earlier run committed
+    # them and then could not submit its TrainingRun).
+    untrained_hours: int = 0
+    untrained_first: dt.datetime | None = None
+    untrained_last: dt.datetime | None = None
+
+    @property
+    def through(self) -> dt.datetime | None:
+        """The last hour held after this run."""
+        return self.record.last_added or self.record.last_before
 
 
 class Decision(BaseModel):
@@ -145,18 +160,42 @@ class RetrainOutcome(BaseModel):
 # --------------------------------------------------------------------------- steps
 
 
-def ingest_and_check(config: RetrainConfig, flow_run_id: str | None = None) -> IngestStep:
-    """Fetch, check, and keep the new rows unless they fail a quality check."""
-    plan = plan_ingest(config.dataset, config.source)
-    checks = run_checks(plan.new, plan.existing, config.checks, config.source.plausible_range)
-    if checks.quality_ok:
-        record = commit(plan, config.dataset, flow_run_id)
-    else:
-        failure = checks.first_failure()
-        assert failure is not None
-        why = f"refused by the {failure.name} check: {failure.detail}"
-        record = not_committed(plan, config.dataset, why, flow_run_id)
-    return IngestStep(record=record, checks=checks, unit=config.source.unit)
+def ingest_and_check(
+    config: RetrainConfig,
+    flow_run_id: str | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> IngestStep:
+    """Fetch, check, and keep the new rows unless they fail a quality check; with the
+    dataset's lock held throughout, so two runs never interleave."""
+    with dataset_lock(config.dataset, on_wait):
+        plan = plan_ingest(config.dataset, config.source)
+        untrained = undecided_hours(
+            plan.existing, read_ledger_document(config.dataset).decided_through
+        )
+        checks = run_checks(plan.new, plan.existing, config.checks, config.source.plausible_range)
+        if checks.quality_ok:
+            record = commit(plan, config.dataset, flow_run_id)
+        else:
+            failure = checks.first_failure()
+            assert failure is not None
+            why = f"refused by the {failure.name} check: {failure.detail}"
+            record = not_committed(plan, config.dataset, why, flow_run_id)
+    times = untrained[TIME_COLUMN]
+    return IngestStep(
+        record=record,
+        checks=checks,
+        unit=config.source.unit,
+        untrained_hours=len(untrained),
+        untrained_first=None if untrained.empty else times.min().to_pydatetime(),
+        untrained_last=None if untrained.empty else times.max().to_pydatetime(),
+    )
+
+
+def untrained_note(step: IngestStep) -> str:
+    return (
+        f"{step.untrained_hours} hours held ({step.untrained_first:%Y-%m-%d %H:%M} to "
+        f"{step.untrained_last:%Y-%m-%d %H:%M}) that no run has trained on yet"
+    )
 
 
 def decide(step: IngestStep, force: bool) -> Decision:
@@ -164,16 +203,19 @@ def decide(step: IngestStep, force: bool) -> Decision:
     failure = checks.first_failure()
     if not checks.quality_ok and failure is not None:
         why = f"the new rows failed the {failure.name} check ({failure.detail}); none were added"
+    elif record.rows_added == 0 and step.untrained_hours:
+        return Decision(train=True, reason=f"no new hours, but {untrained_note(step)}")
     elif record.rows_added == 0:
         held = f"after {record.last_before:%Y-%m-%d %H:%M}" if record.last_before else "at all"
         why = f"no new data: the source has no hours {held}"
     elif checks.drifted and failure is not None:
         why = f"drift: {failure.detail}"
     else:
+        earlier = f", and {untrained_note(step)}" if step.untrained_hours else ""
         return Decision(
             train=True,
             reason=f"{record.rows_added} new hours ({record.first_added:%Y-%m-%d %H:%M} to "
-            f"{record.last_added:%Y-%m-%d %H:%M}), checks passed",
+            f"{record.last_added:%Y-%m-%d %H:%M}), checks passed{earlier}",
         )
     if force:
         return Decision(train=True, reason=f"forced, although {why}")
@@ -312,11 +354,14 @@ def outcome_from_status(found: dict[str, Any]) -> TrainingOutcome:
     )
 
 
-def train_on_cluster(body: dict[str, Any], settings: ClusterSettings) -> TrainingOutcome:
+def train_on_cluster(
+    body: dict[str, Any], settings: ClusterSettings, on_submitted: Callable[[], None]
+) -> TrainingOutcome:
     from mlkube.kube_config import current_namespace
 
     namespace = settings.namespace or current_namespace()
     name = submit_trainingrun(body, namespace)
+    on_submitted()
     try:
         found = wait_for_trainingrun(name, namespace, settings)
     except RetrainFailed as error:
@@ -427,7 +472,7 @@ def artifact_key(model_name: str) -> str:
 
 @task(name="ingest-and-check", cache_policy=NO_CACHE)
 def ingest_task(config: RetrainConfig, flow_run_id: str | None) -> IngestStep:
-    step = ingest_and_check(config, flow_run_id)
+    step = ingest_and_check(config, flow_run_id, on_wait=get_run_logger().info)
     get_run_logger().info(
         "ingest: %d hours fetched, %d added (%s)",
         step.record.rows_fetched, step.record.rows_added, step.record.note or "ok",
@@ -446,10 +491,23 @@ def retrain_flow(config: RetrainConfig) -> RetrainOutcome:
     step = ingest_task(config, identity.flow_run_id)
     decision = decide(step, config.force)
     logger.info("decision: %s (%s)", "train" if decision.train else "skip", decision.reason)
+
+    def decided() -> None:
+        # Only once a training has the rows (or they were skipped on purpose): rows of a
+        # run whose TrainingRun could not be submitted stay to be trained on next time.
+        if step.through is not None:
+            mark_decided(config.dataset, step.through)
+
     training = None
     if decision.train:
         body = trainingrun_body(template, config.dataset.uri, identity, step, decision.reason)
-        training = train_locally(body) if config.local else train_on_cluster(body, config.cluster)
+        if config.local:
+            training = train_locally(body)
+            decided()
+        else:
+            training = train_on_cluster(body, config.cluster, decided)
+    elif step.checks.quality_ok and step.checks.drifted:
+        decided()
     outcome = RetrainOutcome(
         flow_run_id=identity.flow_run_id,
         ingest=step.record,

@@ -29,6 +29,8 @@ TAG_MODEL_VERSION = "mlkube.model.version"
 TAG_PROMOTED = "mlkube.promoted"
 TAG_PROMOTION_REASON = "mlkube.promotion.reason"
 TAG_ERROR = "mlkube.error"
+# On a model version that never got its alias: why (its train flow stopped in between).
+TAG_NO_ALIAS_REASON = "mlkube.noAlias.reason"
 # "parent" on the TrainingRun's run, "trial" on each nested trial run.
 TAG_ROLE = "mlkube.role"
 # Standard MLflow tag that makes a run a child of another.

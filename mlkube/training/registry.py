@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlkube.api.errors import first_line
+from mlkube.training import outcome
 from mlkube.training.tasks.base import Mode, Task, TaskData
 
 CHALLENGER_ALIAS = "challenger"
@@ -118,3 +119,17 @@ def apply_decision(
         client.delete_model_version(name, str(version))
         raise
     return target
+
+
+def explain_versions_without_alias(
+    client: MlflowClient, name: str, uid: str, why: str
+) -> list[int]:
+    """Versions this TrainingRun registered that hold no alias and say nothing about it get
+    `why` (its train flow stopped between registering and setting the alias)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{outcome.TAG_UID}` = '{uid}'")
+    explained = []
+    for version in found:
+        if not version.aliases and outcome.TAG_NO_ALIAS_REASON not in (version.tags or {}):
+            client.set_model_version_tag(name, version.version, outcome.TAG_NO_ALIAS_REASON, why)
+            explained.append(int(version.version))
+    return explained

@@ -121,6 +121,30 @@ class RunTracker:
                 self.client.set_terminated(trial.run_id, "KILLED")
 
 
+def end_orphaned_runs(
+    client: MlflowClient, experiment_id: str, uid: str, namespace: str, why: str
+) -> list[str]:
+    """Parent runs of this TrainingRun that are still RUNNING (and their open trials) end
+    as KILLED with `why`: their driver died without ending them, and a new attempt of the
+    same TrainingRun (same uid: a RayJob retried, a flow re-run) is starting."""
+    from mlflow.entities import ViewType
+
+    running = f"{outcome.trainingrun_filter(uid, namespace)} and attributes.status = 'RUNNING'"
+    orphans = client.search_runs([experiment_id], running, run_view_type=ViewType.ALL)
+    for run in orphans:
+        run_id = run.info.run_id
+        trials = client.search_runs(
+            [experiment_id],
+            f"tags.`{outcome.TAG_PARENT_RUN}` = '{run_id}' and attributes.status = 'RUNNING'",
+            run_view_type=ViewType.ALL,
+        )
+        for trial in trials:
+            client.set_terminated(trial.info.run_id, "KILLED")
+        client.set_tag(run_id, outcome.TAG_ERROR, why)
+        client.set_terminated(run_id, "KILLED")
+    return [run.info.run_id for run in orphans]
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars from Tune's samplers as plain Python numbers."""
     item = getattr(value, "item", None)

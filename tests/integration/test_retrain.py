@@ -5,15 +5,28 @@ Real Ray, real MLflow store, real Prefect API; a tiny training budget.
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from mlkube.cli import main as cli_main
-from mlkube.flows.ingest import DatasetSettings, commit, plan_ingest, read_dataset, read_ledger
-from mlkube.flows.retrain import RetrainConfig, artifact_key, retrain
+from mlkube.flows.ingest import (
+    DatasetSettings,
+    commit,
+    mark_decided,
+    plan_ingest,
+    read_dataset,
+    read_ledger,
+    read_ledger_document,
+)
+from mlkube.flows.retrain import RetrainConfig, RetrainFailed, artifact_key, retrain
 
 pytestmark = [
     pytest.mark.integration,
@@ -109,3 +122,73 @@ def test_drift_skips_training_unless_forced(tmp_path: Path, model_name: str) -> 
     assert skipped.ingest.rows_added == 24  # drifted data is kept; only training is skipped
     assert not skipped.trained and skipped.decision.reason.startswith("drift: KS ")
     assert "**Training skipped**: drift: KS" in markdown_artifact(artifact_key(model_name))
+
+
+@pytest.fixture
+def refusing_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """$KUBECONFIG -> a loopback API server that refuses every request (403), as one does
+    for a flow whose service account may not create TrainingRuns; yields what it was asked."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def refuse(self) -> None:
+            asked.append(f"{self.command} {self.path}")
+            body = json.dumps({"kind": "Status", "status": "Failure", "reason": "Forbidden",
+                               "code": 403}).encode()  # fmt: skip
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = refuse
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ml"}}],
+    }))  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    yield asked
+    server.shutdown()
+    server.server_close()
+
+
+def test_rows_of_a_run_whose_trainingrun_was_not_submitted_are_trained_next_time(
+    tmp_path: Path, model_name: str, refusing_kubeconfig: list[str]
+) -> None:
+    dataset = tmp_path / "atmos.parquet"
+    document = replay_config(dataset, model_name)
+    document["source"]["end"] = "2010-02-15"  # one more day after the seed, then nothing
+    config = RetrainConfig.model_validate(document)
+    commit(plan_ingest(config.dataset, config.source), config.dataset)
+    mark_decided(config.dataset, read_dataset(config.dataset)["date"].max().to_pydatetime())
+
+    # On the cluster: the day is committed, then the TrainingRun cannot be created.
+    on_cluster = config.model_copy(update={"local": False})
+    with pytest.raises(RetrainFailed, match="cannot create a TrainingRun in ml: 403 Forbidden"):
+        retrain(on_cluster)
+    assert refusing_kubeconfig == ["POST /apis/mlkube.io/v1alpha1/namespaces/ml/trainingruns"]
+    assert [e["rows_added"] for e in read_ledger(config.dataset)] == [1080, 24]
+
+    # The next run has no new hours, and still trains on that day.
+    again = retrain(config)
+    assert again.ingest.rows_added == 0 and again.decision.train
+    assert again.decision.reason == (
+        "no new hours, but 24 hours held (2010-02-15 00:00 to 2010-02-15 23:00) that no run "
+        "has trained on yet"
+    )
+    assert again.training is not None and again.training.phase == "Succeeded"
+    assert read_ledger_document(config.dataset).decided_through is not None
+
+    # Then it is done: nothing new, nothing untrained.
+    last = retrain(config)
+    assert not last.trained
+    assert last.decision.reason.startswith("no new data: the source has no hours after 2010-02-15")

@@ -116,3 +116,19 @@ def test_decide_trains_on_new_checked_hours_and_says_why_it_skips() -> None:
     assert not drifted.train and drifted.reason.startswith("drift: KS 1.000")
     forced = decide(step(0), force=True)
     assert forced.train and forced.reason.startswith("forced, although no new data")
+
+
+def test_hours_no_run_trained_on_are_trained_even_without_new_ones() -> None:
+    untrained = {"untrained_hours": 24, "untrained_first": dt.datetime(2010, 3, 30),
+                 "untrained_last": dt.datetime(2010, 3, 30, 23)}  # fmt: skip
+    earlier = decide(step(0).model_copy(update=untrained), force=False)
+    assert earlier.train and earlier.reason == (
+        "no new hours, but 24 hours held (2010-03-30 00:00 to 2010-03-30 23:00) that no run "
+        "has trained on yet"
+    )
+    both = decide(
+        step(24, hours("2010-03-31", 24, daily_cycle(1))).model_copy(update=untrained), False
+    )
+    assert both.train and both.reason.endswith(", checks passed, and 24 hours held "
+                                               "(2010-03-30 00:00 to 2010-03-30 23:00) that no "
+                                               "run has trained on yet")  # fmt: skip

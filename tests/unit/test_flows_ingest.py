@@ -15,7 +15,9 @@ import pytest
 
 from mlkube.flows.ingest import (
     DatasetSettings,
+    IngestRecord,
     commit,
+    dataset_lock,
     only_new_hours,
     plan_ingest,
     read_dataset,
@@ -83,9 +85,16 @@ KILLED_CHILD = textwrap.dedent(
     ingest.replace_atomically = stop_here
     dataset = ingest.DatasetSettings(uri=sys.argv[1])
     source = ReplaySettings(initial_days=3, end="2010-01-05")
-    ingest.commit(ingest.plan_ingest(dataset, source), dataset)
+    with ingest.dataset_lock(dataset):
+        ingest.commit(ingest.plan_ingest(dataset, source), dataset)
     """
 )
+
+
+def locked_ingest(dataset: DatasetSettings) -> IngestRecord:
+    """What a run does: read, fetch and commit with the dataset's lock held."""
+    with dataset_lock(dataset):
+        return commit(plan_ingest(dataset, REPLAY), dataset)
 
 
 @pytest.mark.parametrize("name", ["atmos.parquet", "atmos.csv"])
@@ -112,11 +121,16 @@ def test_a_run_killed_before_the_rename_leaves_the_dataset_as_it_was(
     assert Path(dataset.uri + ".ledger.json").read_bytes() == ledger_before
     assert len(read_dataset(dataset)) == 72
 
-    # The next run adds the same day, exactly once, and clears the dead run's temp file.
-    record = commit(plan_ingest(dataset, REPLAY), dataset)
+    # The next run adds the same day, exactly once, and clears the dead run's temp file
+    # (the dead run's lock went with it).
+    record = locked_ingest(dataset)
     assert (record.rows_added, record.rows_after) == (24, 96)
     assert not temp.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.ledger.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".{name}.lock",
+        name,
+        f"{name}.ledger.json",
+    ]
     assert [e["rows_added"] for e in json.loads(
         Path(dataset.uri + ".ledger.json").read_text())["entries"]] == [72, 24]  # fmt: skip
 
@@ -140,4 +154,70 @@ def test_a_failed_write_removes_its_temp_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "atmos.parquet",
         "atmos.parquet.ledger.json",
+    ]
+
+
+# A run that holds the dataset's lock and stops at its commit point until told to go on.
+PAUSED_CHILD = textwrap.dedent(
+    """
+    import sys
+    from mlkube.flows import ingest
+    from mlkube.flows.sources import ReplaySettings
+
+    rename = ingest.replace_atomically
+
+    def pause_here(fs, temp, path):  # the dataset's rename; the ledger's goes on
+        ingest.replace_atomically = rename
+        print(temp, flush=True)
+        sys.stdin.readline()
+        rename(fs, temp, path)
+
+    ingest.replace_atomically = pause_here
+    dataset = ingest.DatasetSettings(uri=sys.argv[1])
+    source = ReplaySettings(initial_days=3, end="2010-01-05")
+    with ingest.dataset_lock(dataset):
+        print(ingest.commit(ingest.plan_ingest(dataset, source), dataset).rows_added)
+    """
+)
+
+
+def test_two_runs_at_once_take_turns_and_both_succeed(tmp_path: Path) -> None:
+    dataset = DatasetSettings(uri=str(tmp_path / "atmos.parquet"))
+    locked_ingest(dataset)  # 3 days held
+    config = tmp_path / "retrain.yaml"
+    config.write_text(json.dumps({
+        "source": {"kind": "replay", "initialDays": 3, "end": "2010-01-05"},
+        "dataset": {"uri": dataset.uri},
+        "trainingrunFile": str(REPO / "examples" / "atmos-temperature" / "trainingrun.yaml"),
+    }))  # fmt: skip
+
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CHILD, dataset.uri],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert first.stdin is not None and first.stdout is not None
+    temp = Path(first.stdout.readline().strip())  # the first run is at its commit point
+    # The second run, by hand: `mlkube ingest` on the same dataset.
+    second = subprocess.Popen(
+        [sys.executable, "-m", "mlkube", "ingest", "-f", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert second.stderr is not None
+    said = second.stderr.readline()
+    assert said == f"waiting for another run's ingest of {dataset.uri} to finish\n"
+    assert temp.exists()  # the second run left the first one's temp file alone
+
+    first.stdin.write("go\n")
+    first.stdin.flush()
+    assert first.wait(timeout=120) == 0 and first.stdout.read().strip() == "24"
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert out.splitlines()[-1] == f"{dataset.uri}: 24 new hours (2010-01-05 00:00:00 to " \
+        "2010-01-05 23:00:00), 120 held"  # fmt: skip
+    assert [e["rows_added"] for e in read_ledger(dataset)] == [72, 24, 24]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".atmos.parquet.lock",
+        "atmos.parquet",
+        "atmos.parquet.ledger.json",
+        "retrain.yaml",
     ]

@@ -11,6 +11,7 @@ import pytest
 
 from mlkube.flows.ingest import DatasetSettings, commit, plan_ingest, read_dataset
 from mlkube.flows.sources import KmaApiError, KmaAsosSettings, SourceError
+from mlkube.flows.sources.kma_asos import ALLOWED_HOSTS_ENV
 from tests.fixtures.kma_server import KmaServer, hourly_observations, observation
 
 START = dt.datetime(2024, 3, 1)
@@ -20,7 +21,12 @@ START = dt.datetime(2024, 3, 1)
 def server(monkeypatch: pytest.MonkeyPatch) -> KmaServer:
     with KmaServer() as running:
         monkeypatch.setenv("KMA_SERVICE_KEY", running.service_key)
+        monkeypatch.setenv(ALLOWED_HOSTS_ENV, host_port(running.url))
         yield running  # type: ignore[misc]
+
+
+def host_port(url: str) -> str:
+    return url.split("/")[2]
 
 
 def settings(server: KmaServer, **extra: object) -> KmaAsosSettings:
@@ -102,12 +108,14 @@ def test_quota_and_bad_parameters_name_the_code(server: KmaServer) -> None:
 
 def test_a_missing_key_names_where_it_was_looked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KMA_SERVICE_KEY", raising=False)
+    monkeypatch.setenv(ALLOWED_HOSTS_ENV, "127.0.0.1:9")
     with pytest.raises(SourceError, match="no KMA service key in the environment variable"):
         KmaAsosSettings(url="http://127.0.0.1:9/x").fetch_after(None)
 
 
 def test_an_unreachable_service_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KMA_SERVICE_KEY", "k")
+    monkeypatch.setenv(ALLOWED_HOSTS_ENV, "127.0.0.1")
     # Port 9 (discard) on loopback: nothing listens there.
     source = KmaAsosSettings(url="http://127.0.0.1:9/x", retries=0, start="2024-03-01",
                              end="2024-03-01")  # fmt: skip

@@ -11,7 +11,11 @@ yesterday. Errors come either in that header or, from the data.go.kr gateway (ke
 registered, quota), as an XML `OpenAPI_ServiceResponse` with `returnReasonCode`.
 
 The service key comes from an environment variable (default KMA_SERVICE_KEY) or from a
-Kubernetes Secret; it is never logged or put in an error message.
+Kubernetes Secret of the flow's own namespace; it is never logged or put in an error
+message. It travels in the query string, so the endpoint is pinned: the flow's parameters
+(which whoever may start a flow run can change) may only name a host the worker's
+environment allows (MLKUBE_KMA_ALLOWED_HOSTS, default apis.data.go.kr, https), and every
+request, redirects included, is checked against that list before it is sent.
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import functools
+import ipaddress
 import math
 import os
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mlkube.api.common import CamelModel
 from mlkube.flows.sources.base import (
@@ -41,6 +46,11 @@ from mlkube.flows.sources.base import (
 )
 
 DEFAULT_URL = "https://apis.data.go.kr/1360000/AsosHourlyInfoService/getWthrDataList"
+# Set by whoever runs the worker, not by the flow's parameters: comma-separated `host` or
+# `host:port` entries the key may be sent to (replacing the default).
+ALLOWED_HOSTS_ENV = "MLKUBE_KMA_ALLOWED_HOSTS"
+DEFAULT_ALLOWED_HOSTS = ("apis.data.go.kr",)
+DEFAULT_PORTS = {"https": 443, "http": 80}
 KST = ZoneInfo("Asia/Seoul")
 MAX_ROWS_PER_PAGE = 999
 # The common result codes of data.go.kr services.
@@ -87,17 +97,22 @@ class KmaApiError(SourceError):
 
 
 class SecretKeyRef(CamelModel):
-    """A key of a Kubernetes Secret (the namespace defaults to the current one)."""
+    """A key of a Kubernetes Secret of the flow's own namespace."""
 
     name: str
     key: str = "serviceKey"
-    namespace: str | None = None
+    namespace: str | None = Field(
+        default=None, description="Only the flow's own namespace (the default) is read."
+    )
 
 
 class KmaAsosSettings(SourceSettings):
     kind: Literal["kma-asos"] = "kma-asos"
     station_id: int = Field(default=108, ge=1, description="ASOS station (108 = Seoul).")
-    url: str = Field(default=DEFAULT_URL, description="Endpoint; tests point it at loopback.")
+    url: str = Field(
+        default=DEFAULT_URL,
+        description=f"Endpoint; its host must be one of {ALLOWED_HOSTS_ENV} (the worker's).",
+    )
     service_key_env: str = Field(default="KMA_SERVICE_KEY", min_length=1)
     service_key_secret: SecretKeyRef | None = Field(
         default=None, description="Read the key from this Secret when the variable is unset."
@@ -112,6 +127,14 @@ class KmaAsosSettings(SourceSettings):
     timeout_seconds: float = Field(default=30.0, gt=0)
     retries: int = Field(default=2, ge=0, le=10)
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _allowed_url(cls, url: str) -> str:
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
 
     @property
     def unit(self) -> str:
@@ -139,6 +162,48 @@ class KmaAsosSettings(SourceSettings):
         return items_to_frame(items)
 
 
+def allowed_hosts() -> list[str]:
+    """The worker's list (lowercase `host` or `host:port`), read at each call."""
+    entries = [e.strip().lower() for e in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",")]
+    return [e for e in entries if e] or list(DEFAULT_ALLOWED_HOSTS)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def url_problem(url: str) -> str | None:
+    """Why the service key must not be sent to `url`, or None. Never echoes the query."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "not a valid URL"
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return "must be an https:// URL"
+    port = port or DEFAULT_PORTS[scheme]
+    where = f"{scheme}://{host}:{port}"
+    # Plain http would show the key to the network; loopback never leaves the machine.
+    if scheme == "http" and not is_loopback(host):
+        return f"{where}: the service key is only sent over https"
+    allowed = allowed_hosts()
+    if host not in allowed and f"{host}:{port}" not in allowed:
+        return f"{where} is not an allowed host ({ALLOWED_HOSTS_ENV}: {', '.join(allowed)})"
+    return None
+
+
+def check_request(request: Any) -> None:
+    """httpx request hook: runs before every request, so a redirect cannot take the key
+    (or the next page's request) to a host the worker does not allow."""
+    problem = url_problem(str(request.url))
+    if problem:
+        raise SourceError(f"source.url: refused to send the request: {problem}")
+
+
 def service_key(settings: KmaAsosSettings) -> str:
     """From the environment, else the Secret; data.go.kr's "Encoding" key is decoded once so
     that the HTTP client's own encoding does not encode it twice."""
@@ -159,7 +224,13 @@ def read_secret(ref: SecretKeyRef) -> str:
 
     from mlkube.kube_config import api_client, current_namespace
 
-    namespace = ref.namespace or current_namespace()
+    namespace = current_namespace()
+    # The flow's parameters are not the place to pick whose Secrets it reads.
+    if ref.namespace is not None and ref.namespace != namespace:
+        raise SourceError(
+            f"source.serviceKeySecret.namespace: Secrets are read only from the flow's own "
+            f"namespace ({namespace}), not {ref.namespace}"
+        )
     try:
         with api_client() as api:
             secret = client.CoreV1Api(api).read_namespaced_secret(ref.name, namespace)
@@ -201,7 +272,10 @@ def fetch_items(
     import httpx
 
     items: list[dict[str, Any]] = []
-    with httpx.Client(timeout=settings.timeout_seconds, follow_redirects=True) as http:
+    hooks = {"request": [check_request]}
+    with httpx.Client(
+        timeout=settings.timeout_seconds, follow_redirects=True, event_hooks=hooks
+    ) as http:
         page, pages = 1, 1
         while page <= pages:
             params = request_params(settings, key, begin, end, page)

@@ -27,7 +27,7 @@ from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
 from mlkube.local import local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
 from mlkube.training.prepare import MISSING_EXTRA, Prepared, preflight, prepare
-from mlkube.training.tracking import RunTracker, TrialRecord
+from mlkube.training.tracking import RunTracker, TrialRecord, end_orphaned_runs
 from mlkube.training.tune import SearchSettings, run_search, start_ray
 
 
@@ -155,6 +155,23 @@ def parent_run_tags(run: TrainingRun, settings: SearchSettings) -> dict[str, str
     }
 
 
+def end_orphans(client: Any, experiment_id: str, run: TrainingRun) -> None:
+    """A previous attempt of this TrainingRun whose driver died left its parent run
+    RUNNING and maybe a version without an alias: say so in MLflow before starting."""
+    uid = run.metadata.uid or ""
+    ended = end_orphaned_runs(
+        client, experiment_id, uid, run.metadata.namespace or "",
+        "KILLED: its train flow stopped without ending this run (driver killed or pod "
+        "lost); ended when the next attempt of the same TrainingRun started",
+    )  # fmt: skip
+    if ended:
+        registry.explain_versions_without_alias(
+            client, run.spec.model.name, uid,
+            f"not promoted: the train flow of run {ended[0]} stopped after registering this "
+            "version and before setting its alias (driver killed or pod lost)",
+        )  # fmt: skip
+
+
 @flow(name="train", log_prints=False, validate_parameters=False)
 def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
     import mlflow
@@ -167,6 +184,7 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = experiment_for(client, run.spec.model.name, tracking_uri)
+    end_orphans(client, experiment_id, run)
     run_id = client.create_run(
         experiment_id, run_name=run.metadata.name, tags=parent_run_tags(run, settings)
     ).info.run_id
