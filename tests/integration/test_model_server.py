@@ -9,6 +9,7 @@ nothing asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -244,6 +245,21 @@ def _start(root: Path, tracking_uri: str, *args: str) -> ModelServerProcess:
     return ModelServerProcess(f"http://127.0.0.1:{http_port}", grpc_port, process, root)
 
 
+@contextlib.contextmanager
+def serving(started: dict[str, ModelServerProcess]) -> Iterator[None]:
+    """Servers started together, waited for in turn, and stopped whatever happens."""
+    try:
+        for server in started.values():
+            try:
+                wait_http_ok(server.url + "/", 120, server.process)
+            except Exception as error:
+                raise RuntimeError(f"{error}\n{tail(server.root / 'server.log')}") from None
+        yield
+    finally:
+        for server in started.values():
+            stop_process_group(server.process)
+
+
 @pytest.fixture(scope="module")
 def servers(
     models: Models, tmp_path_factory: pytest.TempPathFactory
@@ -258,16 +274,8 @@ def servers(
         "C": _start(root / "C", models.tracking_uri, "--multi-model", "--ttl-seconds", "600",
                     "--memory-budget", str(int(lru_size * 1.5))),
     }  # fmt: skip
-    try:
-        for server in started.values():  # started together, waited for in turn
-            try:
-                wait_http_ok(server.url + "/", 120, server.process)
-            except Exception as error:
-                raise RuntimeError(f"{error}\n{tail(server.root / 'server.log')}") from None
+    with serving(started):
         yield started
-    finally:
-        for server in started.values():
-            stop_process_group(server.process)
 
 
 def _artifact_bytes(name: str, where: Path) -> int:

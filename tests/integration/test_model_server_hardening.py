@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.fixtures.mlflow_server import MlflowServer, stop_process_group, tail, wait_http_ok
+from tests.fixtures.mlflow_server import MlflowServer, stop_process_group, wait_http_ok
 from tests.integration.test_model_server import (
     ROWS,
     ModelServerProcess,
@@ -29,6 +29,7 @@ from tests.integration.test_model_server import (
     _poll,
     _start,
     _v2_columns,
+    serving,
 )
 
 pytestmark = pytest.mark.integration
@@ -119,16 +120,8 @@ def servers(
         "G": _start(root / "G", hung, "--model-uri", f"models:/{GOOD}/1",
                     "--mlflow-timeout", "2", "--mlflow-retries", "0"),
     }  # fmt: skip
-    try:
-        for server in started.values():
-            try:
-                wait_http_ok(server.url + "/", 120, server.process)
-            except Exception as error:
-                raise RuntimeError(f"{error}\n{tail(server.root / 'server.log')}") from None
+    with serving(started):
         yield started
-    finally:
-        for server in started.values():
-            stop_process_group(server.process)
 
 
 def _ready(server: ModelServerProcess, name: str) -> tuple[int, int, int]:
