@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import pandas as pd
 
 from mlkube.api.errors import first_line
 from mlkube.training.tasks.base import DataError
+
+if TYPE_CHECKING:  # imported when a table is read, not when a spec is checked
+    import pandas as pd
 
 
 def local_path(uri: str) -> Path | None:
@@ -20,6 +22,8 @@ def local_path(uri: str) -> Path | None:
 
 def read_table(uri: str) -> pd.DataFrame:
     """A CSV or Parquet table; the format follows the file name."""
+    import pandas as pd
+
     path = local_path(uri)
     if path is not None and not path.exists():
         raise DataError(f"dataset.uri: no such file: {uri}")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from mlkube.training.tasks.base import DataError, Mode, Problem, Report, SearchSpace, Task, TaskData
 from mlkube.training.tasks.data import read_table, require_columns
+
+if TYPE_CHECKING:  # pandas loads when data does: `mlkube train` refuses bad specs without it
+    import pandas as pd
 
 HOLDOUT_FRACTION = 0.2
 CV_FOLDS = 3
@@ -161,7 +161,7 @@ class TabularTask(Task):
             return scores | self.probability_scores(model, x, y_true)
         return {
             "mae": float(metrics.mean_absolute_error(y_true, y_pred)),
-            "rmse": float(np.sqrt(metrics.mean_squared_error(y_true, y_pred))),
+            "rmse": float(metrics.mean_squared_error(y_true, y_pred) ** 0.5),
             "r2": float(metrics.r2_score(y_true, y_pred)),
         }
 
@@ -195,7 +195,7 @@ class TabularTask(Task):
         for train_index, valid_index in splitter.split(x, y):
             model = self.pipeline(config, x, seed).fit(x.iloc[train_index], y.iloc[train_index])
             folds.append(self.score(model, x.iloc[valid_index], y.iloc[valid_index]))
-        report({name: float(np.mean([f[name] for f in folds])) for name in folds[0]})
+        report({name: sum(f[name] for f in folds) / len(folds) for name in folds[0]})
 
     def fit(self, config: Mapping[str, Any], data: TaskData, seed: int) -> Any:
         x, y = data.search
