@@ -34,6 +34,8 @@ from tests.cluster.players import wait_for_object
 # A short server-side watch timeout lets KopfRunner stop promptly (as in test_operator.py);
 # read once, when kopf first imports the handlers.
 os.environ.setdefault("MLKUBE_OPERATOR_WATCH_TIMEOUT_SECONDS", "5")
+# The resources below name NO_MLFLOW, on loopback: a host the operator must be allowed to call.
+os.environ.setdefault("MLKUBE_OPERATOR_MLFLOW_ALLOWED_HOSTS", '["127.0.0.1"]')
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "mlkube"
