@@ -18,6 +18,15 @@ from mlkube.operator import handlers
 from tests.fixtures.http_server import Server, answer
 
 
+@pytest.fixture(autouse=True)
+def no_host_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator as installed allows no extra host. (The e2e modules allow loopback in
+    this process's environment for their in-process operators; handlers read it at import.)"""
+    monkeypatch.setattr(
+        handlers, "SETTINGS", handlers.SETTINGS.model_copy(update={"mlflow_allowed_hosts": []})
+    )
+
+
 @pytest.fixture
 def events() -> Iterator[Callable[[], list[Any]]]:
     """kopf's event queue, as a running operator has it; returns the posted events."""
