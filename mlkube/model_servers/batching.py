@@ -3,7 +3,11 @@
 Batching is only switched on for a model whose predictions do not depend on the batch: BLAS
 takes other code paths for one row than for many, so a linear model or a neural network can
 differ in the last bit between a 1-row call and the same row inside a batch.
-`is_batch_invariant` checks that on the model's input example at load time.
+`judge_batching` decides at load time (`Trust`): on the model's input example when it has one;
+otherwise on rows made from its signature, and then the first live batches are checked too
+(on PROBATION, each batch is also predicted row by row and the row-by-row answers are the
+ones returned, so no answer ever depends on the batch). A model whose signature gives no
+usable rows (string columns) is judged on live batches alone.
 
 A request that arrives alone at an idle model whose predict is fast (under `inline_below`
 seconds, measured) is predicted right on the event loop: at concurrency 1 two thread hand-offs
@@ -22,6 +26,8 @@ never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
+import enum
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +38,16 @@ import pandas as pd
 
 from mlkube.model_servers.codec import Codec, Rows, normalize_output, split_output
 
+log = logging.getLogger(__name__)
+
 BatchObserver = Callable[[int, int], None]  # (requests, rows) of each predict call
+PROBATION_BATCHES = 8  # live batches checked row by row before batching is trusted
+
+
+class Trust(enum.Enum):
+    ON = "on"  # checked on the model's own input example, or on live batches
+    OFF = "off"  # predictions depend on the batch, or the codec cannot batch
+    PROBATION = "probation"  # batch, but check each batch row by row until trusted
 
 
 class MicroBatcher:
@@ -42,10 +57,13 @@ class MicroBatcher:
         codec: Codec,
         max_rows: int = 256,
         on_batch: BatchObserver | None = None,
-        enabled: bool = True,
+        trust: Trust = Trust.ON,
         inline_below: float = 0.005,
+        on_verdict: Callable[[Trust], None] | None = None,
     ) -> None:
-        self.enabled = enabled and codec.batchable
+        self.trust = trust if codec.batchable else Trust.OFF
+        self.on_verdict = on_verdict  # told when probation ends, ON or OFF
+        self._checked_batches = 0
         self.inline_below = inline_below
         self.predict_seconds: float | None = None  # moving average of one predict call
         self._probing = False
@@ -87,7 +105,7 @@ class MicroBatcher:
     def _take(self) -> list[tuple[Rows, asyncio.Future[Any]]]:
         first = self._queue.popleft()
         batch = [first]
-        if not self.enabled:
+        if self.trust is Trust.OFF:
             return batch
         key, rows = self._codec.batch_key(first[0]), first[0].n
         while self._queue and rows + self._queue[0][0].n <= self._max_rows:
@@ -112,12 +130,15 @@ class MicroBatcher:
         if self._on_batch:
             self._on_batch(len(parts), sum(p.n for p in parts))
         try:
-            output = await asyncio.to_thread(self._call, parts)
-            results = (
-                [normalize_output(output)]
-                if len(parts) == 1
-                else split_output(output, [p.n for p in parts])
-            )
+            if len(parts) > 1 and self.trust is Trust.PROBATION:
+                results = await asyncio.to_thread(self._checked_call, parts)
+            else:
+                output = await asyncio.to_thread(self._call, parts)
+                results = (
+                    [normalize_output(output)]
+                    if len(parts) == 1
+                    else split_output(output, [p.n for p in parts])
+                )
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0][1], error=error)
@@ -127,6 +148,26 @@ class MicroBatcher:
             return
         for (_, future), result in zip(batch, results, strict=True):
             _settle(future, result=result)
+
+    def _checked_call(self, parts: list[Rows]) -> list[np.ndarray | pd.DataFrame]:
+        """Probation: the batch and each request alone; the lone answers are returned."""
+        batched = split_output(self._call(parts), [p.n for p in parts])
+        alone = [normalize_output(self._call([part])) for part in parts]
+        if not all(_same(b, a) for b, a in zip(batched, alone, strict=True)):
+            self._conclude(Trust.OFF, "a live batch predicted differently from its rows alone")
+        else:
+            self._checked_batches += 1
+            if self._checked_batches >= PROBATION_BATCHES:
+                self._conclude(Trust.ON, f"{self._checked_batches} live batches matched")
+        return alone
+
+    def _conclude(self, trust: Trust, why: str) -> None:
+        if self.trust is not Trust.PROBATION:
+            return
+        self.trust = trust
+        log.info("micro-batching %s: %s", trust.value, why)
+        if self.on_verdict:
+            self.on_verdict(trust)
 
     def _call(self, parts: list[Rows]) -> Any:
         started = time.perf_counter()
@@ -155,18 +196,19 @@ def _same(a: Any, b: Any) -> bool:
             and isinstance(b, pd.DataFrame)
             and a.reset_index(drop=True).equals(b.reset_index(drop=True))
         )
-    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    a, b = np.asarray(a), np.asarray(b)
+    nan_is_nan = a.dtype.kind in "fc" and b.dtype.kind in "fc"
+    return bool(np.array_equal(a, b, equal_nan=nan_is_nan))
 
 
-def is_batch_invariant(
+def batch_invariance(
     predict: Callable[[Any], Any],
     codec: Codec,
     rows: list[Rows],
     sizes: tuple[int, ...] = (2, 3, 8, 16),
-) -> bool:
-    """True when each row predicts bit-for-bit the same alone and inside batches of `sizes`."""
-    if not codec.batchable or not rows:
-        return False
+) -> bool | None:
+    """Whether each row predicts bit-for-bit the same alone and inside batches of `sizes`;
+    None when the model refused the rows (no evidence either way)."""
     try:
         alone = [normalize_output(predict(codec.concat([row]))) for row in rows]
         for size in sizes:
@@ -176,5 +218,25 @@ def is_batch_invariant(
                 if not all(_same(p, a) for p, a in zip(parts, alone[start:], strict=False)):
                     return False
     except Exception:
-        return False
+        return None
     return True
+
+
+def is_batch_invariant(predict: Callable[[Any], Any], codec: Codec, rows: list[Rows]) -> bool:
+    """True when `rows` show each row predicts the same alone and inside batches."""
+    return bool(codec.batchable and rows and batch_invariance(predict, codec, rows))
+
+
+def judge_batching(
+    predict: Callable[[Any], Any], codec: Codec, example: list[Rows], count: int = 16
+) -> Trust:
+    """ON or OFF from the model's input example; without one, OFF only on evidence (rows made
+    from the signature that predict differently in a batch), else PROBATION."""
+    if not codec.batchable:
+        return Trust.OFF
+    if example:
+        return Trust.ON if is_batch_invariant(predict, codec, example) else Trust.OFF
+    samples = codec.sample_rows(count)
+    if samples and batch_invariance(predict, codec, samples) is False:
+        return Trust.OFF
+    return Trust.PROBATION

@@ -22,6 +22,15 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 
 NUMERIC = {"integer": np.int32, "long": np.int64, "float": np.float32, "double": np.float64}
 INTEGRAL = {"integer", "long"}
+# MLflow DataType name -> Open Inference Protocol datatype, for /v2/models/{name} metadata
+V2_DATATYPES = {
+    "integer": "INT32",
+    "long": "INT64",
+    "float": "FP32",
+    "double": "FP64",
+    "boolean": "BOOL",
+}
+SAMPLE_SEED = 20261201  # rows made from a signature are the same on every load
 
 
 @dataclass(frozen=True)
@@ -265,6 +274,11 @@ class Codec:
         """Input metadata for /v2/models/{name}."""
         return []
 
+    def sample_rows(self, count: int) -> list[Rows]:
+        """One-row inputs made from the signature alone (for models logged without an input
+        example), or none where the signature does not say which values are valid."""
+        return []
+
 
 def _row_count(lengths: dict[str, int], what: str) -> int:
     """The number of rows in equally long columns; refuses ragged or empty ones."""
@@ -361,13 +375,21 @@ class TabularCodec(Codec):
         return tuple(rows.data)
 
     def describe(self) -> list[dict[str, Any]]:
-        from kserve.utils.numpy_codec import from_np_dtype
+        return [
+            {"name": c.name, "datatype": V2_DATATYPES.get(c.kind, "BYTES"), "shape": [-1]}
+            for c in self.columns
+        ]
 
-        out = []
-        for c in self.columns:
-            dtype = from_np_dtype(np.dtype(NUMERIC[c.kind])) if c.kind in NUMERIC else "BYTES"
-            out.append({"name": c.name, "datatype": dtype, "shape": [-1]})
-        return out
+    def sample_rows(self, count: int) -> list[Rows]:
+        """Numbers and booleans only: a string column's valid values (categories) are unknown,
+        and a model may refuse any other."""
+        required = [c for c in self.columns if c.required]
+        if not required or any(c.kind not in NUMERIC and c.kind != "boolean" for c in required):
+            return []
+        rng = np.random.default_rng(SAMPLE_SEED)
+        return [
+            Rows({c.name: _sample(rng, c.kind, (1,)) for c in required}, 1) for _ in range(count)
+        ]
 
 
 class TensorCodec(Codec):
@@ -450,6 +472,17 @@ class TensorCodec(Codec):
             }
         ]
 
+    def sample_rows(self, count: int) -> list[Rows]:
+        """Only where every dimension but the first is fixed: others could be any size."""
+        if not self.shape or any(size < 0 for size in self.shape[1:]):
+            return []
+        kind = {"f": "double", "i": "long", "u": "long", "b": "boolean"}.get(self.dtype.kind)
+        if kind is None:
+            return []
+        rng = np.random.default_rng(SAMPLE_SEED)
+        shape = (1, *self.shape[1:])
+        return [Rows(_sample(rng, kind, shape).astype(self.dtype), 1) for _ in range(count)]
+
 
 class SchemalessCodec(Codec):
     """No signature: records become a DataFrame, rows an array; each request predicted alone."""
@@ -482,6 +515,41 @@ class SchemalessCodec(Codec):
         if len(parts) != 1:
             raise ValueError("schemaless inputs are not batched")
         return parts[0].data
+
+
+def _sample(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Values of an MLflow kind: small integers (they may be category codes or counts),
+    standard normal floats, fair booleans."""
+    if kind in INTEGRAL:
+        return rng.integers(0, 4, shape).astype(NUMERIC[kind])
+    if kind == "boolean":
+        return rng.random(shape) < 0.5
+    return rng.standard_normal(shape).astype(NUMERIC[kind])
+
+
+def describe_outputs(schema: Any, output_name: str = Codec.output_name) -> list[dict[str, Any]]:
+    """Output metadata for /v2/models/{name}, named as responses name their outputs."""
+    from kserve.utils.numpy_codec import from_np_dtype
+
+    if schema is None:
+        return []
+    specs = list(schema.inputs)
+    if schema.is_tensor_spec():
+        return [
+            {
+                "name": spec.name or (output_name if len(specs) == 1 else f"output-{i}"),
+                "datatype": from_np_dtype(np.dtype(spec.type)),
+                "shape": list(spec.shape),
+            }
+            for i, spec in enumerate(specs)
+        ]
+    described = []
+    for i, spec in enumerate(specs):
+        kind = getattr(spec.type, "name", None)
+        name = spec.name or (output_name if len(specs) == 1 else str(i))
+        datatype = V2_DATATYPES.get(kind, "BYTES") if isinstance(kind, str) else "BYTES"
+        described.append({"name": name, "datatype": datatype, "shape": [-1]})
+    return described
 
 
 def codec_for_schema(schema: Any) -> Codec:

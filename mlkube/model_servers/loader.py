@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from mlkube.model_servers.artifacts import ArtifactCache, tree_bytes
-from mlkube.model_servers.batching import MicroBatcher, is_batch_invariant
-from mlkube.model_servers.codec import Codec, Rows, codec_for_schema
+from mlkube.model_servers.batching import MicroBatcher, Trust, judge_batching
+from mlkube.model_servers.codec import Codec, Rows, codec_for_schema, describe_outputs
 from mlkube.model_servers.sources import ModelSource, resolve
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,31 @@ def example_rows(pyfunc: Any, path: Path, codec: Codec, count: int = 16) -> list
     return [rows[i % len(rows)] for i in range(count)] if rows else []
 
 
+_TRUST_LOG = {
+    Trust.ON: "on",
+    Trust.OFF: "off (predictions depend on the batch)",
+    Trust.PROBATION: "on probation (no input example: live batches are checked row by row)",
+}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Open Inference Protocol inputs and outputs, from the signature in the MLmodel file."""
+
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+def read_metadata(model_dir: Path) -> ModelMetadata:
+    from mlflow.models import Model
+
+    model: Any = Model.load(str(model_dir / "MLmodel"))
+    codec = codec_for_schema(model.get_input_schema())
+    return ModelMetadata(
+        codec.describe(), describe_outputs(model.get_output_schema(), codec.output_name)
+    )
+
+
 class ModelLoader:
     def __init__(
         self,
@@ -139,7 +164,8 @@ class ModelLoader:
         self.max_batch_rows = max_batch_rows
         self._on_batch = on_batch
         self._resolve = resolver
-        self._invariant: dict[str, bool] = {}  # per model version: immutable, kept over evictions
+        self._trust: dict[str, Trust] = {}  # per model version: kept over evictions
+        self._metadata: dict[str, ModelMetadata] = {}  # per model version: immutable
         self._pinned: dict[str, ModelSource] = {}  # URIs naming a version resolve once
         self._resolved: dict[str, ModelSource] = {}  # the last answer for every URI
 
@@ -168,6 +194,15 @@ class ModelLoader:
             import_modules(FLAVOUR_IMPORTS.get(flavour, ()))
         return path
 
+    def metadata(self, uri: str) -> ModelMetadata:
+        """Blocking: resolve and download (never load into memory), then read the signature.
+        An alias is not asked again once resolved: metadata follows what loads and serves."""
+        source = self._resolved.get(uri) or self.source(uri)
+        known = self._metadata.get(source.key)
+        if known is None:
+            known = self._metadata[source.key] = read_metadata(self.artifacts.fetch(source))
+        return known
+
     def load(self, name: str, uri: str) -> tuple[LoadedModel, int]:
         """Blocking: run it in a thread. Returns the model and its size in bytes."""
         import mlflow.pyfunc
@@ -194,16 +229,23 @@ class ModelLoader:
             if on_batch:
                 on_batch(name, requests, rows)
 
-        if source.key not in self._invariant:
-            rows = example_rows(pyfunc, path, codec)
-            self._invariant[source.key] = is_batch_invariant(pyfunc.predict, codec, rows)
-            log.info(
-                "%s: micro-batching %s",
-                name,
-                "on" if self._invariant[source.key] else "off (predictions depend on the batch)",
+        key = source.key
+        if key not in self._trust:
+            self._trust[key] = judge_batching(
+                pyfunc.predict, codec, example_rows(pyfunc, path, codec)
             )
+            log.info("%s: micro-batching %s", name, _TRUST_LOG[self._trust[key]])
+
+        def remember(trust: Trust) -> None:
+            self._trust[key] = trust
+
         batcher = MicroBatcher(
-            pyfunc.predict, codec, self.max_batch_rows, observe, enabled=self._invariant[source.key]
+            pyfunc.predict,
+            codec,
+            self.max_batch_rows,
+            observe,
+            trust=self._trust[key],
+            on_verdict=remember,
         )
         size = tree_bytes(path)
         log.info("loaded %s (%s) from %s, %d bytes", name, source.label, path, size)

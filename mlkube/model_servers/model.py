@@ -35,7 +35,7 @@ from mlkube.model_servers.codec import (
     to_json,
     v1_rows,
 )
-from mlkube.model_servers.loader import LoadedModel, ModelLoader, Unloadable
+from mlkube.model_servers.loader import LoadedModel, ModelLoader, ModelMetadata, Unloadable
 from mlkube.model_servers.sources import UnknownModel
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,7 @@ class LazyModel(Model):
             context = self._cache.use(self.name, self._load)
             model = await context.__aenter__()
         except UnknownModel as error:
-            if self._missing_is_404:
-                if self._on_missing:
-                    self._on_missing(self.name)
-                missing = ModelNotFound(self.name)
-                missing.reason = str(error)
-                raise missing from None
-            reason = public_reason(str(error))
-            raise ModelNotReady(self.name, f"Failed to load {self.uri}: {reason}") from None
+            raise self._unknown(error) from None
         except LoadFailed as error:
             if isinstance(error.__cause__, Unloadable):
                 self.unloadable = str(error.__cause__)
@@ -170,6 +163,18 @@ class LazyModel(Model):
             yield model
         finally:
             await context.__aexit__(None, None, None)
+
+    def _unknown(self, error: UnknownModel) -> Exception:
+        """A name or version MLflow does not know: 404 in multi-model mode, else 503."""
+        if not self._missing_is_404:
+            reason = public_reason(str(error))
+            not_ready: Exception = ModelNotReady(self.name, f"Failed to load {self.uri}: {reason}")
+            return not_ready
+        if self._on_missing:
+            self._on_missing(self.name)
+        missing: Exception = ModelNotFound(self.name)
+        missing.reason = str(error)  # type: ignore[attr-defined]
+        return missing
 
     # -- handlers --------------------------------------------------------------------------
     async def predict(
@@ -230,13 +235,21 @@ class LazyModel(Model):
                 raise InferenceError(f"explain failed: {type(error).__name__}: {error}") from error
             return {"explanations": jsonable(result)}
 
-    # -- metadata (from the loaded model, without loading it) ------------------------------
-    def get_input_types(self) -> list[dict[str, Any]]:
-        model = self._cache.peek(self.name)
-        return model.codec.describe() if model else []
+    # -- metadata (from the signature on disk, without loading the model) -----------------
+    async def get_input_types(self) -> list[dict[str, Any]]:
+        return (await self._metadata()).inputs
 
-    def get_output_types(self) -> list[dict[str, Any]]:
-        return []
+    async def get_output_types(self) -> list[dict[str, Any]]:
+        return (await self._metadata()).outputs
+
+    async def _metadata(self) -> ModelMetadata:
+        try:
+            return await asyncio.to_thread(self._loader.metadata, self.uri)
+        except UnknownModel as error:
+            raise self._unknown(error) from None
+        except Exception as error:
+            log.warning("metadata of %s failed: %s", self.uri, error)
+            raise ModelNotReady(self.name, public_reason(str(error))) from None
 
 
 __all__ = ["LazyModel", "json_body", "jsonable"]

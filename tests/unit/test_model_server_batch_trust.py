@@ -1,0 +1,103 @@
+"""Batching for models without an input example: judged on rows made from the signature, then
+on the first live batches, and never an answer that depends on the batch."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlkube.model_servers.batching import PROBATION_BATCHES, MicroBatcher, Trust, judge_batching
+from mlkube.model_servers.codec import Column, Rows, TabularCodec, TensorCodec
+
+NUMERIC = TabularCodec([Column("age", "long"), Column("bmi", "double"), Column("ok", "boolean")])
+WITH_STRINGS = TabularCodec([Column("bmi", "double"), Column("smoker", "string")])
+
+
+def elementwise(frame: pd.DataFrame) -> np.ndarray:
+    return frame["bmi"].to_numpy() * 2 + frame["age"].to_numpy()
+
+
+def one_row_path(frame: pd.DataFrame) -> np.ndarray:  # like BLAS: 1 row takes another path
+    return elementwise(frame) + (1e-12 if len(frame) == 1 else 0.0)
+
+
+def record_rows(count: int) -> list[Rows]:
+    rng = np.random.default_rng(1)
+    return [
+        NUMERIC.decode_v1({"instances": [{"age": int(a), "bmi": float(b), "ok": True}]})
+        for a, b in zip(rng.integers(18, 65, count), rng.random(count) * 40, strict=True)
+    ]
+
+
+def test_signature_rows_follow_the_columns_kinds_and_skip_what_they_cannot_know() -> None:
+    rows = NUMERIC.sample_rows(4)
+    assert len(rows) == 4 and all(r.n == 1 for r in rows)
+    frame = NUMERIC.concat(rows)
+    assert list(frame.dtypes.astype(str)) == ["int64", "float64", "bool"]
+    assert NUMERIC.concat(NUMERIC.sample_rows(4)).equals(frame)  # the same on every load
+    assert WITH_STRINGS.sample_rows(4) == []  # valid categories are unknown
+    assert TensorCodec(np.dtype("float32"), (-1, 4)).concat(
+        TensorCodec(np.dtype("float32"), (-1, 4)).sample_rows(3)
+    ).shape == (3, 4)
+    assert TensorCodec(np.dtype("float32"), (-1, -1)).sample_rows(3) == []
+
+
+def test_without_an_input_example_batching_starts_on_probation_or_off_on_evidence() -> None:
+    example = record_rows(16)
+    assert judge_batching(elementwise, NUMERIC, example) is Trust.ON
+    assert judge_batching(one_row_path, NUMERIC, example) is Trust.OFF
+    assert judge_batching(elementwise, NUMERIC, []) is Trust.PROBATION
+    assert judge_batching(one_row_path, NUMERIC, []) is Trust.OFF  # the signature's rows show it
+
+    def needs_known_smoker(frame: pd.DataFrame) -> np.ndarray:
+        return frame["bmi"].to_numpy()
+
+    assert judge_batching(needs_known_smoker, WITH_STRINGS, []) is Trust.PROBATION
+
+    def refuses_made_up_rows(frame: pd.DataFrame) -> np.ndarray:
+        if (frame["bmi"] < 0).any():
+            raise ValueError("bmi must be positive")
+        return elementwise(frame)
+
+    assert judge_batching(refuses_made_up_rows, NUMERIC, []) is Trust.PROBATION  # no evidence
+
+
+def burst(batcher: MicroBatcher, rows: list[Rows], rounds: int) -> list[list[Any]]:
+    async def main() -> list[list[Any]]:
+        answers = []
+        for _ in range(rounds):
+            results = await asyncio.gather(*(batcher.submit(r) for r in rows))
+            answers.append([np.asarray(r).tolist() for r in results])
+        return answers
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("predict", "verdict"), [(elementwise, Trust.ON), (one_row_path, Trust.OFF)]
+)
+def test_probation_answers_row_by_row_until_live_batches_decide(
+    predict: Any, verdict: Trust
+) -> None:
+    rows = record_rows(6)
+    alone = [np.asarray(predict(NUMERIC.concat([r]))).tolist() for r in rows]
+    sizes: list[int] = []
+    verdicts: list[Trust] = []
+
+    def counted(frame: pd.DataFrame) -> np.ndarray:
+        sizes.append(len(frame))
+        return np.asarray(predict(frame))
+
+    batcher = MicroBatcher(
+        counted, NUMERIC, trust=Trust.PROBATION, inline_below=0.0, on_verdict=verdicts.append
+    )
+    answers = burst(batcher, rows, PROBATION_BATCHES + 2)
+    assert all(round_ == alone for round_ in answers)  # never an answer from a batch on trial
+    assert verdicts == [verdict] and batcher.trust is verdict
+    assert max(sizes) > 1  # batches were formed and tried
+    if verdict is Trust.OFF:
+        assert sizes[-len(rows) :] == [1] * len(rows)  # no batch after the verdict
