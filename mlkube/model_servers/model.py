@@ -3,8 +3,9 @@
 Two readinesses. KServe's own (`ready`, `healthy()`) is True from the start, because KServe's
 ModelServer refuses models that are not ready and its predict path asks it: the first request
 must be able to load the model. What probes see (`can_serve()`, wired in by server.py) is
-honest: the version is resolved, its artifacts are complete on local disk, and the last load
-into memory did not fail. Eviction from memory never changes it. Loading, keeping and evicting
+honest: the version is resolved, its artifacts are complete on local disk, they loaded once
+in a trial load (whose model is dropped: memory still fills on the first request), and the
+last load did not fail. Eviction from memory never changes it. Loading, keeping and evicting
 are the cache's job; this class turns requests into cache use and codec calls, and decodes
 large requests off the event loop so probes answer while they are read.
 """
@@ -106,6 +107,7 @@ class LazyModel(Model):
         self.unloadable: str | None = None  # why the version cannot load, once it could not
         self._preparing: threading.Thread | None = None
         self._prepare_after = 0.0
+        self._trial_loaded = False  # the artifacts on disk loaded once (see _prepare)
 
     # -- life ------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -122,11 +124,11 @@ class LazyModel(Model):
 
     # -- readiness probes ------------------------------------------------------------------
     def can_serve(self) -> bool:
-        """Resolved, artifacts verified on local disk, and loadable so far. Starts the
-        resolve + download in the background when they are missing (never a load)."""
+        """Resolved, artifacts verified on local disk, and loadable. Starts the resolve,
+        download and trial load in the background when they are missing."""
         if self.unloadable is not None:
             return False
-        if self._loader.on_disk(self.uri):
+        if self._trial_loaded and self._loader.on_disk(self.uri):
             return True
         self.prepare_soon()
         return False
@@ -141,14 +143,26 @@ class LazyModel(Model):
         self._preparing.start()
 
     def _prepare(self) -> None:
+        """Download, then load once and drop the model: a version whose files download but
+        do not load (a damaged upload) must never take traffic, so readiness waits for this.
+        The cache still loads on the first request and evicts after the TTL."""
         try:
             self._loader.prefetch(self.uri)
+            self._loader.load(self.name, self.uri)
+        except Unloadable as error:
+            self.unloadable = str(error)
+            log.warning("%s does not load; it will never be ready: %s", self.uri, error)
         except Exception as error:  # readiness stays false; a request would say why
             self._prepare_after = time.monotonic() + PREPARE_RETRY_SECONDS
             log.warning("preparing %s failed: %s", self.uri, error)
+        else:
+            self._trial_loaded = True
 
     @contextlib.asynccontextmanager
     async def loaded(self) -> AsyncIterator[LoadedModel]:
+        if self.unloadable is not None:  # known not to load: no download per request
+            reason = public_reason(self.unloadable)
+            raise ModelNotReady(self.name, f"Failed to load {self.uri}: {reason}")
         try:
             context = self._cache.use(self.name, self._load)
             model = await context.__aenter__()

@@ -201,16 +201,19 @@ def test_a_version_whose_artifacts_are_gone_is_never_ready(
     assert _ready(f, MISSING)[0] == 503
 
 
-def test_a_version_that_does_not_load_stops_being_ready(
+def test_a_version_that_downloads_but_does_not_load_is_never_ready(
     servers: dict[str, ModelServerProcess], registered: MlflowServer
 ) -> None:
+    """Its files are complete (sizes match), so only a trial load tells: readiness waits
+    for one, and a damaged upload never takes traffic."""
     e = servers["E"]
-    _poll(lambda: _ready(e, UNLOADABLE)[0] == 200)  # artifacts complete: ready, still lazy
+    _poll(lambda: "will never be ready" in e.root.joinpath("server.log").read_text())
+    assert e.metric("mlkube_artifact_downloads_total", model=UNLOADABLE) == 2  # one retry
+    assert _ready(e, UNLOADABLE) == (503, 503, 503)
     answer = e.post(f"/v1/models/{UNLOADABLE}:predict", ONE)
     assert answer.status_code == 503
     assert str(e.root) not in answer.json()["error"]
-    assert e.metric("mlkube_artifact_downloads_total", model=UNLOADABLE) == 2  # one retry
-    assert _ready(e, UNLOADABLE) == (503, 503, 503)  # no more traffic for it
+    assert _ready(e, UNLOADABLE) == (503, 503, 503)
 
 
 # -- requests that are too big or hostile ----------------------------------------------------
