@@ -335,7 +335,13 @@ def _reconcile_deployment(
         or SETTINGS.kserve_deployment_mode
     )
     rollout = plan_rollout(
-        deployment, working, desired_version=desired, isvc=view, deployment_mode=mode, now=_now()
+        deployment,
+        working,
+        desired_version=desired,
+        isvc=view,
+        deployment_mode=mode,
+        now=_now(),
+        rollout_timeout_seconds=SETTINGS.rollout_timeout_seconds,
     )
     new = rollout.status
     if rollout.target_version is not None:

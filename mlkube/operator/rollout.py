@@ -11,7 +11,13 @@ from pydantic import BaseModel
 from mlkube.api.common import Condition
 from mlkube.api.modeldeployment import CanaryStatus, ModelDeployment, ModelDeploymentStatus
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
-from mlkube.operator.status import InferenceServiceView, drop_condition, set_condition
+from mlkube.operator.status import (
+    InferenceServiceView,
+    drop_condition,
+    find_condition,
+    parse_timestamp,
+    set_condition,
+)
 
 # ModelDeployment condition types.
 READY = "Ready"
@@ -45,14 +51,17 @@ def plan_rollout(
     isvc: InferenceServiceView | None,
     deployment_mode: str | None,
     now: dt.datetime,
+    rollout_timeout_seconds: float = 600.0,
 ) -> Rollout:
     """One reconcile step.
 
     - First deployment: the desired version, no canary (there is nothing to split with).
     - The InferenceService's revision is ready: a canary is promoted (its share removed);
       without a split, the version is recorded as served.
-    - Its revision failed: back to the served version (traffic never left it), and the
-      failed version is recorded so that it is not rolled out again.
+    - Its revision failed, or is still not ready `rollout_timeout_seconds` after the
+      rollout began (a pod that never becomes Ready fails nothing in raw mode: the old pods
+      keep the Deployment available): back to the served version (traffic never left it),
+      and the failed version is recorded so that it is not rolled out again.
     - The desired version differs from the pinned one: a rollout starts, as a canary when
       spec.canary asks for it, an earlier version serves and the mode supports it.
     """
@@ -74,6 +83,11 @@ def plan_rollout(
     else:
         status.conditions = drop_condition(status.conditions, CANARY_SUPPORTED)
 
+    if isvc is not None and _timed_out(status, isvc, rollout_timeout_seconds, now):
+        isvc = isvc.model_copy(update={
+            "state": "Failed", "reason": "RolloutTimedOut",
+            "message": f"not ready {rollout_timeout_seconds:.0f} s after the rollout began",
+        })  # fmt: skip
     if isvc is None:
         target, canary = desired_version, None
         if target is not None:
@@ -178,6 +192,21 @@ def refused_deployment_status(
     )
     status.conditions = set_condition(status.conditions, READY, "False", reason, message, now)
     return status
+
+
+def _timed_out(
+    status: ModelDeploymentStatus, isvc: InferenceServiceView, timeout: float, now: dt.datetime
+) -> bool:
+    """A rollout of a new version that has been waiting for readiness longer than allowed."""
+    if isvc.state != "Progressing" or isvc.version is None:
+        return False
+    if isvc.version == status.served_version:
+        return False
+    began = find_condition(status.conditions, ROLLOUT)
+    since = parse_timestamp(began.last_transition_time) if began is not None else None
+    if began is None or began.status != "Unknown" or since is None:
+        return False
+    return (now - since).total_seconds() > timeout
 
 
 def _rollout_condition(

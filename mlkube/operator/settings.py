@@ -36,6 +36,10 @@ class OperatorSettings(BaseSettings):
     # How often a TrainingRun's status is synced from its RayJob and MLflow, and how often a
     # ModelDeployment's status is synced from its InferenceService.
     status_poll_seconds: float = Field(default=5.0, gt=0)
+    # A new version whose predictor is not ready this long after its rollout began counts as
+    # failed, and traffic stays on the served version (like a Deployment's
+    # progressDeadlineSeconds, which KServe fixes at 600 s in raw mode).
+    rollout_timeout_seconds: float = Field(default=600.0, gt=0)
     # jobStatus FAILED while jobDeploymentStatus still says Running counts as failed after this.
     failed_job_grace_seconds: float = Field(default=30.0, ge=0)
     # MLflow: one request's timeout, and the backoff between attempts while it is unreachable.

@@ -14,6 +14,7 @@ from pydantic.alias_generators import to_camel
 from mlkube.api.common import Condition
 from mlkube.api.trainingrun import BestTrial, TrainingRunStatus, TrialCounts
 from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_VERSION
+from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.training.outcome import Outcome
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -323,6 +324,10 @@ RolloutState = Literal["Ready", "Failed", "Progressing"]
 # KServe's raw mode copies the Deployment's Available condition: False with this reason
 # while the first pods start, which is no failure.
 STARTING_REASONS = frozenset({"MinimumReplicasUnavailable"})
+# In raw (Standard) mode KServe's PredictorReady carries the Deployment's own reason. Only
+# this one says the pods of the current template serve: during a rolling update the old
+# pods keep the Deployment Available ("MinimumReplicasAvailable") and KServe says Ready.
+ROLLED_OUT_REASON = "NewReplicaSetAvailable"
 # modelStatus.transitionStatus values by which KServe says the model will not load.
 FAILED_TRANSITIONS = frozenset({"BlockedByFailedLoad", "InvalidSpec"})
 
@@ -374,6 +379,9 @@ def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
             }
         ]
     ready = conditions.get("Ready", {}).get("status") == "True"
+    mode = annotations.get(ANNOTATION_DEPLOYMENT_MODE) or status.get("deploymentMode")
+    if mode in RAW_DEPLOYMENT_MODES and ready:
+        ready = conditions.get("PredictorReady", {}).get("reason") == ROLLED_OUT_REASON
     component = (status.get("components") or {}).get("predictor") or {}
     latest_created = component.get("latestCreatedRevision")
     latest_ready = component.get("latestReadyRevision")
@@ -391,7 +399,7 @@ def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
     return InferenceServiceView(
         version=version,
         canary_traffic_percent=int(canary) if canary is not None else None,
-        deployment_mode=annotations.get(ANNOTATION_DEPLOYMENT_MODE) or status.get("deploymentMode"),
+        deployment_mode=mode,
         state=state,
         reason=reason or "",
         message=one_line(message or ""),

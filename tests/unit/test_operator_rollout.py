@@ -123,3 +123,49 @@ def test_raw_mode_reports_canary_unsupported() -> None:
     assert unsupported and unsupported.status == "False" and unsupported.reason == "RawDeployment"
     also = step(md, serving, 2, view(1, "Ready"), mode="Standard")
     assert also.canary_traffic_percent is None
+
+
+def test_a_rollout_not_ready_in_time_fails_and_traffic_stays() -> None:
+    """A new version's pod that never becomes Ready fails nothing in raw mode (the old pod
+    keeps serving); after the rollout timeout the operator records it as failed and pins
+    the served version again."""
+    md = deployment()
+    serving = step(md, step(md, ModelDeploymentStatus(), 1, None).status, 1, view(1, "Ready"))
+    started = step(md, serving.status, 2, view(1, "Ready"))
+    assert started.target_version == 2
+    later = NOW + dt.timedelta(seconds=60)
+    waiting = plan_rollout(
+        md,
+        started.status,
+        desired_version=2,
+        isvc=view(2, "Progressing"),
+        deployment_mode="Standard",
+        now=later,
+        rollout_timeout_seconds=120,
+    )
+    assert waiting.target_version == 2 and waiting.status.failed_version is None
+    late = NOW + dt.timedelta(seconds=121)
+    failed = plan_rollout(
+        md,
+        waiting.status,
+        desired_version=2,
+        isvc=view(2, "Progressing"),
+        deployment_mode="Standard",
+        now=late,
+        rollout_timeout_seconds=120,
+    )
+    assert failed.target_version == 1 and failed.status.failed_version == 2
+    assert failed.status.message and "traffic stays on version 1" in failed.status.message
+    assert "RolloutTimedOut" in failed.status.message
+    assert [e.reason for e in failed.events] == ["RolloutFailed"]
+    # The version already served is never timed out, however long the Deployment scales.
+    steady = plan_rollout(
+        md,
+        serving.status,
+        desired_version=1,
+        isvc=view(1, "Progressing"),
+        deployment_mode="Standard",
+        now=late,
+        rollout_timeout_seconds=1,
+    )
+    assert steady.target_version == 1 and steady.status.failed_version is None

@@ -297,3 +297,23 @@ def test_an_outcome_tag_that_does_not_parse_is_a_condition_not_a_crash(
 def test_an_unknown_run_state_is_unreadable_not_a_crash() -> None:
     read = outcome_from_tags("r1", "EXPLODED", {})
     assert (read.state, read.unreadable_tags) == ("RUNNING", ["status"])
+
+
+def test_raw_mode_is_ready_only_once_the_new_replicaset_serves() -> None:
+    """KServe's raw mode says Ready while a rolling update is stuck, because the old pods
+    keep the Deployment Available; its PredictorReady reason tells the two apart."""
+
+    def raw(predictor_reason: str) -> dict[str, object]:
+        conditions = [
+            {"type": "PredictorReady", "status": "True", "reason": predictor_reason},
+            {"type": "Ready", "status": "True"},
+        ]
+        return isvc(2, {"observedGeneration": 2, "deploymentMode": "Standard",
+                        "conditions": conditions})  # fmt: skip
+
+    assert inferenceservice_view(raw("NewReplicaSetAvailable")).state == "Ready"
+    rolling = inferenceservice_view(raw("MinimumReplicasAvailable"))
+    assert (rolling.state, rolling.version) == ("Progressing", 2)
+    # Knative mode keeps reading revisions, not the Deployment's reason.
+    knative = isvc(2, {"observedGeneration": 2, "conditions": conds(Ready="True")})
+    assert inferenceservice_view(knative).state == "Ready"
