@@ -919,8 +919,11 @@ class InferenceServicePlayer(_Player):
             pred = ("False", "RevisionFailed", failure.get("message", ""))
         elif progressing:
             pred = ("Unknown", "RevisionMissing", f"Revision {state.latest_created} is starting")
-        else:
+        elif mode == "Knative":
             pred = ("True", "", "")
+        else:
+            # Raw mode copies the Deployment's reason; this one says the new pods serve.
+            pred = ("True", "NewReplicaSetAvailable", "")
         ingress = (
             ("True", "", "") if serving else ("Unknown", "RevisionMissing", "no ready revision")
         )
@@ -940,8 +943,9 @@ class InferenceServicePlayer(_Player):
             if pred[0] == "True" and ingress[0] == "True"
             else ("False" if "False" in (pred[0], ingress[0]) else "Unknown")
         )
+        ready_reason = "" if ready == "True" else (pred[1] or ingress[1])
         conds.append(
-            self._condition(state, "Ready", ready, pred[1] or ingress[1], pred[2] or ingress[2])
+            self._condition(state, "Ready", ready, ready_reason, pred[2] or ingress[2])
         )
         conds.sort(key=lambda c: c["type"])
 

@@ -101,12 +101,14 @@ def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture
 def release(node: Node) -> Iterator[str]:
-    """`helm install` of charts/mlkube with its MLflow server, as docs/install.md says, and
-    the alias polled every 5 s instead of 30 (an operator setting) to keep tests short."""
+    """`helm install` of charts/mlkube with its MLflow server, as docs/install.md says, with
+    the alias polled every 5 s instead of 30 and a rollout timeout of 120 s instead of 600
+    (operator settings) to keep tests short."""
     from tests.node.steps import CHART, RELEASE_NS, helm
 
     helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
          "--set", "mlflow.enabled=true", "--set", "operator.aliasPollSeconds=5",
+         "--set", "operator.rolloutTimeoutSeconds=120",
          "--wait", "--timeout", "5m")  # fmt: skip
     yield "mlkube"
     helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait", "--ignore-not-found")

@@ -9,10 +9,13 @@ from typing import Any
 
 from tests.cluster.node import Node
 from tests.node.steps import (
+    MLFLOW,
     ROW,
+    RUNTIME,
     example,
     get_columns,
     load_result,
+    run_script_pod,
     serve_dataset,
     small_trainingrun,
     start_load,
@@ -157,3 +160,57 @@ def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
     assert succeeded["status"] == "False" and succeeded["reason"], succeeded
     assert status.get("message"), status
     assert ended["VERSION"] == "" and ended["PROMOTED"] == "", ended
+
+
+def test_a_version_whose_artifacts_are_broken_never_takes_traffic(
+    node: Node, namespace: str, release: str, shared_dir: Path
+) -> None:
+    """The champion alias moves to a version whose model file is damaged (it downloads but
+    cannot load): its predictor pod never becomes Ready, the previous version answers every
+    request, and the ModelDeployment says which version failed and that traffic stayed."""
+    uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
+    run = small_trainingrun(uri, **{"spec.tuning.numTrials": 1})
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
+    assert trainingrun_ended(node, namespace, "insurance")["PHASE"] == "Succeeded"
+    deployment = example(
+        "modeldeployment.yaml",
+        **{"spec.replicas": {"min": 1, "max": 1},
+           "spec.resources": {"cpu": "300m", "memory": "1Gi"}},
+    )  # fmt: skip
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
+    wait_for(
+        node, "ModelDeployment Ready with version 1",
+        lambda: (c := get_columns(node, "md", namespace, "insurance"))["READY"] == "True"
+        and c["VERSION"] == "1",
+        timeout=300,
+    )  # fmt: skip
+    url = get_columns(node, "md", namespace, "insurance")["URL"]
+    start_load_until_told(node, namespace, url)
+
+    broken = run_script_pod(
+        node, namespace, "broken", PODS / "register_broken.py",
+        [json.dumps({"model": "insurance", "from_version": 1, "alias": "champion",
+                     "how": "corrupt"})],
+        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
+    )  # fmt: skip
+    assert broken["phase"] == "Succeeded", broken["logs"]
+    assert json.loads(broken["logs"].strip().splitlines()[-1]) == {"version": 2}
+
+    def status() -> dict[str, Any]:
+        found: dict[str, Any] = json.loads(
+            node.kubectl("get", "md", "insurance", "-n", namespace, "-o", "json").stdout
+        )["status"]
+        return found
+
+    failed = wait_for(
+        node, "version 2 recorded as failed",
+        lambda: (s := status()).get("failedVersion") == 2 and s,
+        timeout=600,
+    )  # fmt: skip
+    seen = stop_load(node, namespace)
+    assert failed["servedVersion"] == 1, failed
+    assert "traffic stays on version 1" in failed.get("message", ""), failed
+    assert get_columns(node, "md", namespace, "insurance")["VERSION"] == "1"
+    assert seen["errors"] == 0, seen
+    assert seen["requests"] > 100, seen
+    assert len(seen["answers"]) == 1, seen  # version 1's prediction, throughout
