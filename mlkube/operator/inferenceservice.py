@@ -25,6 +25,9 @@ ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 PREDICTOR_CONTAINER = "kserve-container"
 PREDICTOR_MODULE = "mlkube.model_servers"
 PRESTOP_SECONDS = "5"
+# The predictor's gRPC (Open Inference Protocol v2) port. KServe's raw mode puts every
+# declared container port on the Service; Knative allows one port per container.
+PREDICTOR_GRPC_PORT = 8081
 
 
 def model_uri(name: str, version: int) -> str:
@@ -43,6 +46,7 @@ def predictor_args(deployment: ModelDeployment, version: int, http_port: int) ->
         "--ttl-seconds", str(spec.ttl_seconds),
         "--protocol", spec.protocol,
         "--http_port", str(http_port),
+        "--grpc_port", str(PREDICTOR_GRPC_PORT),
     ]  # fmt: skip
     if spec.limits.max_request_bytes is not None:
         args += ["--max-request-bytes", spec.limits.max_request_bytes]
@@ -69,13 +73,18 @@ def build_inferenceservice(
     """
     spec = deployment.spec
     env = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV}
+    # Knative takes a port named http1 (or h2c) only; a Service of two ports needs names.
+    ports = [{"name": "http1", "containerPort": http_port, "protocol": "TCP"}]
+    if is_raw_mode(deployment_mode):
+        # So that gRPC clients reach the predictor through the Service's cluster DNS name.
+        ports.append({"name": "h2c", "containerPort": PREDICTOR_GRPC_PORT, "protocol": "TCP"})
     container = {
         "name": PREDICTOR_CONTAINER,
         "image": spec.image or image,
         "command": ["python", "-m", PREDICTOR_MODULE],
         "args": predictor_args(deployment, version, http_port),
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
-        "ports": [{"containerPort": http_port, "protocol": "TCP"}],
+        "ports": ports,
         "resources": spec.resources.for_container(),
         # Without it a new pod takes traffic before its server listens (seen on a real
         # node: requests refused during every rollout). It answers 200 once the pinned

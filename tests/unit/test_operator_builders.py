@@ -113,6 +113,16 @@ def test_inferenceservice_canary_and_raw_mode() -> None:
     )
     assert "canaryTrafficPercent" not in raw["spec"]["predictor"]
     assert raw["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    # Raw mode puts every container port on the Service: gRPC is declared there (the
+    # predictor listens on it); Knative takes one port.
+    raw_container = raw["spec"]["predictor"]["containers"][0]
+    assert [(p["name"], p["containerPort"]) for p in raw_container["ports"]] == [
+        ("http1", 8080), ("h2c", 8081),
+    ]  # fmt: skip
+    args = raw_container["args"]
+    assert args[args.index("--grpc_port") + 1] == "8081"
+    knative_ports = knative["spec"]["predictor"]["containers"][0]["ports"]
+    assert [p["name"] for p in knative_ports] == ["http1"]
 
 
 def test_inferenceservice_hands_request_limits_to_the_predictor() -> None:
