@@ -742,11 +742,17 @@ def machine_state() -> dict[str, Any]:
         "kuberay-operator",
         "kserve-manager",
     }
+    # The e2e lane's control planes run these too, in their own workdirs (mlkube-k8s-*):
+    # only a node's (under mlkube-node-*) are the node's.
+    also_standalone = {"kube-apiserver", "kube-controller-manager", "etcd"}
     procs = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 comm = (entry / "comm").read_text().strip()
+                cmdline = (entry / "cmdline").read_bytes()
+                if comm in also_standalone and b"mlkube-node-" not in cmdline:
+                    continue
                 if comm in names or comm.startswith("containerd-shim"):
                     procs.append(f"{entry.name} {comm}")
     v1 = [
