@@ -15,7 +15,6 @@ from kubernetes.client.exceptions import ApiException
 from mlkube.local import free_port
 from tests.cluster.players import (
     InferenceServicePlayer,
-    RayJobPlayer,
     condition,
     wait_for_object,
     wait_gone,
@@ -54,10 +53,6 @@ def wait(
     predicate: Callable[[Obj], bool], what: str, timeout: float = 120,
 ) -> Obj:  # fmt: skip
     return wait_for_object(api, *kind, ns, name, predicate, timeout=timeout, what=what)
-
-
-def phase_is(*phases: str) -> Callable[[Obj], bool]:
-    return lambda obj: (obj.get("status") or {}).get("phase") in phases
 
 
 def event_reasons(api: client.ApiClient, ns: str, uid: str) -> list[str]:
@@ -105,81 +100,6 @@ def trainingrun(name: str, tracking_uri: str, dataset: str = INSURANCE_CSV) -> O
 
 
 # --------------------------------------------------------------------------- TrainingRun
-
-
-def test_trainingrun_succeeds_with_one_rayjob_across_an_operator_restart(
-    kube_api: client.ApiClient,
-    namespace: str,
-    rayjob_player: RayJobPlayer,
-    mlflow_server: Any,
-    operator_env: None,
-) -> None:
-    name = "insurance"
-    liveness = free_port()
-    with running_operator(namespace, liveness):
-        tr = create(
-            kube_api, TRAININGRUNS, namespace, trainingrun(name, mlflow_server.tracking_uri)
-        )
-        wait(kube_api, TRAININGRUNS, namespace, name, phase_is("Running"), "Running")
-        with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=5) as health:
-            assert health.status == 200
-    # The operator is gone mid-run; the RayJob runs on. A new operator picks up the status.
-    with running_operator(namespace):
-        done = wait(
-            kube_api, TRAININGRUNS, namespace, name, phase_is("Succeeded", "Failed"),
-            "Succeeded", timeout=420,
-        )  # fmt: skip
-    stdout, stderr = rayjob_player.logs(name)
-    status = done["status"]
-    assert status["phase"] == "Succeeded", (status, stderr[-3000:])
-
-    (rayjob,) = listing(kube_api, RAYJOBS, namespace)
-    (owner,) = rayjob["metadata"]["ownerReferences"]
-    assert (owner["kind"], owner["uid"], owner["controller"]) == (
-        "TrainingRun",
-        tr["metadata"]["uid"],
-        True,
-    )
-    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
-    assert status["rayJobName"] == rayjob["metadata"]["name"]
-    assert status["modelVersion"] == 1 and status["promoted"] is True
-    assert status["promotionReason"]
-    assert status["trials"] == {"completed": 2, "total": 2}
-    assert status["best"]["metric"] == "mae" and status["best"]["params"]
-    assert status["mlflowRunId"]
-    assert condition(done, "Succeeded") == "True"
-    reasons = wait_for_events(
-        kube_api, namespace, tr["metadata"]["uid"], "RayJobCreated", "Promoted"
-    )
-    assert {"RayJobCreated", "Promoted"} <= set(reasons), reasons
-    assert "RayJobAdopted" not in reasons  # the restart did not re-run the create handler
-
-    # Deleting the TrainingRun removes its RayJob (owner reference + garbage collector).
-    custom(kube_api).delete_namespaced_custom_object(*MLKUBE, namespace, "trainingruns", name)
-    gone(kube_api, RAYJOBS, namespace, rayjob["metadata"]["name"])
-
-
-def test_trainingrun_with_a_missing_dataset_fails_with_the_reason(
-    kube_api: client.ApiClient,
-    namespace: str,
-    rayjob_player: RayJobPlayer,
-    mlflow_server: Any,
-    operator_env: None,
-) -> None:
-    body = trainingrun("broken", mlflow_server.tracking_uri, dataset="../shared/data/nope.csv")
-    with running_operator(namespace):
-        tr = create(kube_api, TRAININGRUNS, namespace, body)
-        done = wait(
-            kube_api, TRAININGRUNS, namespace, "broken", phase_is("Succeeded", "Failed"),
-            "Failed", timeout=240,
-        )  # fmt: skip
-        reasons = wait_for_events(kube_api, namespace, tr["metadata"]["uid"], "AppFailed")
-    status = done["status"]
-    assert status["phase"] == "Failed"
-    assert "nope.csv" in status["message"], status
-    assert condition(done, "Succeeded") == "False"
-    assert "AppFailed" in reasons, reasons
-    assert len(listing(kube_api, RAYJOBS, namespace)) == 1
 
 
 def test_trainingrun_spec_is_immutable_and_invalid_specs_name_the_field(
@@ -320,29 +240,6 @@ def test_modeldeployment_follows_champion_with_a_canary(
             *MLKUBE, namespace, "modeldeployments", "lin"
         )
         gone(kube_api, ISVCS, namespace, isvc["metadata"]["name"])
-
-
-def test_modeldeployment_in_standard_mode_reports_canary_unsupported(
-    kube_api: client.ApiClient,
-    namespace: str,
-    isvc_player: InferenceServicePlayer,
-    mlflow_server: Any,
-    operator_env: None,
-) -> None:
-    uri, model = mlflow_server.tracking_uri, f"raw-{namespace}"
-    register_versions(uri, model, [1.0])
-    set_alias(uri, model, "champion", 1)
-    body = modeldeployment(
-        "raw", model, uri, canary={"trafficPercent": 30},
-        annotations={"serving.kserve.io/deploymentMode": "Standard"},
-    )  # fmt: skip
-    with running_operator(namespace):
-        create(kube_api, MODELDEPLOYMENTS, namespace, body)
-        ready = wait(kube_api, MODELDEPLOYMENTS, namespace, "raw", served(1), "serving v1", 180)
-    assert condition(ready, "CanarySupported") == "False"
-    (isvc,) = listing(kube_api, ISVCS, namespace)
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
-    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
 
 
 def test_mlflow_unreachable_is_a_condition_not_a_crash(

@@ -100,17 +100,19 @@ def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def release(node: Node) -> Iterator[str]:
-    """`helm install` of charts/mlkube with its MLflow server, as docs/install.md says, with
-    the alias polled every 5 s instead of 30 and a rollout timeout of 120 s instead of 600
-    (operator settings) to keep tests short."""
-    from tests.node.steps import CHART, RELEASE_NS, helm
+def release(node: Node) -> str:
+    """The chart installed as docs/install.md says, with its MLflow server: once for the
+    lane, shared by the tests that only need it there (each trains and serves models of its
+    own name on that MLflow, in a namespace of its own). The user's path installs and
+    uninstalls it itself; the next test that needs it installs it again."""
+    from tests.node.steps import install_chart, release_installed
 
-    helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
-         "--set", "mlflow.enabled=true", "--set", "operator.aliasPollSeconds=5",
-         "--set", "operator.rolloutTimeoutSeconds=120",
-         "--wait", "--timeout", "5m")  # fmt: skip
-    yield "mlkube"
-    helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait", "--ignore-not-found")
-    # The next test installs into the same namespace: wait until it is gone.
-    node.kubectl("delete", "namespace", RELEASE_NS, "--timeout=180s", check=False, timeout=190)
+    if not release_installed(node):
+        install_chart(node)
+    return "mlkube"
+
+
+@pytest.fixture
+def model_name(namespace: str) -> str:
+    """A registered-model name of this test's own on the lane's shared MLflow."""
+    return f"insurance-{namespace.rsplit('-', 1)[-1]}"

@@ -24,8 +24,35 @@ ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
        "region": "northwest"}  # fmt: skip
 
 
+# The operator settings the lane installs with: KServe's mode, as docs/install.md says for
+# a KServe in Standard mode; the alias polled every 5 s instead of 30, and a rollout that is
+# not Ready in 120 s (instead of 600) fails, to keep tests short.
+LANE_VALUES = (
+    "--set", "operator.kserveDeploymentMode=Standard",
+    "--set", "operator.aliasPollSeconds=5", "--set", "operator.rolloutTimeoutSeconds=120",
+)  # fmt: skip
+
+
 def helm(node: Node, *args: str, timeout: float = 600) -> str:
     return node.control_plane.helm(*args, timeout=timeout).stdout
+
+
+def release_installed(node: Node) -> bool:
+    status = node.control_plane.helm("status", "mlkube", "-n", RELEASE_NS, check=False)
+    return status.returncode == 0
+
+
+def install_chart(node: Node) -> None:
+    """`helm install` of charts/mlkube with its MLflow server, as docs/install.md says."""
+    helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
+         "--set", "mlflow.enabled=true", *LANE_VALUES, "--wait", "--timeout", "5m")  # fmt: skip
+
+
+def uninstall_chart(node: Node) -> None:
+    """`helm uninstall`, then wait until the release's namespace is gone (a later install
+    goes into the same one)."""
+    helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait", "--ignore-not-found")
+    node.kubectl("delete", "namespace", RELEASE_NS, "--timeout=180s", check=False, timeout=190)
 
 
 def serve_dataset(node: Node, namespace: str, csv_path: Path) -> str:
@@ -258,3 +285,15 @@ def trainingrun_ended(
         timeout=timeout,
     )  # fmt: skip
     return columns
+
+
+def start_load_until_told(node: Node, namespace: str, url: str, model: str) -> None:
+    """A client pod sending requests to `model` at `url` until `stop_load`."""
+    start_load(node, namespace, {"url": url, "model": model, "row": ROW,
+                                 "max_seconds": 1200, "stop_file": "/tmp/stop"})  # fmt: skip
+
+
+def stop_load(node: Node, namespace: str) -> dict[str, Any]:
+    """Stop the client pod of `start_load_until_told`; what it saw (see load_client.py)."""
+    node.kubectl("exec", "load", "-n", namespace, "--", "touch", "/tmp/stop")
+    return load_result(node, namespace)

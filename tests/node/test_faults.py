@@ -1,4 +1,5 @@
-"""Faults on the real node: a predictor pod deleted while requests come."""
+"""Faults on the real node: a predictor pod deleted while requests come, the Ray head
+deleted mid-search, and a TrainingRun whose dataset is missing."""
 
 from __future__ import annotations
 
@@ -10,30 +11,19 @@ from typing import Any
 from tests.cluster.node import Node
 from tests.node.steps import (
     MLFLOW,
-    ROW,
     RUNTIME,
     example,
     get_columns,
-    load_result,
     run_script_pod,
     serve_dataset,
     small_trainingrun,
-    start_load,
+    start_load_until_told,
+    stop_load,
     trainingrun_ended,
     wait_for,
 )
 
 PODS = Path(__file__).resolve().parent / "pods"
-
-
-def start_load_until_told(node: Node, namespace: str, url: str) -> None:
-    start_load(node, namespace, {"url": url, "model": "insurance", "row": ROW,
-                                 "max_seconds": 600, "stop_file": "/tmp/stop"})  # fmt: skip
-
-
-def stop_load(node: Node, namespace: str) -> dict[str, Any]:
-    node.kubectl("exec", "load", "-n", namespace, "--", "touch", "/tmp/stop")
-    return load_result(node, namespace)
 
 
 def predictor_pods(node: Node, namespace: str) -> list[str]:
@@ -64,11 +54,13 @@ def ready_since(node: Node, namespace: str, pod: str) -> float:
     return dt.datetime.fromisoformat(ready["lastTransitionTime"]).timestamp()
 
 
-def delete_one_predictor_under_load(node: Node, namespace: str, url: str) -> dict[str, Any]:
+def delete_one_predictor_under_load(
+    node: Node, namespace: str, url: str, model: str
+) -> dict[str, Any]:
     """Delete one Ready predictor pod while a client sends requests; once the replicas are
     back, what the client saw, plus when the deletion started and the replacement was Ready."""
     replicas = len(predictor_pods(node, namespace))
-    start_load_until_told(node, namespace, url)
+    start_load_until_told(node, namespace, url, model)
     time.sleep(3)
     victim = predictor_pods(node, namespace)[0]
     deleted_at = time.time()
@@ -91,19 +83,25 @@ def delete_one_predictor_under_load(node: Node, namespace: str, url: str) -> dic
 
 
 def test_a_predictor_pod_deleted_under_load_fails_requests_only_while_no_replica_is_ready(
-    node: Node, namespace: str, release: str, shared_dir: Path
+    node: Node, namespace: str, release: str, model_name: str, shared_dir: Path
 ) -> None:
+    """Served: a model registered from outside mlkube (no input example). Also: a canary
+    asked of KServe's Standard mode is reported as unsupported, and the model still served."""
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
-    run = small_trainingrun(uri, **{"spec.tuning.numTrials": 1})
-    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
-    assert trainingrun_ended(node, namespace, "insurance")["PHASE"] == "Succeeded"
+    registered = run_script_pod(
+        node, namespace, "register", PODS / "register_model.py",
+        [json.dumps({"model": model_name, "data": uri})],
+        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
+    )  # fmt: skip
+    assert registered["phase"] == "Succeeded", registered["logs"]
+    assert json.loads(registered["logs"].strip().splitlines()[-1]) == {"version": 1}
 
-    def deploy(replicas: int) -> str:
+    def deploy(replicas: int, **changes: Any) -> dict[str, Any]:
         deployment = example(
             "modeldeployment.yaml",
-            **{"spec.model": {"name": "insurance", "version": 1},
+            **{"spec.model": {"name": model_name, "version": 1},
                "spec.replicas": {"min": replicas, "max": replicas},
-               "spec.resources": {"cpu": "300m", "memory": "1Gi"}},
+               "spec.resources": {"cpu": "300m", "memory": "1Gi"}, **changes},
         )  # fmt: skip
         node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
         wait_for(
@@ -112,31 +110,47 @@ def test_a_predictor_pod_deleted_under_load_fails_requests_only_while_no_replica
             and len(predictor_pods(node, namespace)) == replicas,
             timeout=300,
         )  # fmt: skip
-        return get_columns(node, "md", namespace, "insurance")["URL"]
+        found: dict[str, Any] = json.loads(
+            node.kubectl("get", "md", "insurance", "-n", namespace, "-o", "json").stdout
+        )
+        return found
 
-    # One replica: requests fail between its deletion and its replacement being Ready.
-    alone = delete_one_predictor_under_load(node, namespace, deploy(1))
+    # One replica, with a canary KServe's Standard mode cannot split.
+    md = deploy(1, **{"spec.canary": {"trafficPercent": 20}})
+    canary = next(c for c in md["status"]["conditions"] if c["type"] == "CanarySupported")
+    assert (canary["status"], canary["reason"]) == ("False", "RawDeployment"), canary
+    # Requests fail between the pod's deletion and its replacement being Ready.
+    alone = delete_one_predictor_under_load(node, namespace, md["status"]["url"], model_name)
     assert alone["errors"] > 0, alone
     first, last = alone["error_window"]
-    # Margins: Ready times have whole seconds, and kube-proxy routes to a pod shortly
-    # after it is Ready.
-    assert alone["deleted_at"] - 1 <= first and last <= alone["replacement_ready"] + 3, alone
+    # Margins: Ready times have whole seconds, and the new pod takes requests only once the
+    # EndpointSlice controller and kube-proxy have caught up with its Ready (3.4 s seen on a
+    # loaded machine in CI; the window itself lasts about 25 s).
+    assert alone["deleted_at"] - 1 <= first and last <= alone["replacement_ready"] + 10, alone
 
     # Two replicas: the other one serves throughout.
-    pair = delete_one_predictor_under_load(node, namespace, deploy(2))
+    pair = delete_one_predictor_under_load(node, namespace, deploy(2)["status"]["url"], model_name)
     assert pair["errors"] == 0, pair
     assert pair["requests"] > 100, pair
     assert len(pair["answers"]) == 1, pair
 
 
+def tr_status(node: Node, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(
+        node.kubectl("get", "tr", name, "-n", namespace, "-o", "json").stdout
+    )["status"]
+    return found
+
+
 def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
-    node: Node, namespace: str, release: str, shared_dir: Path
+    node: Node, namespace: str, release: str, model_name: str, shared_dir: Path
 ) -> None:
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
     # Slow trials (1500 boosting rounds each), so that the search is still going.
     run = small_trainingrun(
         uri,
         **{
+            "spec.model.name": model_name,
             "spec.tuning.numTrials": 12,
             "spec.tuning.searchSpace": {"max_iter": {"choice": [1500]}},
         },
@@ -152,9 +166,7 @@ def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
     node.kubectl("delete", "pod", "-n", namespace, "-l", "ray.io/node-type=head",
                  "--wait=false")  # fmt: skip
     ended = trainingrun_ended(node, namespace, "insurance", timeout=600)
-    status = json.loads(
-        node.kubectl("get", "tr", "insurance", "-n", namespace, "-o", "json").stdout
-    )["status"]
+    status = tr_status(node, namespace, "insurance")
     assert ended["PHASE"] == "Failed", status
     succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
     assert succeeded["status"] == "False" and succeeded["reason"], succeeded
@@ -162,55 +174,19 @@ def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
     assert ended["VERSION"] == "" and ended["PROMOTED"] == "", ended
 
 
-def test_a_version_whose_artifacts_are_broken_never_takes_traffic(
-    node: Node, namespace: str, release: str, shared_dir: Path
+def test_a_trainingrun_whose_dataset_is_missing_fails_saying_which(
+    node: Node, namespace: str, release: str, model_name: str, shared_dir: Path
 ) -> None:
-    """The champion alias moves to a version whose model file is damaged (it downloads but
-    cannot load): its predictor pod never becomes Ready, the previous version answers every
-    request, and the ModelDeployment says which version failed and that traffic stayed."""
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
-    run = small_trainingrun(uri, **{"spec.tuning.numTrials": 1})
+    missing = uri.rsplit("/", 1)[0] + "/nope.csv"
+    run = small_trainingrun(missing, **{"spec.model.name": model_name})
     node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
-    assert trainingrun_ended(node, namespace, "insurance")["PHASE"] == "Succeeded"
-    deployment = example(
-        "modeldeployment.yaml",
-        **{"spec.replicas": {"min": 1, "max": 1},
-           "spec.resources": {"cpu": "300m", "memory": "1Gi"}},
-    )  # fmt: skip
-    node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
-    wait_for(
-        node, "ModelDeployment Ready with version 1",
-        lambda: (c := get_columns(node, "md", namespace, "insurance"))["READY"] == "True"
-        and c["VERSION"] == "1",
-        timeout=300,
-    )  # fmt: skip
-    url = get_columns(node, "md", namespace, "insurance")["URL"]
-    start_load_until_told(node, namespace, url)
-
-    broken = run_script_pod(
-        node, namespace, "broken", PODS / "register_broken.py",
-        [json.dumps({"model": "insurance", "from_version": 1, "alias": "champion",
-                     "how": "corrupt"})],
-        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
-    )  # fmt: skip
-    assert broken["phase"] == "Succeeded", broken["logs"]
-    assert json.loads(broken["logs"].strip().splitlines()[-1]) == {"version": 2}
-
-    def status() -> dict[str, Any]:
-        found: dict[str, Any] = json.loads(
-            node.kubectl("get", "md", "insurance", "-n", namespace, "-o", "json").stdout
-        )["status"]
-        return found
-
-    failed = wait_for(
-        node, "version 2 recorded as failed",
-        lambda: (s := status()).get("failedVersion") == 2 and s,
-        timeout=600,
-    )  # fmt: skip
-    seen = stop_load(node, namespace)
-    assert failed["servedVersion"] == 1, failed
-    assert "traffic stays on version 1" in failed.get("message", ""), failed
-    assert get_columns(node, "md", namespace, "insurance")["VERSION"] == "1"
-    assert seen["errors"] == 0, seen
-    assert seen["requests"] > 100, seen
-    assert len(seen["answers"]) == 1, seen  # version 1's prediction, throughout
+    ended = trainingrun_ended(node, namespace, "insurance", timeout=600)
+    status = tr_status(node, namespace, "insurance")
+    assert ended["PHASE"] == "Failed", status
+    assert "nope.csv" in status["message"], status
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "False", succeeded
+    assert node.kubectl("get", "rayjobs", "-n", namespace, "-o", "name").stdout.split() == [
+        "rayjob.ray.io/insurance"
+    ]

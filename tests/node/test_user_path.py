@@ -17,12 +17,15 @@ from tests.node.steps import (
     example,
     get_columns,
     helm,
+    install_chart,
     namespaced_leftovers,
+    release_installed,
     run_script_pod,
     serve_dataset,
     small_trainingrun,
     total,
     trainingrun_ended,
+    uninstall_chart,
     wait_for,
 )
 
@@ -30,8 +33,12 @@ PODS = Path(__file__).resolve().parent / "pods"
 
 
 def test_install_train_serve_predict_uninstall(
-    node: Node, namespace: str, release: str, shared_dir: Path
+    node: Node, namespace: str, shared_dir: Path
 ) -> None:
+    if release_installed(node):  # the lane's shared release, from an earlier test
+        uninstall_chart(node)
+    install_chart(node)
+
     data_csv = shared_dir / "data" / "insurance.csv"
     dataset_uri = serve_dataset(node, namespace, data_csv)
 
@@ -66,23 +73,21 @@ def test_install_train_serve_predict_uninstall(
              for k, v in row.items() if k != "charges"}
             for _, row in zip(range(5), csv.DictReader(f), strict=False)
         ]  # fmt: skip
-    pod_ip = node.kubectl(
-        "get", "pods", "-n", namespace, "-l", "serving.kserve.io/inferenceservice=insurance",
-        "-o", "jsonpath={.items[0].status.podIP}",
-    ).stdout  # fmt: skip
     result = run_script_pod(
         node, namespace, "client", PODS / "predict_client.py",
         [json.dumps({"url": url, "model": "insurance", "rows": rows,
-                     "grpc": f"{pod_ip}:8081", "model_uri": "models:/insurance/1",
-                     "idle_seconds": 12})],
+                     # gRPC through the same Service, on its h2c port
+                     "grpc": f"{url.removeprefix('http://')}:8081",
+                     "model_uris": ["models:/insurance/1"], "idle_seconds": 12})],
         image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
     )  # fmt: skip
     assert result["phase"] == "Succeeded", result["logs"]
     seen = json.loads(result["logs"].strip().splitlines()[-1])
-    assert seen["v1"] == seen["direct"], seen
-    assert seen["v2"] == seen["direct"]
-    assert seen["grpc"] == seen["direct"]
-    assert seen["after_idle"] == seen["direct"]
+    direct = seen["direct"]["models:/insurance/1"]
+    assert seen["v1"] == direct, seen
+    assert seen["v2"] == direct
+    assert seen["grpc"] == direct
+    assert seen["after_idle"] == direct
     loads = ("mlkube_model_loads_total", 'outcome="success"')
     evictions = ("mlkube_model_cache_evictions_total", 'reason="ttl"')
     assert total(seen["metrics_before_idle"], *loads) == 1  # the first request loaded it
@@ -92,6 +97,7 @@ def test_install_train_serve_predict_uninstall(
     # The user removes what they made, then the release: nothing of mlkube's is left.
     node.kubectl("delete", "md,tr", "--all", "-n", namespace, "--timeout=120s", timeout=130)
     helm(node, "uninstall", "mlkube", "-n", RELEASE_NS, "--wait")
+    assert not release_installed(node)
     node.kubectl("wait", "--for=delete", "pods", "--all", "-n", RELEASE_NS, "--timeout=120s",
                  timeout=130)  # fmt: skip
     for kind in ("rayjobs", "rayclusters", "inferenceservices"):

@@ -72,18 +72,21 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     base, model, rows = args["url"].rstrip("/"), args["model"], args["rows"]
     out: dict[str, Any] = {}
-    v1, out["first_seconds"] = post(f"{base}/v1/models/{model}:predict", {"instances": rows})
-    out["v1"] = v1["predictions"]
-    v2, _ = post(f"{base}/v2/models/{model}/infer", {"inputs": v2_inputs(rows)})
-    out["v2"] = v2["outputs"][0]["data"]
+    if args.get("served", True):
+        v1, out["first_seconds"] = post(f"{base}/v1/models/{model}:predict", {"instances": rows})
+        out["v1"] = v1["predictions"]
+        v2, _ = post(f"{base}/v2/models/{model}/infer", {"inputs": v2_inputs(rows)})
+        out["v2"] = v2["outputs"][0]["data"]
     if args.get("grpc"):
         out["grpc"] = grpc_predictions(args["grpc"], model, rows)
-    if args.get("model_uri"):
+    if args.get("model_uris"):  # each version loaded straight from MLflow
         import mlflow.pyfunc
         import pandas as pd
 
-        loaded = mlflow.pyfunc.load_model(args["model_uri"])
-        out["direct"] = [float(v) for v in loaded.predict(pd.DataFrame(rows))]
+        out["direct"] = {
+            uri: [float(v) for v in mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(rows))]
+            for uri in args["model_uris"]
+        }
     if args.get("idle_seconds"):
         out["metrics_before_idle"] = metrics(f"{base}/metrics")
         time.sleep(args["idle_seconds"])

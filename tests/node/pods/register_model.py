@@ -1,0 +1,47 @@
+"""Runs in a pod of the test node: trains a scikit-learn model on the insurance CSV and
+registers it in MLflow the way a team outside mlkube would (mlflow.sklearn.log_model with a
+signature and no input example), so that a test can serve a model without a TrainingRun.
+Prints one JSON object: {"version": N}. Argument: a JSON object with "model" (the
+registered name) and "data" (the CSV's URL). The MLflow server comes from
+$MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.compose import make_column_transformer
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    args = json.loads(sys.argv[1])
+    table = pd.read_csv(args["data"])
+    features, target = table.drop(columns=["charges"]), table["charges"]
+    categorical = ["sex", "smoker", "region"]
+    model = make_pipeline(
+        make_column_transformer(
+            (OneHotEncoder(handle_unknown="ignore"), categorical), remainder="passthrough"
+        ),
+        HistGradientBoostingRegressor(max_iter=50, random_state=0),
+    ).fit(features, target)
+    mlflow.set_experiment(f"{args['model']}-outside")
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(features, model.predict(features)),
+            serialization_format="cloudpickle",
+            pip_requirements=["scikit-learn", "pandas"],
+            registered_model_name=args["model"],
+        )
+    print(json.dumps({"version": int(info.registered_model_version)}))
+
+
+if __name__ == "__main__":
+    main()
