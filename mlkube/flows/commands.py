@@ -27,7 +27,7 @@ class RetrainConfigError(UserError):
 
 def load_config(path: str, overrides: dict[str, Any] | None = None) -> Any:
     """The RetrainConfig in `path`, with command-line overrides (dotted camelCase keys)."""
-    from mlkube.flows.retrain import RetrainConfig
+    from mlkube.flows.retrain_models import RetrainConfig
 
     source = Path(path)
     try:

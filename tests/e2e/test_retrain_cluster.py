@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client
 
 from mlkube.flows.ingest import DatasetSettings, commit, plan_ingest
-from mlkube.flows.retrain import LABEL_FLOW_RUN_ID, RetrainConfig, retrain
+from mlkube.flows.retrain import LABEL_FLOW_RUN_ID, retrain
+from mlkube.flows.retrain_models import RetrainConfig
 from tests.cluster.players import RayJobPlayer
 from tests.e2e.operator_support import running_operator
 

@@ -26,7 +26,9 @@ from mlkube.flows.ingest import (
     read_ledger,
     read_ledger_document,
 )
-from mlkube.flows.retrain import RetrainConfig, RetrainFailed, artifact_key, retrain
+from mlkube.flows.retrain import retrain
+from mlkube.flows.retrain_models import RetrainConfig, RetrainFailed
+from mlkube.flows.retrain_report import artifact_key
 
 pytestmark = [
     pytest.mark.integration,

@@ -10,7 +10,7 @@ import pytest
 
 from mlkube import cli
 from mlkube.api import CommandFailed, ManifestError, UserError
-from mlkube.flows.retrain import RetrainFailed
+from mlkube.flows.retrain_models import RetrainFailed
 from mlkube.model_servers.commands import CommandError, PredictionFailed
 
 

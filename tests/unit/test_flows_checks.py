@@ -10,7 +10,8 @@ import pytest
 
 from mlkube.flows.checks import CheckSettings, ks_statistic, run_checks
 from mlkube.flows.ingest import IngestRecord
-from mlkube.flows.retrain import IngestStep, decide
+from mlkube.flows.retrain import decide_training
+from mlkube.flows.retrain_models import IngestStep
 
 SETTINGS = CheckSettings()
 RANGE = (-40.0, 130.0)
@@ -105,28 +106,28 @@ def step(added: int, new: pd.DataFrame | None = None) -> IngestStep:
 
 
 def test_decide_trains_on_new_checked_hours_and_says_why_it_skips() -> None:
-    normal = decide(step(24, hours("2010-03-31", 24, daily_cycle(1))), force=False)
+    normal = decide_training(step(24, hours("2010-03-31", 24, daily_cycle(1))), force=False)
     assert normal.train and normal.reason == (
         "24 new hours (2010-03-31 00:00 to 2010-03-31 23:00), checks passed"
     )
-    nothing = decide(step(0), force=False)
+    nothing = decide_training(step(0), force=False)
     assert not nothing.train
     assert nothing.reason == "no new data: the source has no hours after 2010-03-30 23:00"
-    drifted = decide(step(24, hours("2010-03-31", 24, daily_cycle(1, 25))), force=False)
+    drifted = decide_training(step(24, hours("2010-03-31", 24, daily_cycle(1, 25))), force=False)
     assert not drifted.train and drifted.reason.startswith("drift: KS 1.000")
-    forced = decide(step(0), force=True)
+    forced = decide_training(step(0), force=True)
     assert forced.train and forced.reason.startswith("forced, although no new data")
 
 
 def test_hours_no_run_trained_on_are_trained_even_without_new_ones() -> None:
     untrained = {"untrained_hours": 24, "untrained_first": dt.datetime(2010, 3, 30),
                  "untrained_last": dt.datetime(2010, 3, 30, 23)}  # fmt: skip
-    earlier = decide(step(0).model_copy(update=untrained), force=False)
+    earlier = decide_training(step(0).model_copy(update=untrained), force=False)
     assert earlier.train and earlier.reason == (
         "no new hours, but 24 hours held (2010-03-30 00:00 to 2010-03-30 23:00) that no run "
         "has trained on yet"
     )
-    both = decide(
+    both = decide_training(
         step(24, hours("2010-03-31", 24, daily_cycle(1))).model_copy(update=untrained), False
     )
     assert both.train and both.reason.endswith(", checks passed, and 24 hours held "

@@ -9,16 +9,9 @@ import yaml
 
 from mlkube.cli import main as cli_main
 from mlkube.flows.commands import load_config
-from mlkube.flows.retrain import (
-    LABEL_FLOW_RUN_ID,
-    Decision,
-    FlowIdentity,
-    RetrainOutcome,
-    TrainingOutcome,
-    artifact_key,
-    markdown_report,
-    trainingrun_body,
-)
+from mlkube.flows.retrain import LABEL_FLOW_RUN_ID, FlowIdentity, trainingrun_body
+from mlkube.flows.retrain_models import RetrainOutcome, TrainDecision, TrainingOutcome
+from mlkube.flows.retrain_report import artifact_key, markdown_report
 from tests.unit.test_flows_checks import step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +43,7 @@ def test_the_trainingrun_links_back_to_the_flow_run() -> None:
 def test_the_report_says_what_was_added_and_why_training_was_skipped() -> None:
     outcome = RetrainOutcome(
         flow_run_id=None, ingest=step(0).record, checks=step(0).checks,
-        decision=Decision(train=False, reason="no new data: the source has no hours after x"),
+        decision=TrainDecision(train=False, reason="no new data: the source has no hours after x"),
     )  # fmt: skip
     text = markdown_report(outcome, "atmos-temperature")
     assert "**Training skipped**: no new data" in text and "Nothing new to check." in text
@@ -60,7 +53,7 @@ def test_the_report_says_what_was_added_and_why_training_was_skipped() -> None:
     )
 
     trained = outcome.model_copy(update={
-        "decision": Decision(train=True, reason="24 new hours"),
+        "decision": TrainDecision(train=True, reason="24 new hours"),
         "training": TrainingOutcome(
             trainingrun="atmos-temperature-x1y2z", namespace="ml", phase="Succeeded",
             model_name="atmos-temperature", model_version=3, promoted=False,
