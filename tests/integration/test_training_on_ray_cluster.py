@@ -44,6 +44,7 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
     )  # fmt: skip
     try:
         wait_until_listening(port, head)
+        wait_until_ready(ray, f"127.0.0.1:{port}", head)
         yield f"127.0.0.1:{port}", temp_dir
     finally:
         stop_process_group(head, grace=5)
@@ -60,6 +61,23 @@ def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: f
                 return
         time.sleep(0.2)
     raise TimeoutError(f"the Ray head did not listen on {port} in {timeout:.0f} s")
+
+
+def wait_until_ready(ray: str, address: str, process: subprocess.Popen[bytes]) -> None:
+    """Until the head's node is up, as KubeRay waits for the head pod to be ready: the GCS
+    listens first, and a driver that connects before the raylet registered fails (seen on a
+    loaded machine: "Failed to connect to Ray cluster")."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        status = subprocess.run(
+            [ray, "status", f"--address={address}"], capture_output=True, text=True, timeout=120
+        )
+        if status.returncode == 0 and " node_" in status.stdout:  # an Active node
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the Ray head at {address} had no node up in 180 s")
 
 
 def test_entrypoint_trains_on_the_cluster_ray_address_names(
