@@ -30,10 +30,11 @@ DEMO_TRIALS ?= 8
 demo: venv
 	$(VENV)/bin/mlkube demo --trials $(DEMO_TRIALS)
 
-# Everything: lint, then unit, integration, the control-plane e2e tests and the real-node lane.
+# Everything: lint, then unit, integration and the control-plane e2e tests, with the
+# real-node lane running beside them (tests/run-lanes.sh).
 test: venv lint k8s-binaries node-deps images
 	$(PY) -m tests.cluster.node clean
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	@bash tests/run-lanes.sh $(PY)
 
 # The real-node lane alone (tests/node), from nothing built to torn down.
 test-cluster: venv k8s-binaries node-deps images
