@@ -16,7 +16,7 @@ from mlkube.operator import handlers, mlflow_reader
 from mlkube.operator.tracking import tracking_target
 from mlkube.training import registry
 from mlkube.training.ownership import NOT_OWNER, TAG_OWNER, ModelNotOwned
-from tests.fixtures.mlflow_server import MlflowServer
+from tests.fixtures.mlflow_server import MlflowServer, process_wide_uris
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def test_another_namespaces_trainingrun_cannot_touch_the_model(
             "tuning": {"numTrials": 1}, "mlflow": {"trackingUri": mlflow_server.tracking_uri},
         },
     })  # fmt: skip
-    with pytest.raises(ModelNotOwned) as refused:
+    with pytest.raises(ModelNotOwned) as refused, process_wide_uris():
         train(run, show_progress=False)
     assert "belongs to namespace 'team-a', not 'team-b'" in str(refused.value)
     assert "\n" not in str(refused.value)

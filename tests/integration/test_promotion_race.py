@@ -20,7 +20,12 @@ from mlflow import MlflowClient
 
 from mlkube.training import registry
 from mlkube.training.ownership import TAG_OWNER
-from tests.fixtures.mlflow_server import MlflowServer, start_mlflow_server, stop_process_group
+from tests.fixtures.mlflow_server import (
+    MlflowServer,
+    process_wide_uris,
+    start_mlflow_server,
+    stop_process_group,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,26 +50,9 @@ class LineTask:
 @pytest.fixture
 def tracking(mlflow_server: MlflowServer) -> Iterator[MlflowClient]:
     """MLflow's process-wide tracking URI on the real server (the gate downloads champions
-    through it, as the train flow does)."""
-    with mlflow_at(mlflow_server.tracking_uri):
+    through it, as the train flow does), as they were afterwards."""
+    with process_wide_uris(mlflow_server.tracking_uri):
         yield MlflowClient(mlflow_server.tracking_uri)
-
-
-@contextlib.contextmanager
-def mlflow_at(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URIs on `uri`, then back on local mode's
-    store (never MLflow's own default, a mlflow.db in the working directory)."""
-    import mlflow
-
-    from mlkube.local import local_tracking_uri
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(local_tracking_uri())
-        mlflow.set_registry_uri(local_tracking_uri())
 
 
 def register_lines(client: MlflowClient, slopes: list[float]) -> str:
@@ -192,7 +180,7 @@ def test_a_champion_that_cannot_be_fetched_for_a_connection_error_promotes_nothi
     server = start_mlflow_server(tmp_path / "mlflow")
     try:
         stack = contextlib.ExitStack()
-        stack.enter_context(mlflow_at(server.tracking_uri))
+        stack.enter_context(process_wide_uris(server.tracking_uri))
         client = MlflowClient(server.tracking_uri)
         name = register_lines(client, [3.0, 1e9])
         client.set_registered_model_alias(name, "champion", "1")

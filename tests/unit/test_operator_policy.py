@@ -22,6 +22,7 @@ from mlkube.operator.policy import (
     trainingrun_refusal,
 )
 from mlkube.operator.settings import OperatorSettings
+from tests.unit.test_operator_handlers_tracking import body
 
 SETTINGS = OperatorSettings(
     predictor_image="mlkube/runtime:0.1.0",
@@ -141,16 +142,6 @@ def test_settings_refuse_a_bound_that_is_no_quantity() -> None:
 @pytest.fixture(autouse=True)
 def admin_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handlers, "SETTINGS", SETTINGS)
-
-
-def body(kind: str, spec: dict[str, Any]) -> kopf.Body:
-    return kopf.Body({
-        "apiVersion": "mlkube.io/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": "x", "namespace": "team-b", "uid": "u-1", "generation": 1},
-        "spec": spec,
-        "status": {},
-    })  # fmt: skip
 
 
 def test_a_trainingrun_with_another_image_fails_and_creates_no_rayjob(
