@@ -378,6 +378,22 @@ def poll_trainingrun(key: ObjectKey, rayjobs: kopf.Index[str, Any]) -> None:
 # --------------------------------------------------------------------------- ModelDeployment
 
 
+def _checked_recently(memo: dict[str, Any], stamp: str, now: dt.datetime) -> bool:
+    """MLflow was asked within alias_poll_seconds (the time is memo[stamp])."""
+    last = memo.get(stamp)
+    return last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
+
+
+def _mlflow_answered(
+    conditions: list[Any], error: MlflowError | None, now: dt.datetime
+) -> list[Any]:
+    """MlflowReachable after a call: False with our reason and words, or True."""
+    if error is None:
+        return set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+    MLFLOW_ERRORS.inc()
+    return set_condition(conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now)
+
+
 def _ownership(
     selector_name: str, target: TrackingTarget, namespace: str, memo: dict[str, Any],
     conditions: list[Any], *, force: bool,
@@ -386,25 +402,20 @@ def _ownership(
     conditions). Checked through MLflow at most every alias_poll_seconds; unknown (MLflow
     not answering) rolls nothing out."""
     now = _now()
-    last = memo.get("owner_checked_at")
-    fresh = last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
     if SETTINGS.allow_shared_models:
         return None, True, conditions
+    fresh = _checked_recently(memo, "owner_checked_at", now)
     if not force and fresh and memo.get("owner_model") == selector_name:
         return memo.get("owner_refusal"), True, conditions
     try:
         ownership = _mlflow(target).model_ownership(selector_name)
     except MlflowError as error:
-        MLFLOW_ERRORS.inc()
-        conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now
-        )
-        return None, False, conditions
+        return None, False, _mlflow_answered(conditions, error, now)
     refusal = ownership_refusal(
         selector_name, ownership.owner, namespace, shared=False, registered=ownership.registered
     )
     memo.update(owner_checked_at=now, owner_model=selector_name, owner_refusal=refusal)
-    return refusal, True, conditions
+    return refusal, True, _mlflow_answered(conditions, None, now)
 
 
 def _desired_version(
@@ -422,20 +433,16 @@ def _desired_version(
         conditions = set_condition(conditions, MODEL_RESOLVED, "True", "Pinned", "", now)
         return selector.version, conditions
     alias = selector.followed_alias or "champion"
-    last = memo.get("alias_checked_at")
-    fresh = last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
+    fresh = _checked_recently(memo, "alias_checked_at", now)
     if not force and fresh and memo.get("alias") == alias:
         return memo.get("alias_version"), conditions
     try:
         version = _mlflow(target).resolve_alias(selector.name, alias)
     except MlflowError as error:
-        MLFLOW_ERRORS.inc()
-        conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now
-        )
+        conditions = _mlflow_answered(conditions, error, now)
         return memo.get("alias_version") if memo.get("alias") == alias else None, conditions
     memo["alias"], memo["alias_checked_at"], memo["alias_version"] = alias, now, version
-    conditions = set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+    conditions = _mlflow_answered(conditions, None, now)
     if version is None:
         message = f"registered model {selector.name} has no alias {alias!r} (yet)"
         conditions = set_condition(
@@ -447,16 +454,6 @@ def _desired_version(
             conditions, MODEL_RESOLVED, "True", "AliasResolved", message, now
         )
     return version, conditions
-
-
-def _deployment_refusal(deployment: ModelDeployment) -> tuple[Refusal | None, TrackingTarget]:
-    try:
-        target = _target(deployment.spec.mlflow.tracking_uri)
-    except TrackingUriNotAllowed as refused:
-        return Refusal(reason=NOT_ALLOWED, message=str(refused)), TrackingTarget(
-            uri="", credentials=False
-        )
-    return deployment_refusal(deployment, SETTINGS), target
 
 
 def _refused_deployment(
@@ -477,7 +474,13 @@ def reconcile_deployment(
     meta = body["metadata"]
     deployment: ModelDeployment = _parse(ModelDeployment, body)
     previous: ModelDeploymentStatus = _status_of(ModelDeploymentStatus, body.get("status"))
-    refusal, target = _deployment_refusal(deployment)
+    try:
+        target = _target(deployment.spec.mlflow.tracking_uri)
+    except TrackingUriNotAllowed as refused:
+        return _refused_deployment(
+            body, previous, Refusal(reason=NOT_ALLOWED, message=str(refused))
+        )
+    refusal = deployment_refusal(deployment, SETTINGS)
     if refusal is not None:
         return _refused_deployment(body, previous, refusal)
     working = previous.model_copy(deep=True)
