@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,20 @@ QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 # A size in bytes, as Kubernetes writes one ("64Mi", "1G", "1048576"); no milli-bytes.
 BYTE_SIZE_PATTERN = r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# What each suffix of a Kubernetes quantity multiplies by ("m" is milli: CPU only).
+QUANTITY_FACTORS: dict[str | None, float] = {
+    None: 1, "m": 1e-3, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}  # fmt: skip
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|K|Ki|M|Mi|G|Gi|T|Ti)?$")
+
+
+def quantity_value(text: str) -> float:
+    """The amount a Kubernetes quantity stands for: "500m" -> 0.5, "2Gi" -> 2147483648."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise ValueError(f"not a quantity like 500m, 2 or 4Gi: {text!r}")
+    return float(match.group(1)) * QUANTITY_FACTORS[match.group(2)]
 
 
 class CamelModel(BaseModel):

@@ -8,22 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlkube.api.common import BYTE_SIZE_PATTERN
+from mlkube.api.common import BYTE_SIZE_PATTERN, quantity_value
 from mlkube.local import mlkube_home
 
-_QUANTITY = re.compile(BYTE_SIZE_PATTERN)
-_FACTORS = {
-    None: 1,
-    "k": 10**3,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-}
+_BYTE_SIZE = re.compile(BYTE_SIZE_PATTERN)
 
 
 def parse_quantity(text: str | int) -> int:
@@ -32,10 +20,9 @@ def parse_quantity(text: str | int) -> int:
         if text < 0:
             raise ValueError("must not be negative")
         return text
-    match = _QUANTITY.match(text.strip())
-    if not match:
+    if not _BYTE_SIZE.match(text.strip()):
         raise ValueError(f"not a size like 512Mi or 2Gi: {text!r}")
-    return int(float(match.group(1)) * _FACTORS[match.group(2)])
+    return int(quantity_value(text))
 
 
 def default_cache_dir() -> Path:

@@ -2,13 +2,18 @@
 
     kopf run --standalone --all-namespaces -m mlkube.operator.handlers
 or  python -m mlkube.operator
+
+No handler here needs a finalizer: the periodic status syncs run in one operator-wide
+poller (mlkube/operator/poller.py) rather than as kopf timers, so deleting a TrainingRun,
+a ModelDeployment or their namespace never waits for the operator.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast
 
 import kopf
 from pydantic import BaseModel, ValidationError
@@ -28,8 +33,15 @@ from mlkube.operator.names import (
     inferenceservice_name,
     rayjob_name,
 )
+from mlkube.operator.policy import Refusal, deployment_refusal, trainingrun_refusal
+from mlkube.operator.poller import KeyedLocks, Poller
 from mlkube.operator.rayjob import build_rayjob
-from mlkube.operator.rollout import MODEL_RESOLVED, plan_rollout, refused_deployment_status
+from mlkube.operator.rollout import (
+    MODEL_RESOLVED,
+    Event,
+    plan_rollout,
+    refused_deployment_status,
+)
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
     MLFLOW_REACHABLE,
@@ -48,12 +60,28 @@ from mlkube.operator.tracking import (
     TrackingUriNotAllowed,
     tracking_target,
 )
+from mlkube.training.ownership import NOT_OWNER, ownership_refusal
 
 TRAININGRUNS = (GROUP, VERSION, "trainingruns")
 MODELDEPLOYMENTS = (GROUP, VERSION, "modeldeployments")
 OURS = {MANAGED_BY: OPERATOR_NAME}
 SETTINGS = get_settings()
 LOG = logging.getLogger("mlkube.operator")
+ObjectKey = tuple[str, str]  # (namespace, name)
+
+
+class Update(BaseModel):
+    """What one reconcile of an object writes: a merge patch of its status, and Events."""
+
+    status: dict[str, Any] = {}
+    events: list[Event] = []
+
+
+# Per object (by uid): what the ModelDeployment reconcile remembers between runs, and one
+# lock so that a change handler and the poller never reconcile an object at once.
+_memos: dict[str, dict[str, Any]] = {}
+_locks = KeyedLocks()
+_pollers: list[Poller[ObjectKey]] = []
 
 
 @kopf.on.login()
@@ -62,15 +90,48 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | No
     return kube.connection_info(settings)
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+# (type: ignore: kopf's handler protocols do not know the index kwargs.)
+@kopf.on.startup()  # type: ignore[arg-type]
+async def configure(
+    settings: kopf.OperatorSettings,
+    trainingruns_to_sync: kopf.Index[ObjectKey, str],
+    deployments_to_sync: kopf.Index[ObjectKey, str],
+    rayjobs_by_owner: kopf.Index[str, Any],
+    **_: Any,
+) -> None:
     kube.configure()
-    # kopf would post each "Handler succeeded" log line as an Event (timers tick every few
-    # seconds); only its warnings go out, our transitions are posted explicitly.
+    # kopf would post each "Handler succeeded" log line as an Event; only its warnings go
+    # out, our transitions are posted explicitly.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = SETTINGS.max_workers
     settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
     settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 10
+
+    def deployments() -> list[ObjectKey]:
+        live = list(deployments_to_sync)
+        uids = {uid for key in live for uid in deployments_to_sync.get(key, [])}
+        for uid in [u for u in _memos if u not in uids]:
+            del _memos[uid]  # deleted: forget what was remembered for it
+        _locks.forget_all_but([*uids, *(u for k in trainingruns_to_sync for u in
+                                        trainingruns_to_sync.get(k, []))])  # fmt: skip
+        return live
+
+    def poll_with_index(key: ObjectKey) -> None:
+        poll_trainingrun(key, rayjobs_by_owner)
+
+    interval = SETTINGS.status_poll_seconds
+    _pollers[:] = [
+        Poller("trainingrun-sync", interval, lambda: list(trainingruns_to_sync), poll_with_index),
+        Poller("modeldeployment-sync", interval, deployments, poll_deployment),
+    ]
+    for poller in _pollers:
+        poller.start(settings.execution.executor)
+
+
+@kopf.on.cleanup()
+async def stop_polling(**_: Any) -> None:
+    for poller in _pollers:
+        await poller.stop()
 
 
 # --------------------------------------------------------------------------- shared
@@ -80,14 +141,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _parse(model: type[BaseModel], body: kopf.Body) -> Any:
+def _parse(model: type[BaseModel], body: Mapping[str, Any]) -> Any:
     """The custom resource as our pydantic model; the CRD schema has let it in, so a
     failure here is a bug or a schema drift: permanent, with the field named."""
     document = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": dict(body.metadata),
-        "spec": dict(body.spec),
+        "metadata": dict(body["metadata"]),
+        "spec": dict(body["spec"]),
     }
     try:
         return model.model_validate(document)
@@ -95,21 +156,38 @@ def _parse(model: type[BaseModel], body: kopf.Body) -> Any:
         raise kopf.PermanentError(f"invalid spec: {format_validation_error(error)}") from None
 
 
-def _status_of(model: type[BaseModel], status: kopf.Status) -> Any:
+def _status_of(model: type[BaseModel], status: Any) -> Any:
     """The current status, tolerant of fields this version does not know (kopf's own)."""
     known = {field.alias or name for name, field in model.model_fields.items()}
     try:
-        return model.model_validate({k: v for k, v in status.items() if k in known})
+        return model.model_validate({k: v for k, v in (status or {}).items() if k in known})
     except ValidationError:
         return model()
 
 
-def post(body: kopf.Body, kind: str, reason: str, message: str) -> None:
-    """A Kubernetes Event on the object, and the same line in the operator's log."""
-    kopf.event(body, type=kind, reason=reason, message=message)
-    level = logging.WARNING if kind == "Warning" else logging.INFO
-    LOG.log(level, "%s %s/%s: %s: %s", body.get("kind"), body.metadata.namespace,
-            body.metadata.name, reason, message)  # fmt: skip
+def _log_event(body: Mapping[str, Any], event: Event) -> None:
+    level = logging.WARNING if event.type == "Warning" else logging.INFO
+    meta = body["metadata"]
+    LOG.log(level, "%s %s/%s: %s: %s", body.get("kind"), meta.get("namespace"), meta.get("name"),
+            event.reason, event.message)  # fmt: skip
+
+
+def apply_in_handler(body: kopf.Body, patch: kopf.Patch, update: Update) -> None:
+    """An Update from within a kopf handler: kopf writes the status and posts the Events."""
+    patch.status.update(update.status)
+    for event in update.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        _log_event(body, event)
+
+
+def apply_by_api(kind: kube.Kind, obj: dict[str, Any], update: Update) -> None:
+    """An Update from the poller (outside kopf's handlers): straight to the API."""
+    meta = obj["metadata"]
+    if update.status:
+        kube.patch_status(kind, meta["namespace"], meta["name"], update.status)
+    for event in update.events:
+        kube.post_event(obj, event.type, event.reason, event.message)
+        _log_event(obj, event)
 
 
 def _target(spec_uri: str | None) -> TrackingTarget:
@@ -126,14 +204,15 @@ def _mlflow(target: TrackingTarget) -> GuardedReader:
     )
 
 
-def _announce_mlflow(body: kopf.Body, before: Any, after: Any) -> None:
+def _mlflow_events(before: Any, after: Any) -> list[Event]:
     old, new = find_condition(before, MLFLOW_REACHABLE), find_condition(after, MLFLOW_REACHABLE)
     if new is None or (old is not None and old.status == new.status):
-        return
+        return []
     if new.status == "False":
-        post(body, "Warning", f"Mlflow{new.reason}", new.message)
-    elif old is not None:
-        post(body, "Normal", "MlflowReachable", "MLflow answers again")
+        return [Event(type="Warning", reason=f"Mlflow{new.reason}", message=new.message)]
+    if old is not None:
+        return [Event(reason="MlflowReachable", message="MLflow answers again")]
+    return []
 
 
 def _owner_uids(meta: kopf.Meta, kind: str) -> list[str]:
@@ -142,8 +221,8 @@ def _owner_uids(meta: kopf.Meta, kind: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- indexes
-# In-memory views of our children, kept current by kopf's watches: status syncs read
-# these instead of asking the API server every few seconds for every object.
+# In-memory views kept current by kopf's watches: the objects the poller syncs, and our
+# RayJobs' status (read instead of asking the API server every few seconds for each).
 
 
 @kopf.index("ray.io", "v1", "rayjobs", labels=OURS)
@@ -151,11 +230,51 @@ def rayjobs_by_owner(meta: kopf.Meta, status: kopf.Status, **_: Any) -> dict[str
     return {uid: dict(status) for uid in _owner_uids(meta, "TrainingRun")}
 
 
+def _trainingrun_active(status: Any) -> bool:
+    return (status or {}).get("phase") not in TERMINAL_PHASES and bool(
+        (status or {}).get("rayJobName")
+    )
+
+
+@kopf.index(*TRAININGRUNS)
+def trainingruns_to_sync(
+    namespace: str | None, name: str, uid: str, status: kopf.Status, **_: Any
+) -> dict[ObjectKey, str]:
+    """TrainingRuns whose RayJob runs: their status follows it and MLflow."""
+    return {(namespace or "", name): uid} if _trainingrun_active(status) else {}
+
+
+@kopf.index(*MODELDEPLOYMENTS)
+def deployments_to_sync(
+    namespace: str | None, name: str, uid: str, **_: Any
+) -> dict[ObjectKey, str]:
+    """Every ModelDeployment: it follows its alias and its InferenceService."""
+    return {(namespace or "", name): uid}
+
+
 def _first(index: kopf.Index[str, Any], key: str) -> Any | None:
     return next(iter(index.get(key, [])), None)
 
 
+def _refusal_status(
+    refuse: Callable[..., Any], previous: Any, refusal: Refusal, generation: Any
+) -> Any:
+    """The status `refuse` (refused_trainingrun_status or refused_deployment_status) makes."""
+    new = refuse(previous, refusal.reason, refusal.message, _now())
+    new.observed_generation = generation
+    return new
+
+
 # --------------------------------------------------------------------------- TrainingRun
+
+
+def _trainingrun_refusal(run: TrainingRun) -> Refusal | None:
+    """What the admin does not allow in this TrainingRun, or None."""
+    try:
+        _target(run.spec.mlflow.tracking_uri)
+    except TrackingUriNotAllowed as refused:
+        return Refusal(reason=NOT_ALLOWED, message=str(refused))
+    return trainingrun_refusal(run, SETTINGS)
 
 
 @kopf.on.create(*TRAININGRUNS)
@@ -164,23 +283,26 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
     """Create (or adopt, after a restart) the one RayJob of this TrainingRun."""
     run: TrainingRun = _parse(TrainingRun, body)
     previous: TrainingRunStatus = _status_of(TrainingRunStatus, body.status)
-    try:
-        _target(run.spec.mlflow.tracking_uri)
-    except TrackingUriNotAllowed as refused:
-        new = refused_trainingrun_status(previous, NOT_ALLOWED, str(refused), _now())
-        new.observed_generation = meta.get("generation")
-        patch.status.update(status_patch(body.status, new))
-        post(body, "Warning", NOT_ALLOWED, str(refused))
+    refusal = _trainingrun_refusal(run)
+    if refusal is not None:  # nothing is created
+        new = _refusal_status(refused_trainingrun_status, previous, refusal, meta.get("generation"))
+        event = Event(type="Warning", reason=refusal.reason, message=refusal.message)
+        apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
         return
-    manifest = build_rayjob(run, SETTINGS.mlflow_tracking_uri)
+    manifest = build_rayjob(
+        run,
+        SETTINGS.mlflow_tracking_uri,
+        credentials_secret=SETTINGS.mlflow_credentials_secret,
+        allow_shared_models=SETTINGS.allow_shared_models,
+    )
     kopf.adopt(manifest, owner=body)
     _, created = kube.create_or_adopt(kube.RAYJOB, manifest, meta["uid"])
     name = manifest["metadata"]["name"]
     if created:
         CHILDREN_CREATED.labels("RayJob").inc()
-        post(body, "Normal", "RayJobCreated", f"created RayJob {name}")
+        event = Event(reason="RayJobCreated", message=f"created RayJob {name}")
     else:
-        post(body, "Normal", "RayJobAdopted", f"RayJob {name} already existed")
+        event = Event(reason="RayJobAdopted", message=f"RayJob {name} already existed")
     new = previous.model_copy(deep=True)
     new.ray_job_name = name
     new.observed_generation = meta.get("generation")
@@ -188,27 +310,13 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
     new.conditions = set_condition(
         new.conditions, SUCCEEDED, "Unknown", "RayJobCreated", f"RayJob {name}", _now()
     )
-    patch.status.update(status_patch(body.status, new))
+    apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
 
 
-def _trainingrun_active(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL_PHASES and bool(status.get("rayJobName"))
-
-
-# (type: ignore: kopf's handler protocols do not know the index kwargs.)
-@kopf.timer(*TRAININGRUNS, interval=SETTINGS.status_poll_seconds, when=_trainingrun_active)  # type: ignore[arg-type]
-@measured("trainingrun", "sync")
-def sync_trainingrun(
-    body: kopf.Body,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    rayjobs_by_owner: kopf.Index[str, Any],
-    **_: Any,
-) -> None:
-    """RayJob status + the MLflow parent run -> TrainingRun status."""
-    previous: TrainingRunStatus = _status_of(TrainingRunStatus, body.status)
-    uid = meta["uid"]
-    rayjob_status = _first(rayjobs_by_owner, uid)
+def sync_trainingrun(body: dict[str, Any], rayjob_status: dict[str, Any] | None) -> Update:
+    """RayJob status (None: not in the index) + the MLflow parent run -> TrainingRun status."""
+    meta = body["metadata"]
+    previous: TrainingRunStatus = _status_of(TrainingRunStatus, body.get("status"))
     exists = rayjob_status is not None
     if not exists:
         # The watch may lag behind a fresh create: ask the API server before concluding.
@@ -220,7 +328,7 @@ def sync_trainingrun(
     if started:
         try:
             outcome = _mlflow(_target(run.spec.mlflow.tracking_uri)).find_outcome(
-                uid, meta["namespace"], previous.mlflow_run_id
+                meta["uid"], meta["namespace"], previous.mlflow_run_id
             )
         except TrackingUriNotAllowed as refused:  # the allow-list changed since the create
             mlflow_error, mlflow_reason = str(refused), NOT_ALLOWED
@@ -239,8 +347,7 @@ def sync_trainingrun(
         mlflow_reason=mlflow_reason or "Unreachable",
     )
     new.observed_generation = meta.get("generation")
-    patch.status.update(status_patch(body.status, new))
-    _announce_mlflow(body, previous.conditions, new.conditions)
+    events = _mlflow_events(previous.conditions, new.conditions)
     if new.phase != previous.phase:
         TRANSITIONS.labels("trainingrun", new.phase).inc()
         verdict = find_condition(new.conditions, SUCCEEDED)
@@ -252,16 +359,69 @@ def sync_trainingrun(
                 f"{'promoted' if new.promoted else 'not promoted'}"
                 + (f" ({new.promotion_reason})" if new.promotion_reason else "")
             )
-        post(body, "Warning" if new.phase == "Failed" else "Normal", reason, message)
+        kind: Literal["Normal", "Warning"] = "Warning" if new.phase == "Failed" else "Normal"
+        events.append(Event(type=kind, reason=reason, message=message))
+    return Update(status=status_patch(body.get("status") or {}, new), events=events)
+
+
+@measured("trainingrun", "sync")
+def poll_trainingrun(key: ObjectKey, rayjobs: kopf.Index[str, Any]) -> None:
+    """One poll of a running TrainingRun, read fresh from the API server."""
+    body = kube.get(kube.TRAININGRUN, *key)
+    if body is None or not _trainingrun_active(body.get("status")):
+        return
+    uid = body["metadata"]["uid"]
+    with _locks.hold(uid):
+        apply_by_api(kube.TRAININGRUN, body, sync_trainingrun(body, _first(rayjobs, uid)))
 
 
 # --------------------------------------------------------------------------- ModelDeployment
 
 
+def _checked_recently(memo: dict[str, Any], stamp: str, now: dt.datetime) -> bool:
+    """MLflow was asked within alias_poll_seconds (the time is memo[stamp])."""
+    last = memo.get(stamp)
+    return last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
+
+
+def _mlflow_answered(
+    conditions: list[Any], error: MlflowError | None, now: dt.datetime
+) -> list[Any]:
+    """MlflowReachable after a call: False with our reason and words, or True."""
+    if error is None:
+        return set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+    MLFLOW_ERRORS.inc()
+    return set_condition(conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now)
+
+
+def _ownership(
+    selector_name: str, target: TrackingTarget, namespace: str, memo: dict[str, Any],
+    conditions: list[Any], *, force: bool,
+) -> tuple[str | None, bool, list[Any]]:  # fmt: skip
+    """Whether this namespace may serve the model: (refusal message or None, known, the
+    conditions). Checked through MLflow at most every alias_poll_seconds; unknown (MLflow
+    not answering) rolls nothing out."""
+    now = _now()
+    if SETTINGS.allow_shared_models:
+        return None, True, conditions
+    fresh = _checked_recently(memo, "owner_checked_at", now)
+    if not force and fresh and memo.get("owner_model") == selector_name:
+        return memo.get("owner_refusal"), True, conditions
+    try:
+        ownership = _mlflow(target).model_ownership(selector_name)
+    except MlflowError as error:
+        return None, False, _mlflow_answered(conditions, error, now)
+    refusal = ownership_refusal(
+        selector_name, ownership.owner, namespace, shared=False, registered=ownership.registered
+    )
+    memo.update(owner_checked_at=now, owner_model=selector_name, owner_refusal=refusal)
+    return refusal, True, _mlflow_answered(conditions, None, now)
+
+
 def _desired_version(
     deployment: ModelDeployment,
     target: TrackingTarget,
-    memo: kopf.Memo,
+    memo: dict[str, Any],
     conditions: list[Any],
     *,
     force: bool,
@@ -273,20 +433,16 @@ def _desired_version(
         conditions = set_condition(conditions, MODEL_RESOLVED, "True", "Pinned", "", now)
         return selector.version, conditions
     alias = selector.followed_alias or "champion"
-    last = memo.get("alias_checked_at")
-    fresh = last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
+    fresh = _checked_recently(memo, "alias_checked_at", now)
     if not force and fresh and memo.get("alias") == alias:
         return memo.get("alias_version"), conditions
     try:
         version = _mlflow(target).resolve_alias(selector.name, alias)
     except MlflowError as error:
-        MLFLOW_ERRORS.inc()
-        conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now
-        )
+        conditions = _mlflow_answered(conditions, error, now)
         return memo.get("alias_version") if memo.get("alias") == alias else None, conditions
     memo["alias"], memo["alias_checked_at"], memo["alias_version"] = alias, now, version
-    conditions = set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+    conditions = _mlflow_answered(conditions, None, now)
     if version is None:
         message = f"registered model {selector.name} has no alias {alias!r} (yet)"
         conditions = set_condition(
@@ -300,35 +456,51 @@ def _desired_version(
     return version, conditions
 
 
-def _reconcile_deployment(
-    body: kopf.Body,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    *,
-    force_resolve: bool,
-) -> None:
+def _refused_deployment(
+    body: dict[str, Any], previous: ModelDeploymentStatus, refusal: Refusal
+) -> Update:
+    """Failed with the refusal's reason; the InferenceService (if any) is left as it is."""
+    generation = body["metadata"].get("generation")
+    new = _refusal_status(refused_deployment_status, previous, refusal, generation)
+    events = []
+    if previous.phase != "Failed" or previous.message != new.message:
+        events.append(Event(type="Warning", reason=refusal.reason, message=refusal.message))
+    return Update(status=status_patch(body.get("status") or {}, new), events=events)
+
+
+def reconcile_deployment(
+    body: dict[str, Any], memo: dict[str, Any], *, force_resolve: bool
+) -> Update:
+    meta = body["metadata"]
     deployment: ModelDeployment = _parse(ModelDeployment, body)
-    previous: ModelDeploymentStatus = _status_of(ModelDeploymentStatus, body.status)
+    previous: ModelDeploymentStatus = _status_of(ModelDeploymentStatus, body.get("status"))
     try:
         target = _target(deployment.spec.mlflow.tracking_uri)
     except TrackingUriNotAllowed as refused:
-        refusal = refused_deployment_status(previous, NOT_ALLOWED, str(refused), _now())
-        refusal.observed_generation = meta.get("generation")
-        patch.status.update(status_patch(body.status, refusal))
-        if previous.phase != "Failed" or previous.message != refusal.message:
-            post(body, "Warning", NOT_ALLOWED, str(refused))
-        return
+        return _refused_deployment(
+            body, previous, Refusal(reason=NOT_ALLOWED, message=str(refused))
+        )
+    refusal = deployment_refusal(deployment, SETTINGS)
+    if refusal is not None:
+        return _refused_deployment(body, previous, refusal)
     working = previous.model_copy(deep=True)
+    owner_refusal, owner_known, working.conditions = _ownership(
+        deployment.spec.model.name, target, meta["namespace"], memo, working.conditions,
+        force=force_resolve,
+    )  # fmt: skip
+    if owner_refusal is not None:
+        return _refused_deployment(body, previous, Refusal(reason=NOT_OWNER, message=owner_refusal))
     desired, working.conditions = _desired_version(
         deployment, target, memo, working.conditions, force=force_resolve
     )
+    if not owner_known:
+        desired = None  # nothing new is rolled out while ownership cannot be checked
     # Read, not indexed: a promotion or rollback must see the result of the previous
     # step, never a watch that lags behind it. ModelDeployments are few.
     isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
     view = inferenceservice_view(isvc) if isvc is not None else None
     mode = (
-        meta.annotations.get(ANNOTATION_DEPLOYMENT_MODE)
+        (meta.get("annotations") or {}).get(ANNOTATION_DEPLOYMENT_MODE)
         or ((isvc or {}).get("metadata", {}).get("annotations") or {}).get(
             ANNOTATION_DEPLOYMENT_MODE
         )
@@ -353,63 +525,69 @@ def _reconcile_deployment(
             http_port=SETTINGS.predictor_http_port,
             canary_traffic_percent=rollout.canary_traffic_percent,
             deployment_mode=mode,
+            credentials_secret=SETTINGS.mlflow_credentials_secret,
         )
-        kopf.adopt(manifest, owner=body)
+        kopf.adopt(manifest, owner=kopf.Body(cast(kopf.RawBody, body)))
         new.inference_service_name = manifest["metadata"]["name"]
         if isvc is None:
             kube.create_or_adopt(kube.INFERENCESERVICE, manifest, meta["uid"])
             CHILDREN_CREATED.labels("InferenceService").inc()
         else:
-            predictor = manifest["spec"]["predictor"]
-            current = (isvc.get("spec") or {}).get("predictor") or {}
-            annotations = manifest["metadata"]["annotations"]
-            current_annotations = isvc.get("metadata", {}).get("annotations") or {}
-            canary_changed = "canaryTrafficPercent" in current and (
-                "canaryTrafficPercent" not in predictor
-            )
-            if (
-                not carries(current, predictor)
-                or canary_changed
-                or not carries(current_annotations, annotations)
-            ):
-                predictor = {"canaryTrafficPercent": None, **predictor}
-                kube.patch(
-                    kube.INFERENCESERVICE,
-                    meta["namespace"],
-                    manifest["metadata"]["name"],
-                    {"metadata": {"annotations": annotations}, "spec": {"predictor": predictor}},
-                )
+            _update_inferenceservice(isvc, manifest)
     new.observed_generation = meta.get("generation")
-    patch.status.update(status_patch(body.status, new))
-    _announce_mlflow(body, previous.conditions, new.conditions)
-    for event in rollout.events:
-        post(body, event.type, event.reason, event.message)
+    events = _mlflow_events(previous.conditions, new.conditions) + list(rollout.events)
     if new.phase != previous.phase:
         TRANSITIONS.labels("modeldeployment", new.phase).inc()
+    return Update(status=status_patch(body.get("status") or {}, new), events=events)
+
+
+def _update_inferenceservice(isvc: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Patch the InferenceService where it says less than the manifest."""
+    predictor = manifest["spec"]["predictor"]
+    current = (isvc.get("spec") or {}).get("predictor") or {}
+    annotations = manifest["metadata"]["annotations"]
+    current_annotations = isvc.get("metadata", {}).get("annotations") or {}
+    canary_changed = "canaryTrafficPercent" in current and "canaryTrafficPercent" not in predictor
+    if (
+        carries(current, predictor)
+        and not canary_changed
+        and carries(current_annotations, annotations)
+    ):
+        return
+    meta = manifest["metadata"]
+    kube.patch(
+        kube.INFERENCESERVICE,
+        meta["namespace"],
+        meta["name"],
+        {
+            "metadata": {"annotations": annotations},
+            "spec": {"predictor": {"canaryTrafficPercent": None, **predictor}},
+        },
+    )
+
+
+def _memo(uid: str) -> dict[str, Any]:
+    return _memos.setdefault(uid, {})
 
 
 @kopf.on.create(*MODELDEPLOYMENTS)
 @kopf.on.resume(*MODELDEPLOYMENTS)
 @kopf.on.update(*MODELDEPLOYMENTS, field="spec")
 @measured("modeldeployment", "change")
-def deployment_changed(
-    body: kopf.Body,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    _reconcile_deployment(body, meta, patch, memo, force_resolve=True)
+def deployment_changed(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+    with _locks.hold(meta["uid"]):
+        update = reconcile_deployment(dict(body), _memo(meta["uid"]), force_resolve=True)
+    apply_in_handler(body, patch, update)
 
 
-@kopf.timer(*MODELDEPLOYMENTS, interval=SETTINGS.status_poll_seconds)
 @measured("modeldeployment", "sync")
-def sync_deployment(
-    body: kopf.Body,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
+def poll_deployment(key: ObjectKey) -> None:
     """Follow the alias (resolved every alias_poll_seconds) and the InferenceService."""
-    _reconcile_deployment(body, meta, patch, memo, force_resolve=False)
+    body = kube.get(kube.MODELDEPLOYMENT, *key)
+    if body is None:
+        return
+    uid = body["metadata"]["uid"]
+    with _locks.hold(uid):
+        apply_by_api(
+            kube.MODELDEPLOYMENT, body, reconcile_deployment(body, _memo(uid), force_resolve=False)
+        )

@@ -18,6 +18,7 @@ from mlkube.operator.names import (
     OPERATOR_NAME,
     inferenceservice_name,
 )
+from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
@@ -64,8 +65,11 @@ def build_inferenceservice(
     http_port: int = 8080,
     canary_traffic_percent: int | None = None,
     deployment_mode: str | None = None,
+    credentials_secret: str = "",
 ) -> dict[str, Any]:
     """The InferenceService serving `version`; the owner reference is added by the caller.
+    `credentials_secret` names the Secret of the deployment's namespace holding its MLflow
+    credentials.
 
     `canary_traffic_percent` sends that share to this version and the rest to the last
     rolled-out one (KServe keeps track of it); it is dropped in raw deployment mode, where
@@ -83,7 +87,8 @@ def build_inferenceservice(
         "image": spec.image or image,
         "command": ["python", "-m", PREDICTOR_MODULE],
         "args": predictor_args(deployment, version, http_port),
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())]
+        + mlflow_credentials_env(credentials_secret),
         "ports": ports,
         "resources": spec.resources.for_container(),
         # Without it a new pod takes traffic before its server listens (seen on a real
@@ -99,11 +104,13 @@ def build_inferenceservice(
         # Service, so no request reaches a server that already stopped listening.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", PRESTOP_SECONDS]}}},
     }
-    predictor: dict[str, Any] = {
-        "minReplicas": spec.replicas.min,
-        "maxReplicas": spec.replicas.max,
-        "containers": [container],
-    }
+    # KServe's predictor is a pod spec with replica bounds and the pods' labels.
+    predictor: dict[str, Any] = restricted_pod(
+        [container],
+        minReplicas=spec.replicas.min,
+        maxReplicas=spec.replicas.max,
+        labels=dict(MLFLOW_CLIENT_LABELS),
+    )
     if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):
         predictor["canaryTrafficPercent"] = canary_traffic_percent
     annotations = {ANNOTATION_MODEL_VERSION: str(version)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,6 +29,8 @@ class Kind:
 
 RAYJOB = Kind("ray.io", "v1", "rayjobs", "RayJob")
 INFERENCESERVICE = Kind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService")
+TRAININGRUN = Kind("mlkube.io", "v1alpha1", "trainingruns", "TrainingRun")
+MODELDEPLOYMENT = Kind("mlkube.io", "v1alpha1", "modeldeployments", "ModelDeployment")
 
 
 def configure() -> None:
@@ -74,6 +77,12 @@ def _custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(_api)
 
 
+def _core() -> client.CoreV1Api:
+    if _api is None:
+        configure()
+    return client.CoreV1Api(_api)
+
+
 def get(kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
     try:
         found = _custom().get_namespaced_custom_object(
@@ -92,6 +101,43 @@ def patch(kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[s
         kind.group, kind.version, namespace, kind.plural, name, body, field_manager=FIELD_MANAGER
     )
     return cast(dict[str, Any], patched)
+
+
+def patch_status(kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> None:
+    """JSON merge patch of the status subresource; an object gone meanwhile is no error."""
+    try:
+        _custom().patch_namespaced_custom_object_status(
+            kind.group, kind.version, namespace, kind.plural, name, {"status": status},
+            field_manager=FIELD_MANAGER,
+        )  # fmt: skip
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event on `obj`, as kopf posts them from its handlers (outside a handler,
+    kopf's own poster is not there)."""
+    meta = obj["metadata"]
+    now = dt.datetime.now(dt.UTC)
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}."),
+        involved_object=client.V1ObjectReference(
+            api_version=obj.get("apiVersion"),
+            kind=obj.get("kind"),
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta.get("uid"),
+        ),  # fmt: skip
+        reason=reason,
+        message=message[:1024],
+        type=kind,
+        source=client.V1EventSource(component=FIELD_MANAGER),
+        first_timestamp=now,
+        last_timestamp=now,
+        count=1,
+    )
+    _core().create_namespaced_event(meta["namespace"], event)
 
 
 def _owned_by(obj: dict[str, Any], owner_uid: str) -> bool:

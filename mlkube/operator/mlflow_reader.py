@@ -31,13 +31,19 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mlkube.operator.tracking import TrackingTarget
-from mlkube.training.outcome import Outcome, belongs_to, outcome_from_tags, trainingrun_filter
+from mlkube.training.outcome import (
+    MLFLOW_MISSING_CODES,
+    Outcome,
+    belongs_to,
+    outcome_from_tags,
+    trainingrun_filter,
+)
+from mlkube.training.ownership import TAG_OWNER
 
 LOG = logging.getLogger("mlkube.operator.mlflow")
 
-# MLflow's "does not exist" answers: 404, or 400 with one of these codes (MLflow 3 answers a
-# missing alias of an existing model with 400 INVALID_PARAMETER_VALUE).
-MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+# MLflow's "does not exist" answers: 404, or 400 with one of these codes.
+MISSING_CODES = MLFLOW_MISSING_CODES
 # Statuses that mean "not now": they back off (shared by every resource on the URI).
 RETRY_LATER_STATUSES = frozenset({429})
 # Bounds on one call (which may page): pages, bytes per answer, and time in all.
@@ -82,6 +88,13 @@ class MlflowBadAnswer(MlflowError):
     reason = "BadAnswer"
 
 
+class ModelOwnership(BaseModel):
+    """Whether a registered model exists, and the namespace its owner tag names (None: none)."""
+
+    registered: bool
+    owner: str | None = None
+
+
 class MlflowReader(Protocol):
     tracking_uri: str
 
@@ -90,6 +103,9 @@ class MlflowReader(Protocol):
 
     def resolve_alias(self, model: str, alias: str) -> int | None:
         """The version the alias points at; None when the model or alias does not exist."""
+
+    def model_ownership(self, model: str) -> ModelOwnership:
+        """Whether the registered model exists and which namespace owns it."""
 
 
 class Backoff:
@@ -164,6 +180,14 @@ class _Version(_Answer):
 
 class _AliasAnswer(_Answer):
     model_version: _Version
+
+
+class _RegisteredModel(_Answer):
+    tags: list[_Tag] = []
+
+
+class _RegisteredModelAnswer(_Answer):
+    registered_model: _RegisteredModel
 
 
 class _MlflowErrorBody(_Answer):
@@ -332,6 +356,15 @@ class RestMlflowReader:
         found = self._call("registered-models/alias", _AliasAnswer, deadline, query=query)
         return found.model_version.version if found is not None else None
 
+    def model_ownership(self, model: str) -> ModelOwnership:
+        deadline = time.monotonic() + self.timeout * CALL_BUDGET_TIMEOUTS
+        query = {"name": model}
+        found = self._call("registered-models/get", _RegisteredModelAnswer, deadline, query=query)
+        if found is None:
+            return ModelOwnership(registered=False)
+        tags = {t.key: t.value for t in found.registered_model.tags}
+        return ModelOwnership(registered=True, owner=tags.get(TAG_OWNER))
+
 
 def _outcome(run: _Run) -> Outcome:
     return outcome_from_tags(run.info.run_id, run.info.status, run.tags())
@@ -386,6 +419,19 @@ class ClientMlflowReader:
         except Exception as error:
             raise self._unavailable(error) from None
 
+    def model_ownership(self, model: str) -> ModelOwnership:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self._client().get_registered_model(model)
+        except MlflowException as error:
+            if error.error_code in MISSING_CODES:
+                return ModelOwnership(registered=False)
+            raise self._unavailable(error) from None
+        except Exception as error:
+            raise self._unavailable(error) from None
+        return ModelOwnership(registered=True, owner=dict(found.tags or {}).get(TAG_OWNER))
+
 
 Answer = TypeVar("Answer")
 
@@ -426,6 +472,9 @@ class GuardedReader:
 
     def resolve_alias(self, model: str, alias: str) -> int | None:
         return self._guarded(self.reader.resolve_alias, model, alias)
+
+    def model_ownership(self, model: str) -> ModelOwnership:
+        return self._guarded(self.reader.model_ownership, model)
 
 
 _readers: OrderedDict[tuple[str, bool], GuardedReader] = OrderedDict()

@@ -12,9 +12,19 @@ from mlkube.api.common import Resources
 from mlkube.api.trainingrun import TrainingRun
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
+from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
 
 RAYJOB_API_VERSION = "ray.io/v1"
 TRAIN_MODULE = "mlkube.flows.train"
+# The train flow's flag that lets it register versions of a model another namespace owns.
+SHARED_MODELS_FLAG = "--allow-shared-models"
+# KubeRay's own default for the submitter container (name, requests and limits); given here
+# so that its pod template is ours: restricted, no token. KubeRay fills in the command.
+SUBMITTER_CONTAINER = "ray-job-submitter"
+SUBMITTER_RESOURCES = {
+    "requests": {"cpu": "500m", "memory": "200Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
 
 
 def tracking_uri_for(run: TrainingRun, default: str) -> str:
@@ -33,9 +43,10 @@ def handed_over(run: TrainingRun) -> dict[str, Any]:
     }
 
 
-def entrypoint(run: TrainingRun) -> str:
+def entrypoint(run: TrainingRun, allow_shared_models: bool = False) -> str:
     spec_json = json.dumps(handed_over(run), separators=(",", ":"), sort_keys=True)
-    return f"python -m {TRAIN_MODULE} --spec-json {shlex.quote(spec_json)}"
+    shared = f" {SHARED_MODELS_FLAG}" if allow_shared_models else ""
+    return f"python -m {TRAIN_MODULE} --spec-json {shlex.quote(spec_json)}{shared}"
 
 
 def runtime_env_yaml(tracking_uri: str) -> str:
@@ -43,28 +54,31 @@ def runtime_env_yaml(tracking_uri: str) -> str:
     return yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
 
 
-def _pod_template(container_name: str, image: str, resources: Resources) -> dict[str, Any]:
+def _pod_template(
+    container_name: str, image: str, resources: Resources, credentials_secret: str
+) -> dict[str, Any]:
     env = [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())]
-    return {
-        "spec": {
-            "containers": [
-                {
-                    "name": container_name,
-                    "image": image,
-                    "resources": resources.for_container(),
-                    "env": env,
-                }
-            ]
-        }
+    container = {
+        "name": container_name,
+        "image": image,
+        "resources": resources.for_container(),
+        "env": env + mlflow_credentials_env(credentials_secret),
     }
+    return {"metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)}, "spec": restricted_pod([container])}
 
 
-def ray_cluster_spec(run: TrainingRun) -> dict[str, Any]:
+def submitter_template(image: str) -> dict[str, Any]:
+    """The pod of KubeRay's submitter Job (it runs `ray job submit` against the head)."""
+    container = {"name": SUBMITTER_CONTAINER, "image": image, "resources": SUBMITTER_RESOURCES}
+    return {"spec": restricted_pod([container], restartPolicy="Never")}
+
+
+def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str, Any]:
     ray = run.spec.ray
     cluster: dict[str, Any] = {
         "headGroupSpec": {
             "rayStartParams": {},
-            "template": _pod_template("ray-head", ray.image, ray.head),
+            "template": _pod_template("ray-head", ray.image, ray.head, credentials_secret),
         }
     }
     if ray.workers > 0:
@@ -75,18 +89,27 @@ def ray_cluster_spec(run: TrainingRun) -> dict[str, Any]:
                 "minReplicas": ray.workers,
                 "maxReplicas": ray.workers,
                 "rayStartParams": {},
-                "template": _pod_template("ray-worker", ray.image, ray.worker),
+                "template": _pod_template("ray-worker", ray.image, ray.worker, credentials_secret),
             }
         ]
     return cluster
 
 
-def build_rayjob(run: TrainingRun, default_tracking_uri: str) -> dict[str, Any]:
-    """The RayJob for a TrainingRun; the owner reference is added by the caller (kopf.adopt)."""
+def build_rayjob(
+    run: TrainingRun,
+    default_tracking_uri: str,
+    *,
+    credentials_secret: str = "",
+    allow_shared_models: bool = False,
+) -> dict[str, Any]:
+    """The RayJob for a TrainingRun; the owner reference is added by the caller (kopf.adopt).
+    `credentials_secret` names the Secret of the run's namespace holding its MLflow
+    credentials; `allow_shared_models` lets the train flow use models of other namespaces."""
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint(run),
+        "entrypoint": entrypoint(run, allow_shared_models),
         "runtimeEnvYAML": runtime_env_yaml(tracking_uri_for(run, default_tracking_uri)),
-        "rayClusterSpec": ray_cluster_spec(run),
+        "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
+        "submitterPodTemplate": submitter_template(run.spec.ray.image),
         # KubeRay's default (false) leaves the Ray cluster running after the job ends.
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": run.spec.ttl_seconds_after_finished,

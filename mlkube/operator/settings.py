@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlkube.api.common import quantity_value
 
 DeploymentMode = Literal["Serverless", "Knative", "RawDeployment", "Standard"]
 # KServe modes in which canaryTrafficPercent is ignored (no revisions to split traffic between).
@@ -26,6 +28,21 @@ class OperatorSettings(BaseSettings):
     # mlflow_tracking_uri itself (mlkube/operator/tracking.py).
     mlflow_allowed_hosts: list[str] = Field(default_factory=list)
     predictor_image: str = "mlkube/runtime:0.1.0"
+    # What a spec may ask for (mlkube/operator/policy.py): image prefixes besides
+    # predictor_image itself (compared in full form: "mlkube/x" is "docker.io/mlkube/x"),
+    # and upper bounds on Ray workers, on one container's cpu and memory, and on replicas.
+    allowed_images: list[str] = Field(default_factory=list)
+    max_ray_workers: int = Field(default=8, ge=0)
+    max_cpu: str = "8"
+    max_memory: str = "32Gi"
+    max_replicas: int = Field(default=10, ge=1)
+    # A Secret, in the namespace of each TrainingRun and ModelDeployment, whose keys
+    # username/password or token become MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN in the
+    # Ray and predictor pods (each namespace its own MLflow identity). Empty: none.
+    mlflow_credentials_secret: str = ""
+    # Registered models belong to the namespace that first registered one of their
+    # versions; True lets every namespace register, promote and deploy any model.
+    allow_shared_models: bool = False
     predictor_http_port: int = 8080
     kserve_deployment_mode: DeploymentMode | None = Field(
         default=None,
@@ -55,6 +72,12 @@ class OperatorSettings(BaseSettings):
     max_workers: int = Field(default=16, ge=1)
     # Server-side watch timeout: a short one lets the operator stop promptly (tests).
     watch_timeout_seconds: int = Field(default=300, ge=1)
+
+    @field_validator("max_cpu", "max_memory")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        quantity_value(value)
+        return value
 
 
 @lru_cache(maxsize=1)

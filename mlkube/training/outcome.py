@@ -35,6 +35,9 @@ TAG_NO_ALIAS_REASON = "mlkube.noAlias.reason"
 TAG_ROLE = "mlkube.role"
 # Standard MLflow tag that makes a run a child of another.
 TAG_PARENT_RUN = "mlflow.parentRunId"
+# MLflow's error codes that mean "does not exist" (MLflow 3 answers a missing alias of an
+# existing model with INVALID_PARAMETER_VALUE, HTTP 400): an answer, not an outage.
+MLFLOW_MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 RunState = Literal["RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED"]
 Parsed = TypeVar("Parsed")

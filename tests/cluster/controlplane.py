@@ -56,9 +56,10 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
-# Controllers that need no kubelet: owner-reference GC, namespace deletion and the
-# `default` ServiceAccount in every namespace (as a real cluster has).
-CONTROLLERS = "garbagecollector,namespace,serviceaccount"
+# Controllers that need no kubelet: owner-reference GC, namespace deletion, the `default`
+# ServiceAccount in every namespace, and ClusterRole aggregation (the chart's roles join
+# view/edit/admin), as a real cluster has.
+CONTROLLERS = "garbagecollector,namespace,serviceaccount,clusterrole-aggregation"
 # With a real node: every controller a cluster runs by default.
 NODE_CONTROLLERS = "*"
 

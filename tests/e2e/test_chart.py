@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ MLKUBE_CRDS = ("trainingruns.mlkube.io", "modeldeployments.mlkube.io")
 RAYJOBS = ("ray.io", "v1", "rayjobs")
 ISVCS = ("serving.kserve.io", "v1beta1", "inferenceservices")
 MLKUBE = ("mlkube.io", "v1alpha1")
-# Nothing listens here: the objects below never make the operator call MLflow (a RayJob
-# that has not started, a pinned model version), and if they did, it stays on loopback.
+# Nothing listens here: the TrainingRuns below never make the operator call MLflow (a
+# RayJob that has not started), and if they did, it stays on loopback. ModelDeployments
+# name the session's real MLflow server (the operator checks who owns a model).
 NO_MLFLOW = "http://127.0.0.1:9"
 # prometheus-operator's kinds, as stand-in CRDs (any fields): the real ones are not in the
 # test plane, and the chart's ServiceMonitor/PodMonitor only need to be accepted and stored.
@@ -164,16 +166,24 @@ def trainingrun(name: str) -> Obj:
     }
 
 
-def modeldeployment(name: str) -> Obj:
+def modeldeployment(name: str, model: str, tracking_uri: str) -> Obj:
     return {
         "apiVersion": "mlkube.io/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": name},
-        "spec": {
-            "model": {"name": f"{name}-model", "version": 1},
-            "mlflow": {"trackingUri": NO_MLFLOW},
-        },
+        "spec": {"model": {"name": model, "version": 1}, "mlflow": {"trackingUri": tracking_uri}},
     }
+
+
+def owned_model(tracking_uri: str, namespace: str) -> str:
+    """A registered model of `namespace` (the operator checks who owns what it deploys)."""
+    from mlflow import MlflowClient
+
+    from mlkube.training.ownership import TAG_OWNER
+
+    name = f"{namespace}-model-{next(_RELEASES)}"
+    MlflowClient(tracking_uri).create_registered_model(name, tags={TAG_OWNER: namespace})
+    return name
 
 
 @contextlib.contextmanager
@@ -194,13 +204,15 @@ AUTHORIZATION_ERRORS = (
 )  # fmt: skip
 
 
-def reconcile_both(admin: client.ApiClient, ns: str) -> tuple[Obj, Obj]:
-    """Create a TrainingRun and a ModelDeployment; wait for their RayJob, InferenceService
-    and the status the operator writes; return the RayJob and the InferenceService."""
+def reconcile_both(admin: client.ApiClient, ns: str, tracking_uri: str) -> tuple[Obj, Obj]:
+    """Create a TrainingRun and a ModelDeployment (of a model `ns` owns in the MLflow at
+    `tracking_uri`); wait for their RayJob, InferenceService and the status the operator
+    writes; return the RayJob and the InferenceService."""
     custom = client.CustomObjectsApi(admin)
     tr = custom.create_namespaced_custom_object(*MLKUBE, ns, "trainingruns", trainingrun("tr1"))
+    model = owned_model(tracking_uri, ns)
     md = custom.create_namespaced_custom_object(
-        *MLKUBE, ns, "modeldeployments", modeldeployment("md1")
+        *MLKUBE, ns, "modeldeployments", modeldeployment("md1", model, tracking_uri)
     )
     rayjob = wait_for_object(admin, *RAYJOBS, ns, "tr1", lambda o: True, what="created")
     isvc = wait_for_object(admin, *ISVCS, ns, "md1", lambda o: True, what="created")
@@ -255,6 +267,10 @@ def test_operator_settings_read_the_chart_env(
         "--set-json", "operator.aliasPollSeconds=12.5",
         "--set", "operator.kserveDeploymentMode=RawDeployment",
         "--set", "operator.predictorImage=registry.local/mlkube/runtime:dev",
+        "--set", "operator.allowedImages={registry.local/team,ghcr.io/org/}",
+        "--set", "operator.maxRayWorkers=3,operator.maxCpu=2500m,operator.maxMemory=6Gi",
+        "--set", "operator.maxReplicas=4,operator.mlflowCredentialsSecret=mlflow-creds",
+        "--set", "operator.allowSharedModels=true",
     ).stdout  # fmt: skip
     deployment = yaml.safe_load(out)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -270,6 +286,11 @@ def test_operator_settings_read_the_chart_env(
     assert settings.alias_poll_seconds == 12.5
     assert settings.kserve_deployment_mode == "RawDeployment"
     assert settings.predictor_image == "registry.local/mlkube/runtime:dev"
+    assert settings.allowed_images == ["registry.local/team", "ghcr.io/org/"]
+    assert (settings.max_ray_workers, settings.max_cpu, settings.max_memory) == (3, "2500m", "6Gi")
+    assert settings.max_replicas == 4
+    assert settings.mlflow_credentials_secret == "mlflow-creds"
+    assert settings.allow_shared_models is True
     assert (settings.metrics_port, settings.health_port) == (9090, 8081)
     fields = {f"MLKUBE_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
     unknown = {k for k in env if k.startswith("MLKUBE_OPERATOR_")} - fields
@@ -297,9 +318,12 @@ def test_operator_settings_read_the_chart_env(
         (["--set", "operator.mlflowTrackingUri=http://user:secret@mlflow:5000"],
          "mlflowTrackingUri"),
         (["--set", "mlflow.env[0].name=AWS_SECRET_ACCESS_KEY,mlflow.env[0].value=x"], "name"),
+        (["--set", "operator.maxMemory=lots"], "maxMemory"),
+        (["--set", "operator.allowedImages=registry.local/"], "allowedImages"),
     ],
     ids=["negative-replicas", "unknown-key", "wrong-type", "list-as-string", "bool-as-string",
-         "inline-database-uri", "credentials-in-uri", "secret-as-plain-env"],
+         "inline-database-uri", "credentials-in-uri", "secret-as-plain-env", "bound-no-quantity",
+         "images-as-string"],
 )  # fmt: skip
 def test_bad_values_are_refused_at_install_with_the_field_named(
     plane: ControlPlane, release: str, args: list[str], named: str
@@ -350,8 +374,8 @@ def test_install_creates_every_object_then_upgrade_and_uninstall(
     objects = manifest(plane, release)
     kinds = sorted({o["kind"] for o in objects})
     assert kinds == sorted([
-        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PodMonitor",
-        "Service", "ServiceAccount", "ServiceMonitor",
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "NetworkPolicy",
+        "PodMonitor", "Service", "ServiceAccount", "ServiceMonitor",
     ]), kinds  # fmt: skip
     missing = [f"{o['kind']}/{o['metadata']['name']}" for o in objects if not exists(plane, o)]
     assert not missing, missing
@@ -393,7 +417,7 @@ def test_install_creates_every_object_then_upgrade_and_uninstall(
 
 
 def test_operator_reconciles_under_the_chart_rbac_cluster_wide(
-    plane: ControlPlane, admin: client.ApiClient, release: str
+    plane: ControlPlane, admin: client.ApiClient, release: str, mlflow_server: Any
 ) -> None:
     helm_install(plane, release)
     sa = f"{release}-mlkube-operator"
@@ -403,7 +427,7 @@ def test_operator_reconciles_under_the_chart_rbac_cluster_wide(
     kubeconfig = plane.kubeconfig_for_service_account(RELEASE_NS, sa)
 
     with operator_as(kubeconfig, ["--all-namespaces"]) as runner:
-        rayjob, isvc = reconcile_both(admin, ns)
+        rayjob, isvc = reconcile_both(admin, ns, mlflow_server.tracking_uri)
     output = runner.output
     denied = [line for line in output.splitlines() if any(e in line for e in AUTHORIZATION_ERRORS)]
     assert not denied, "\n".join(denied[:20])
@@ -444,7 +468,7 @@ def test_operator_reconciles_under_the_chart_rbac_cluster_wide(
 
 
 def test_operator_reconciles_under_the_chart_rbac_in_listed_namespaces(
-    plane: ControlPlane, admin: client.ApiClient, release: str
+    plane: ControlPlane, admin: client.ApiClient, release: str, mlflow_server: Any
 ) -> None:
     served, other = "team-a", "team-b"
     for ns in (served, other):
@@ -453,7 +477,8 @@ def test_operator_reconciles_under_the_chart_rbac_in_listed_namespaces(
     objects = manifest(plane, release)
     roles = [(o["kind"], o["metadata"].get("namespace")) for o in objects if "Role" in o["kind"]]
     assert sorted(roles) == sorted([
-        ("ClusterRole", None), ("ClusterRoleBinding", None),
+        ("ClusterRole", None), ("ClusterRoleBinding", None),  # kopf's observation
+        ("ClusterRole", None), ("ClusterRole", None),  # users' view and edit
         ("Role", served), ("RoleBinding", served),
     ]), roles  # fmt: skip
     sa = f"{release}-mlkube-operator"
@@ -461,7 +486,7 @@ def test_operator_reconciles_under_the_chart_rbac_in_listed_namespaces(
     kubeconfig = plane.kubeconfig_for_service_account(RELEASE_NS, sa)
 
     with operator_as(kubeconfig, ["--namespace", served]) as runner:
-        reconcile_both(admin, served)
+        reconcile_both(admin, served, mlflow_server.tracking_uri)
     denied = [
         line for line in runner.output.splitlines() if any(e in line for e in AUTHORIZATION_ERRORS)
     ]
@@ -475,3 +500,119 @@ def test_operator_reconciles_under_the_chart_rbac_in_listed_namespaces(
     ]:  # fmt: skip
         assert not can_i(plane, user, verb, resource, other), f"{verb} {resource} in {other}"
     assert not can_i(plane, user, "list", "trainingruns.mlkube.io", None)  # not cluster-wide
+
+
+# --------------------------------------------------------------------------- users' access
+
+
+def test_namespace_edit_and_view_roles_cover_mlkube_kinds(
+    plane: ControlPlane, admin: client.ApiClient, release: str
+) -> None:
+    """Finding 6: the chart's roles join Kubernetes' own view, edit and admin, so a namespace
+    admin hands out TrainingRuns and ModelDeployments with the usual RoleBindings; status
+    stays the operator's to write."""
+    helm_install(plane, release)
+    ns = "team-users"
+    create_namespace(admin, ns)
+    rbac = client.RbacAuthorizationV1Api(admin)
+    for user, role in (("alice", "edit"), ("bob", "view"), ("carol", "admin")):
+        rbac.create_namespaced_role_binding(ns, {
+            "metadata": {"name": f"{user}-{role}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": user}],
+        })  # fmt: skip
+    kinds = ("trainingruns.mlkube.io", "modeldeployments.mlkube.io")
+
+    def may(user: str, verb: str, resource: str) -> bool:
+        # The aggregation controller fills the roles in shortly after the install.
+        deadline = time.monotonic() + 60
+        while True:
+            answer = can_i(plane, user, verb, resource, ns)
+            if answer or time.monotonic() > deadline:
+                return answer
+            time.sleep(0.5)
+
+    for resource in kinds:
+        for verb in ("create", "delete", "patch", "get", "list", "watch"):
+            assert may("alice", verb, resource), f"edit: {verb} {resource}"
+            assert may("carol", verb, resource), f"admin: {verb} {resource}"
+        for verb in ("get", "list", "watch"):
+            assert may("bob", verb, resource), f"view: {verb} {resource}"
+    for resource in kinds:
+        assert not can_i(plane, "bob", "create", resource, ns)
+        assert not can_i(plane, "bob", "delete", resource, ns)
+        status = plane.kubectl("auth", "can-i", "patch", resource, "--subresource=status",
+                               "--as=alice", "-n", ns, check=False).stdout.strip()  # fmt: skip
+        assert status == "no", f"edit may patch {resource} status"
+        assert not can_i(plane, "alice", "create", resource, "default")  # only where bound
+    roles = plane.kubectl("get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}",
+                          "-o", "name").stdout.split()  # fmt: skip
+    prefix = f"clusterrole.rbac.authorization.k8s.io/{release}-mlkube"
+    assert {f"{prefix}-view", f"{prefix}-edit"} <= set(roles)
+
+
+def test_mlflow_is_reachable_only_by_the_operator_and_the_pods_it_makes(
+    plane: ControlPlane,
+) -> None:
+    """Finding 5: the chart's MLflow server (no auth of its own) gets a NetworkPolicy: in,
+    only from the operator's pods and from pods with the label the operator puts on Ray and
+    predictor pods, in the namespaces the admin selects; nothing else, on its port only.
+    (The policy is checked as objects here: the test plane runs no pods, and the real node's
+    bridge network plugin does not enforce NetworkPolicies.)"""
+    from mlkube.operator.pods import MLFLOW_CLIENT_LABELS
+
+    out = plane.helm(
+        "template", "x", str(CHART), "-n", RELEASE_NS,
+        "--show-only", "templates/mlflow-networkpolicy.yaml", "--set", "mlflow.enabled=true",
+        "--set-json", 'mlflow.networkPolicy.namespaceSelector={"matchLabels":{"tenant":"yes"}}',
+    ).stdout  # fmt: skip
+    policy = yaml.safe_load(out)
+    assert policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mlflow"
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    operator, pods = rule["from"]
+    assert operator == {"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "mlkube", "app.kubernetes.io/instance": "x",
+        "app.kubernetes.io/component": "operator",
+    }}}  # fmt: skip
+    assert pods == {"namespaceSelector": {"matchLabels": {"tenant": "yes"}},
+                    "podSelector": {"matchLabels": MLFLOW_CLIENT_LABELS}}  # fmt: skip
+    # Off with the server, and when the admin turns it off.
+    for args in (["--set", "mlflow.enabled=false"],
+                 ["--set", "mlflow.enabled=true,mlflow.networkPolicy.enabled=false"]):  # fmt: skip
+        rendered = plane.helm("template", "x", str(CHART), *args).stdout
+        assert "kind: NetworkPolicy" not in rendered
+
+
+# --------------------------------------------------------------------------- uninstall
+
+
+def test_after_uninstall_deleting_resources_and_their_namespace_does_not_hang(
+    plane: ControlPlane, admin: client.ApiClient, release: str, mlflow_server: Any
+) -> None:
+    """Finding 13: the operator (under the chart's RBAC) reconciles a TrainingRun and a
+    ModelDeployment and leaves no finalizer on them; after `helm uninstall` (the CRDs and
+    the objects stay), `kubectl delete` of both and of their namespace completes."""
+    helm_install(plane, release)
+    sa = f"{release}-mlkube-operator"
+    ns = "team-leaving"
+    create_namespace(admin, ns)
+    kubeconfig = plane.kubeconfig_for_service_account(RELEASE_NS, sa)
+    with operator_as(kubeconfig, ["--namespace", ns]):
+        reconcile_both(admin, ns, mlflow_server.tracking_uri)
+    custom = client.CustomObjectsApi(admin)
+    for plural, name in (("trainingruns", "tr1"), ("modeldeployments", "md1")):
+        live = custom.get_namespaced_custom_object(*MLKUBE, ns, plural, name)
+        assert not live["metadata"].get("finalizers"), live["metadata"]
+    plane.helm("uninstall", release, "-n", RELEASE_NS, "--wait")
+    plane.kubectl("delete", "md,tr", "--all", "-n", ns, "--timeout=60s", timeout=70)
+    assert plane.kubectl("get", "md,tr", "-n", ns, "-o", "name").stdout == ""
+    # And a namespace whose objects are left to the namespace controller.
+    custom.create_namespaced_custom_object(*MLKUBE, ns, "trainingruns", trainingrun("tr2"))
+    plane.kubectl("delete", "namespace", ns, "--timeout=120s", timeout=130)
+    assert not plane.kubectl("get", "namespace", ns, "--ignore-not-found", "-o", "name").stdout

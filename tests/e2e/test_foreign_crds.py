@@ -209,3 +209,42 @@ def test_wrong_type_is_rejected_with_the_field_named(
     result = apply_manifest(control_plane, namespace, manifest, check=False)
     assert result.returncode != 0
     assert "spec.shutdownAfterJobFinishes" in result.stderr, result.stderr
+
+
+def _built() -> list[dict[str, Any]]:
+    """What the operator builds, with every optional part on: workers, the submitter's pod,
+    restricted pods without a token, MLflow credentials from a Secret, pod labels."""
+    from mlkube.api import ModelDeployment, TrainingRun
+    from mlkube.operator.inferenceservice import build_inferenceservice
+    from mlkube.operator.rayjob import build_rayjob
+
+    run = TrainingRun.model_validate({
+        "metadata": {"name": "built", "uid": "u"},
+        "spec": {"task": "insurance", "model": {"name": "m"}, "ray": {"workers": 2}},
+    })  # fmt: skip
+    deployment = ModelDeployment.model_validate({
+        "metadata": {"name": "built", "uid": "u"},
+        "spec": {"model": {"name": "m"}, "canary": {"trafficPercent": 10}},
+    })  # fmt: skip
+    return [
+        build_rayjob(run, "http://mlflow:5000", credentials_secret="mlflow-creds",
+                     allow_shared_models=True),
+        build_inferenceservice(deployment, 3, tracking_uri="http://mlflow:5000", image="i:1",
+                               canary_traffic_percent=10, credentials_secret="mlflow-creds"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["rayjob", "inferenceservice"])
+def test_what_the_operator_builds_is_accepted_whole(
+    control_plane: ControlPlane, foreign_crds: list[str], namespace: str, index: int
+) -> None:
+    """Strict validation, and nothing pruned: the securityContext, the token switch, the
+    submitter's template and the Secret references all reach KubeRay and KServe."""
+    manifest = _built()[index]
+    manifest["metadata"].pop("namespace", None)
+    apply_manifest(control_plane, namespace, manifest)
+    plural = {"RayJob": "rayjob", "InferenceService": "inferenceservice"}[manifest["kind"]]
+    stored = yaml.safe_load(
+        control_plane.kubectl("get", plural, "built", "-n", namespace, "-o", "yaml").stdout
+    )
+    assert _contains(stored["spec"], manifest["spec"])

@@ -55,6 +55,10 @@ def wait(
     return wait_for_object(api, *kind, ns, name, predicate, timeout=timeout, what=what)
 
 
+def phase_is(*phases: str) -> Callable[[Obj], bool]:
+    return lambda obj: (obj.get("status") or {}).get("phase") in phases
+
+
 def event_reasons(api: client.ApiClient, ns: str, uid: str) -> list[str]:
     events = client.CoreV1Api(api).list_namespaced_event(
         ns, field_selector=f"involvedObject.uid={uid}"
@@ -124,12 +128,17 @@ def test_trainingrun_spec_is_immutable_and_invalid_specs_name_the_field(
 # --------------------------------------------------------------------------- ModelDeployment
 
 
-def register_versions(tracking_uri: str, name: str, slopes: list[float]) -> None:
-    """One tiny scikit-learn model version per slope: y = slope * x."""
+def register_versions(tracking_uri: str, name: str, slopes: list[float], owner: str) -> None:
+    """One tiny scikit-learn model version per slope: y = slope * x, of a registered model
+    the namespace `owner` owns (as if a TrainingRun there had registered it first)."""
     import mlflow
     import pandas as pd
+    from mlflow import MlflowClient
     from sklearn.linear_model import LinearRegression
 
+    from mlkube.training.ownership import TAG_OWNER
+
+    MlflowClient(tracking_uri).create_registered_model(name, tags={TAG_OWNER: owner})
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(f"{name}-models")
     x = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0]})
@@ -194,7 +203,7 @@ def test_modeldeployment_follows_champion_with_a_canary(
     operator_env: None,
 ) -> None:
     uri, model = mlflow_server.tracking_uri, f"lin-{namespace}"
-    register_versions(uri, model, [2.0, 3.0])
+    register_versions(uri, model, [2.0, 3.0], owner=namespace)
     set_alias(uri, model, "champion", 1)
     body = modeldeployment("lin", model, uri, canary={"trafficPercent": 30})
     with running_operator(namespace):
@@ -234,8 +243,7 @@ def test_modeldeployment_follows_champion_with_a_canary(
         back = wait(kube_api, MODELDEPLOYMENTS, namespace, "lin", served(1), "back on v1", 180)
         assert predict(back["status"]["url"], model, 2.0) == pytest.approx(4.0)
 
-        # Deleting the ModelDeployment removes its InferenceService. (With the operator
-        # running: kopf keeps a finalizer on objects with timers, to stop them first.)
+        # Deleting the ModelDeployment removes its InferenceService.
         custom(kube_api).delete_namespaced_custom_object(
             *MLKUBE, namespace, "modeldeployments", "lin"
         )
@@ -263,3 +271,49 @@ def test_mlflow_unreachable_is_a_condition_not_a_crash(
     labels = {"resource": "modeldeployment", "handler": "change", "result": "ok"}
     assert (REGISTRY.get_sample_value("mlkube_operator_reconciles_total", labels) or 0) >= 1
     assert (REGISTRY.get_sample_value("mlkube_operator_mlflow_errors_total") or 0) >= 1
+
+
+# --------------------------------------------------------------------------- finalizers
+
+# What kopf put on objects when the operator had timers (older mlkube versions).
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+
+
+def test_deletion_never_waits_for_the_operator(
+    kube_api: client.ApiClient, namespace: str, mlflow_server: Any, operator_env: None
+) -> None:
+    """Finding 13: the operator leaves no finalizer, so with it gone (uninstalled, or scaled
+    to 0) `kubectl delete` of a TrainingRun or ModelDeployment and the deletion of their
+    namespace complete. An object an older operator left a finalizer on loses it."""
+    uri, model = mlflow_server.tracking_uri, f"fin-{namespace}"
+    register_versions(uri, model, [1.0], owner=namespace)
+    set_alias(uri, model, "champion", 1)
+    old = modeldeployment("old", model, uri)
+    old["metadata"]["finalizers"] = [KOPF_FINALIZER]
+    with running_operator(namespace):
+        tr = create(kube_api, TRAININGRUNS, namespace, trainingrun("fin", uri))
+        md = create(kube_api, MODELDEPLOYMENTS, namespace, modeldeployment("fin", model, uri))
+        create(kube_api, MODELDEPLOYMENTS, namespace, old)
+        # Reconciled: children made, status written (the TrainingRun is polled: no KubeRay
+        # here, so its RayJob stays pending), and the old finalizer taken off.
+        wait_for_object(kube_api, *RAYJOBS, namespace, "fin", lambda o: True, what="RayJob")
+        wait_for_object(kube_api, *ISVCS, namespace, "fin", lambda o: True, what="ISVC")
+        wait(kube_api, TRAININGRUNS, namespace, "fin", phase_is("Pending"), "a polled status")
+        wait(kube_api, MODELDEPLOYMENTS, namespace, "fin", phase_is("Progressing"), "a status")
+        wait(
+            kube_api, MODELDEPLOYMENTS, namespace, "old",
+            lambda o: KOPF_FINALIZER not in (o["metadata"].get("finalizers") or []),
+            "the old finalizer removed",
+        )  # fmt: skip
+        for kind, obj in ((TRAININGRUNS, tr), (MODELDEPLOYMENTS, md)):
+            group, version, plural = kind
+            live = cast(Obj, custom(kube_api).get_namespaced_custom_object(
+                group, version, namespace, plural, obj["metadata"]["name"]
+            ))  # fmt: skip
+            assert not live["metadata"].get("finalizers"), live["metadata"]
+    # The operator is gone: deleting still completes.
+    custom(kube_api).delete_namespaced_custom_object(*MLKUBE, namespace, "modeldeployments", "fin")
+    gone(kube_api, MODELDEPLOYMENTS, namespace, "fin")
+    core = client.CoreV1Api(kube_api)
+    core.delete_namespace(namespace)  # with the TrainingRun, the RayJob, "old" and its ISVC
+    assert wait_gone(core.read_namespace, namespace, timeout=180), "namespace deletion hung"

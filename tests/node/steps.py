@@ -181,12 +181,11 @@ def pod_manifest(
     if script is not None:
         container["volumeMounts"] = [{"name": "script", "mountPath": "/script"}]
         spec["volumes"] = [{"name": "script", "configMap": {"name": f"{name}-script"}}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if env and "MLFLOW_TRACKING_URI" in env:
+        # The chart's NetworkPolicy lets only pods with this label reach its MLflow.
+        metadata["labels"] = {"mlkube.io/mlflow-client": "true"}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
 
 def add_script(node: Node, namespace: str, name: str, script: Path) -> list[str]:

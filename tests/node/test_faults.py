@@ -90,7 +90,7 @@ def test_a_predictor_pod_deleted_under_load_fails_requests_only_while_no_replica
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
     registered = run_script_pod(
         node, namespace, "register", PODS / "register_model.py",
-        [json.dumps({"model": model_name, "data": uri})],
+        [json.dumps({"model": model_name, "owner": namespace, "data": uri})],
         image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
     )  # fmt: skip
     assert registered["phase"] == "Succeeded", registered["logs"]

@@ -143,3 +143,90 @@ def test_inferenceservice_hands_request_limits_to_the_predictor() -> None:
     # unset: the predictor's own defaults, not a second copy of them here
     plain = build_inferenceservice(deployment(), 7, tracking_uri="http://m:5000", image="p:1")
     assert "--max-request-bytes" not in plain["spec"]["predictor"]["containers"][0]["args"]
+
+
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _pod_specs(job: dict[str, object]) -> dict[str, dict[str, object]]:
+    spec = job["spec"]
+    assert isinstance(spec, dict)
+    cluster = spec["rayClusterSpec"]
+    specs = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    for group in cluster.get("workerGroupSpecs", []):
+        specs["worker"] = group["template"]["spec"]
+    specs["submitter"] = spec["submitterPodTemplate"]["spec"]
+    return specs
+
+
+def test_every_pod_of_the_rayjob_is_restricted_and_has_no_token() -> None:
+    """Finding 6: head, workers and KubeRay's submitter run without a service account token,
+    as non-root, with no capabilities, no privilege escalation and RuntimeDefault seccomp."""
+    job = build_rayjob(trainingrun(ray={"workers": 2, "image": "img:1"}), "u")
+    specs = _pod_specs(job)
+    assert set(specs) == {"head", "worker", "submitter"}
+    for name, pod in specs.items():
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}
+        }, name  # fmt: skip
+        for container in pod["containers"]:  # type: ignore[attr-defined]
+            assert container["securityContext"] == RESTRICTED, name
+            assert container["image"] == "img:1"
+    (submitter,) = specs["submitter"]["containers"]  # type: ignore[misc]
+    # KubeRay fills in the submit command only when the container has none.
+    assert submitter["name"] == "ray-job-submitter" and "command" not in submitter
+    assert specs["submitter"]["restartPolicy"] == "Never"
+
+
+def test_predictor_pods_are_restricted_have_no_token_and_carry_the_mlflow_client_label() -> None:
+    predictor = build_inferenceservice(deployment(), 1, tracking_uri="u", image="i")["spec"][
+        "predictor"
+    ]
+    assert predictor["automountServiceAccountToken"] is False
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    assert predictor["containers"][0]["securityContext"] == RESTRICTED
+    assert predictor["labels"] == {"mlkube.io/mlflow-client": "true"}
+
+
+def test_mlflow_credentials_come_from_the_namespace_secret_into_ray_and_predictor_pods() -> None:
+    job = build_rayjob(trainingrun(ray={"workers": 1}), "u", credentials_secret="mlflow-creds")
+    isvc = build_inferenceservice(
+        deployment(), 1, tracking_uri="u", image="i", credentials_secret="mlflow-creds"
+    )
+    specs = _pod_specs(job)
+    expected = {
+        "MLFLOW_TRACKING_USERNAME": "username",
+        "MLFLOW_TRACKING_PASSWORD": "password",
+        "MLFLOW_TRACKING_TOKEN": "token",
+    }
+    containers = [
+        specs["head"]["containers"][0],  # type: ignore[index]
+        specs["worker"]["containers"][0],  # type: ignore[index]
+        isvc["spec"]["predictor"]["containers"][0],
+    ]
+    for container in containers:
+        from_secret = {
+            e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e
+        }
+        assert {k: v["key"] for k, v in from_secret.items()} == expected
+        assert {v["name"] for v in from_secret.values()} == {"mlflow-creds"}
+    # No Secret named: no credentials at all, and none as plain values either.
+    plain = build_rayjob(trainingrun(), "u")
+    env = _pod_specs(plain)["head"]["containers"][0]["env"]  # type: ignore[index]
+    assert not [e for e in env if e["name"].startswith("MLFLOW_TRACKING_")]
+
+
+def test_the_train_flow_learns_from_the_rayjob_whether_models_may_be_shared() -> None:
+    from mlkube.flows.train import entrypoint_parser
+
+    for shared in (False, True):
+        job = build_rayjob(trainingrun(), "u", allow_shared_models=shared)
+        argv = shlex.split(job["spec"]["entrypoint"])
+        assert argv[:3] == ["python", "-m", "mlkube.flows.train"]
+        assert entrypoint_parser().parse_args(argv[3:]).allow_shared_models is shared

@@ -87,8 +87,9 @@ app.kubernetes.io/component: mlflow
 {{/*
 The operator's API rules, for a ClusterRole (all namespaces) or a Role per namespace.
 Exactly what mlkube/operator (handlers.py, kube.py) and kopf do:
-- kopf watches the served resources (list, watch) and patches them for its annotations and
-  finalizers (patch), and their status through the status subresource (patch);
+- kopf watches the served resources (list, watch) and patches them for its annotations (and
+  to remove a finalizer an older operator left); the operator's poller reads each one
+  fresh (get); their status goes through the status subresource (patch);
 - the operator creates RayJobs, reads them (get), adopts them (patch) and indexes them
   (list, watch); it creates, reads and patches InferenceServices;
 - kopf and the operator post Events (create, core/v1);
@@ -99,7 +100,7 @@ Exactly what mlkube/operator (handlers.py, kube.py) and kopf do:
 {{- define "mlkube.operatorRules" -}}
 - apiGroups: ["mlkube.io"]
   resources: ["trainingruns", "modeldeployments"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["mlkube.io"]
   resources: ["trainingruns/status", "modeldeployments/status"]
   verbs: ["patch"]

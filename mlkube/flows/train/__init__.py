@@ -13,6 +13,7 @@ import importlib
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from mlkube.flows.logs import quiet_console
 from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
 from mlkube.local import local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
+from mlkube.training.ownership import owner_namespace
 from mlkube.training.prepare import MISSING_EXTRA, Prepared, preflight, prepare
 from mlkube.training.tracking import RunTracker, TrialRecord, end_orphaned_runs
 from mlkube.training.tune import SearchSettings, run_search, start_ray
@@ -112,22 +114,54 @@ def evaluate_task(prepared: Prepared, client: Any, model_uri: str) -> registry.E
 
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(
-    prepared: Prepared, model_uri: str, evaluation: registry.Evaluation, decision: registry.Decision
+    prepared: Prepared,
+    client: Any,
+    model_uri: str,
+    evaluation: registry.Evaluation,
+    decision: registry.Decision,
+    shared: bool,
 ) -> int:
+    """Claims the registered model for the run's namespace (or finds it is not that
+    namespace's: ModelNotOwned, nothing registered), then registers the version."""
     run = prepared.run
+    namespace = owner_namespace(run.metadata.namespace)
+    registry.claim(client, run.spec.model.name, namespace, shared)
     metric = evaluation.metric
     tags = {
         outcome.TAG_NAME: run.metadata.name,
         outcome.TAG_UID: run.metadata.uid or "",
+        outcome.TAG_NAMESPACE: namespace,
         f"holdout.{metric}": repr(evaluation.new[metric]),
     }
     return registry.register(model_uri, run.spec.model.name, tags, decision.reason)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(prepared: Prepared, client: Any, version: int, decision: registry.Decision) -> str:
-    spec = prepared.run.spec
-    return registry.apply_decision(client, spec.model.name, version, spec.promotion.alias, decision)
+def promote_task(
+    prepared: Prepared,
+    client: Any,
+    tracking_uri: str,
+    version: int,
+    evaluation: registry.Evaluation,
+    decide_on: Callable[[registry.Evaluation], registry.Decision],
+    shared: bool,
+) -> registry.GateResult:
+    """The promotion gate on the registered version (registry.promote)."""
+    run = prepared.run
+    return registry.promote(
+        client,
+        tracking_uri,
+        evaluation,
+        decide_on,
+        lambda champion: registry.score_version(
+            prepared.task, prepared.data, run.spec.model.name, champion
+        ),
+        name=run.spec.model.name,
+        version=version,
+        alias=run.spec.promotion.alias,
+        namespace=owner_namespace(run.metadata.namespace),
+        shared=shared,
+    )
 
 
 def default_progress(trial: TrialRecord, tracker: RunTracker) -> None:
@@ -173,7 +207,9 @@ def end_orphans(client: Any, experiment_id: str, run: TrainingRun) -> None:
 
 
 @flow(name="train", log_prints=False, validate_parameters=False)
-def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
+def train_flow(
+    prepared: Prepared, show_progress: bool = True, allow_shared_models: bool = False
+) -> TrainResult:
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -183,6 +219,10 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
+    # Before any work and any record: a model of another namespace is refused at once.
+    registry.check_owner(
+        client, run.spec.model.name, owner_namespace(run.metadata.namespace), allow_shared_models
+    )
     experiment_id = experiment_for(client, run.spec.model.name, tracking_uri)
     end_orphans(client, experiment_id, run)
     run_id = client.create_run(
@@ -198,14 +238,21 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
         best = tune_task(prepared, tracker)
         model_uri = fit_and_log(prepared, best, experiment_id, run_id)
         evaluation = evaluate_task(prepared, client, model_uri)
-        decision = registry.decide(
-            evaluation,
-            settings.mode,
-            run.spec.promotion.min_improvement,
-            run.spec.promotion.enabled,
+        promotion = run.spec.promotion
+
+        def decide_on(scored: registry.Evaluation) -> registry.Decision:
+            return registry.decide(
+                scored, settings.mode, promotion.min_improvement, promotion.enabled
+            )
+
+        decision = decide_on(evaluation)
+        version = register_task(
+            prepared, client, model_uri, evaluation, decision, allow_shared_models
         )
-        version = register_task(prepared, model_uri, evaluation, decision)
-        promote_task(prepared, client, version, decision)
+        gate = promote_task(
+            prepared, client, tracking_uri, version, evaluation, decide_on, allow_shared_models
+        )
+        decision = gate.decision
         client.log_batch(
             run_id,
             metrics=[Metric(f"holdout_{k}", v, 0, 0) for k, v in evaluation.new.items()],
@@ -247,12 +294,15 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
         promoted=decision.promote,
         alias=run.spec.promotion.alias,
         reason=decision.reason,
-        champion_version=evaluation.champion_version,
+        champion_version=gate.evaluation.champion_version,
     )
 
 
-def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
-    """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do."""
+def train(
+    run: TrainingRun, show_progress: bool = True, allow_shared_models: bool = False
+) -> TrainResult:
+    """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do.
+    `allow_shared_models`: the admin lets namespaces use each other's registered models."""
     if not run.metadata.uid:
         run = run.model_copy(deep=True)
         run.metadata.uid = f"local-{uuid.uuid4()}"
@@ -269,7 +319,7 @@ def train(run: TrainingRun, show_progress: bool = True) -> TrainResult:
                 f"{MISSING_EXTRA}"
             ) from None
     wait_for_prefect_api()
-    return train_flow(prepared, show_progress)
+    return train_flow(prepared, show_progress, allow_shared_models)
 
 
 def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:
@@ -288,6 +338,12 @@ def entrypoint_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec-file", help="TrainingRun YAML file")
     source.add_argument("--spec-json", help="TrainingRun object as JSON")
+    parser.add_argument(
+        "--allow-shared-models",
+        action="store_true",
+        help="register and promote versions of models other namespaces own (the operator "
+        "passes it when the admin allows shared models)",
+    )
     parser.set_defaults(handler=run_entrypoint)
     return parser
 
@@ -298,5 +354,5 @@ def run_entrypoint(args: argparse.Namespace) -> int:
     run = read_trainingrun(args.spec_json, args.spec_file)
     preflight(run)
     start_prefect_api()
-    print(train(run).model_dump_json())
+    print(train(run, allow_shared_models=args.allow_shared_models).model_dump_json())
     return 0

@@ -1,9 +1,10 @@
 """Runs in a pod of the test node: trains a scikit-learn model on the insurance CSV and
 registers it in MLflow the way a team outside mlkube would (mlflow.sklearn.log_model with a
 signature and no input example), so that a test can serve a model without a TrainingRun.
-Prints one JSON object: {"version": N}. Argument: a JSON object with "model" (the
-registered name) and "data" (the CSV's URL). The MLflow server comes from
-$MLFLOW_TRACKING_URI."""
+The registered model carries the owner tag a namespace's ModelDeployments need
+(docs/security.md). Prints one JSON object: {"version": N}. Argument: a JSON object with
+"model" (the registered name), "owner" (the namespace) and "data" (the CSV's URL). The
+MLflow server comes from $MLFLOW_TRACKING_URI."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main() -> None:
         ),
         HistGradientBoostingRegressor(max_iter=50, random_state=0),
     ).fit(features, target)
+    mlflow.MlflowClient().create_registered_model(
+        args["model"], tags={"mlkube.owner.namespace": args["owner"]}
+    )
     mlflow.set_experiment(f"{args['model']}-outside")
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(
