@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from mlkube.api import TrainingRun, UserError
 from mlkube.api.errors import first_line
-from mlkube.training.search_space import merged_space
+from mlkube.training.search_space import grid_points, grid_size, merged_space
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
-from mlkube.training.tasks.base import DataError
+from mlkube.training.tasks.base import DataError, SearchSpace
 from mlkube.training.tasks.data import local_path
 from mlkube.training.tune import SearchSettings
 
@@ -87,9 +87,10 @@ def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
             f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
             f"(choose one of: {', '.join(the_task.metric_names())})"
         )
-    if tuning.scheduler == "asha" and not the_task.has_epochs:
+    if tuning.scheduler != "fifo" and not the_task.has_epochs:
         raise TaskError(
-            f"spec.tuning.scheduler: asha needs a task with epochs, not {run.spec.task}"
+            f"spec.tuning.scheduler: {tuning.scheduler} stops trials between epochs, and "
+            f"task {run.spec.task} reports once per trial (use fifo)"
         )
     unknown = sorted(set(tuning.search_space) - set(the_task.search_space))
     if unknown:
@@ -98,17 +99,41 @@ def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
             f"parameter (it tunes {', '.join(the_task.search_space)})"
         )
     override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
+    space = merged_space(the_task.search_space, override)
+    grid = None
+    if tuning.algorithm == "grid":
+        try:
+            grid = grid_points(space, tuning.num_trials)
+        except ValueError as error:
+            raise TaskError(f"spec.tuning.numTrials: {error}") from None
+    if tuning.algorithm == "tpe":
+        check_tpe_choices(space)
     return SearchSettings(
-        num_trials=tuning.num_trials,
+        num_trials=grid_size(grid) if grid is not None else tuning.num_trials,
         max_concurrent_trials=tuning.max_concurrent_trials,
         metric=metric,
         mode=tuning.mode or the_task.mode_for(metric),
         scheduler=tuning.scheduler,
-        search_space=merged_space(the_task.search_space, override),
+        search_space=space,
         timeout_seconds=tuning.timeout_seconds,
         seed=tuning.seed,
-        max_epochs=the_task.max_epochs,
+        max_epochs=the_task.budget(space),
+        algorithm=tuning.algorithm,
+        grid=grid,
+        gpus_per_trial=run.spec.resources.gpu,
+        keep_state=the_task.checkpoints or tuning.scheduler == "hyperband",
     )
+
+
+def check_tpe_choices(space: SearchSpace) -> None:
+    """Optuna's categorical values are numbers, strings, booleans or null."""
+    for name, distribution in space.items():
+        for value in distribution.get("choice", []):
+            if value is not None and not isinstance(value, bool | int | float | str):
+                raise TaskError(
+                    f"spec.tuning.searchSpace.{name}: tpe takes choices of numbers, strings "
+                    f"or booleans, not {type(value).__name__}"
+                )
 
 
 def prepare(run: TrainingRun) -> Prepared:
