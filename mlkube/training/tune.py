@@ -39,6 +39,9 @@ TUNE_STORAGE_ENV = "MLKUBE_TUNE_STORAGE"
 # Tune writes a search's state every 10 s or more by default; a driver killed in between
 # loses what happened since. Once a second costs a few milliseconds for small searches.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Tune warns on stderr, for every trial checkpoint, when its state is written more often
+# than every 5 s; here that is on purpose (above), and cheap.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 @dataclass(frozen=True)
@@ -187,17 +190,29 @@ def can_resume(path: Path) -> bool:
 def _search_algorithm(settings: SearchSettings) -> Any:
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    # Hyperband pauses trials until the rest of their bracket catches up, and a paused trial
+    # still counts against a searcher's limit: with one, the search would wait forever. Its
+    # trials are limited by the CPUs they ask for instead (see trial_resources).
+    limit = 0 if settings.scheduler == "hyperband" else settings.max_concurrent_trials
     if settings.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
         # OptunaSearch seeds its TPE sampler with `seed`.
-        return ConcurrencyLimiter(
-            OptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed),
-            max_concurrent=settings.max_concurrent_trials,
-        )
-    return BasicVariantGenerator(
-        random_state=settings.seed, max_concurrent=settings.max_concurrent_trials
-    )
+        optuna = OptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
+        return ConcurrencyLimiter(optuna, max_concurrent=limit) if limit else optuna
+    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=limit)
+
+
+def trial_resources(settings: SearchSettings, cluster_cpus: float) -> dict[str, float]:
+    """What one trial asks Ray for. Under hyperband, where the searcher sets no limit, a
+    share of the CPUs such that maxConcurrentTrials of them fit."""
+    cpus = 1.0
+    if settings.scheduler == "hyperband":
+        cpus = max(1.0, cluster_cpus // settings.max_concurrent_trials)
+    resources = {"cpu": cpus}
+    if settings.gpus_per_trial > 0:
+        resources["gpu"] = settings.gpus_per_trial
+    return resources
 
 
 def _scheduler(settings: SearchSettings) -> Any:
@@ -217,6 +232,12 @@ def _param_space(settings: SearchSettings) -> dict[str, Any]:
     if settings.grid is not None:
         return grid_to_tune(settings.grid)
     return to_tune(settings.search_space)
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
 
 
 def _check_gpus(settings: SearchSettings) -> None:
@@ -255,8 +276,9 @@ def run_search(
         tune_events.run_trial, task=task, data=data, seed=settings.seed,
         keep_state=settings.keep_state, finished=dict(finished or {}),
     )  # fmt: skip
-    if settings.gpus_per_trial > 0:
-        trainable = tune.with_resources(trainable, {"cpu": 1, "gpu": settings.gpus_per_trial})
+    resources = trial_resources(settings, _cluster_cpus())
+    if resources != {"cpu": 1.0}:
+        trainable = tune.with_resources(trainable, resources)
     tune_events.observe(observer)
     try:
         if finished is not None and can_resume(experiment):
@@ -302,7 +324,8 @@ def _new_tuner(trainable: Any, settings: SearchSettings, experiment: Path) -> An
             # The JSON logger alone keeps ResultGrid's metrics without the other loggers' cost.
             callbacks=[tune_events.ObserverCallback(), JsonLoggerCallback()],
             log_to_file=False,
-            # The last state of each trial is all a resumed or unpaused trial needs.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # The last state of each trial is all a resumed or unpaused trial needs (Tune
+            # writes its own state at once whenever a trial has made this many).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
     )

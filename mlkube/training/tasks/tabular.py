@@ -29,7 +29,7 @@ CV_FOLDS = 3
 MAX_CLASSES = 20
 # A trial reports its cross-validated metrics after every round of this many boosting
 # iterations (warm_start adds them), so that asha and hyperband can stop it early.
-ROUND_ITERATIONS = 25
+ROUND_ITERATIONS = 50
 DEFAULT_MAX_ITER = 100
 PIP_REQUIREMENTS = ["scikit-learn==1.9.1", "skops", "pandas", "numpy"]
 # The metrics reported for each kind of problem, the first the default, and which way is better.
@@ -218,8 +218,14 @@ class TabularTask(Task):
         splitter = (StratifiedKFold if self.classification else KFold)(
             n_splits=CV_FOLDS, shuffle=True, random_state=seed
         )
-        splits = list(splitter.split(x, y))
-        models = [self.pipeline(config, x, seed, warm_start=True) for _ in splits]
+        # Per fold: the columns encoded once, then the booster grown round by round.
+        folds = []
+        for train_index, valid_index in splitter.split(x, y):
+            pipeline = self.pipeline(config, x, seed, warm_start=True)
+            encode, booster = pipeline[:-1], pipeline[-1]
+            x_train = encode.fit_transform(x.iloc[train_index], y.iloc[train_index])
+            x_valid = encode.transform(x.iloc[valid_index])
+            folds.append((booster, x_train, y.iloc[train_index], x_valid, y.iloc[valid_index]))
         max_iter = int(config.get("max_iter", DEFAULT_MAX_ITER))
         # Boosting is deterministic for a seed: going straight to a round's iterations
         # builds the same trees as getting there round by round, so a resumed trial only
@@ -227,12 +233,11 @@ class TabularTask(Task):
         done = (restored_state(report) or {}).get("round", 0)
         for round_number in range(done + 1, rounds_of(max_iter) + 1):
             iterations = min(round_number * ROUND_ITERATIONS, max_iter)
-            folds = []
-            for model, (train_index, valid_index) in zip(models, splits, strict=True):
-                model.set_params(model__max_iter=iterations)
-                model.fit(x.iloc[train_index], y.iloc[train_index])
-                folds.append(self.score(model, x.iloc[valid_index], y.iloc[valid_index]))
-            metrics = {name: sum(f[name] for f in folds) / len(folds) for name in folds[0]}
+            scores = []
+            for booster, x_train, y_train, x_valid, y_valid in folds:
+                booster.set_params(max_iter=iterations).fit(x_train, y_train)
+                scores.append(self.score(booster, x_valid, y_valid))
+            metrics = {name: sum(f[name] for f in scores) / len(scores) for name in scores[0]}
             report(metrics, {"round": round_number})
 
     def fit(self, config: Mapping[str, Any], data: TaskData, seed: int) -> Any:
