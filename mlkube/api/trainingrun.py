@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -132,6 +133,15 @@ class Promotion(CamelModel):
 class RaySettings(CamelModel):
     image: str = "mlkube/runtime:0.1.0"
     workers: int = Field(default=1, ge=0, le=1000)
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description=(
+            "Times KubeRay runs the job again, on a new Ray cluster, after it failed (the "
+            "RayJob's backoffLimit); with tuning.storage the search resumes."
+        ),
+    )
     head: Resources = Field(default_factory=Resources)
     worker: Resources = Field(default_factory=Resources)
 
@@ -162,6 +172,19 @@ class TrainingRunSpec(CamelModel):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     ttl_seconds_after_finished: int = Field(default=300, ge=0)
+
+    @model_validator(mode="after")
+    def _trial_fits_its_pod(self) -> TrainingRunSpec:
+        """A trial that asks for more GPUs than the pods that run trials have never starts."""
+        needed = math.ceil(self.resources.gpu)
+        pods = [("worker", self.ray.worker)] if self.ray.workers > 0 else [("head", self.ray.head)]
+        for role, resources in pods:
+            if needed and resources.gpu is not None and resources.gpu < needed:
+                raise ValueError(
+                    f"ray.{role}.gpu ({resources.gpu}) cannot hold a trial that asks for "
+                    f"{self.resources.gpu:g} GPU (resources.gpu)"
+                )
+        return self
 
     @field_validator("task")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from typing import Any
 
@@ -38,33 +39,61 @@ def entrypoint(run: TrainingRun) -> str:
     return f"python -m {TRAIN_MODULE} --spec-json {shlex.quote(spec_json)}"
 
 
-def runtime_env_yaml(tracking_uri: str) -> str:
-    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV}
+# Where spec.tuning.storage's claim is mounted on every Ray pod; the train flow keeps Tune's
+# state of the search there (mlkube.training.tune.TUNE_STORAGE_ENV).
+TUNE_STORAGE_VOLUME = "tune-state"
+TUNE_STORAGE_PATH = "/mlkube/tune-state"
+TUNE_STORAGE_ENV = "MLKUBE_TUNE_STORAGE"
+
+
+def storage_env(run: TrainingRun) -> dict[str, str]:
+    return {TUNE_STORAGE_ENV: TUNE_STORAGE_PATH} if run.spec.tuning.storage else {}
+
+
+def runtime_env_yaml(tracking_uri: str, extra: dict[str, str] | None = None) -> str:
+    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV, **(extra or {})}
     return yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
 
 
-def _pod_template(container_name: str, image: str, resources: Resources) -> dict[str, Any]:
-    env = [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())]
-    return {
-        "spec": {
-            "containers": [
-                {
-                    "name": container_name,
-                    "image": image,
-                    "resources": resources.for_container(),
-                    "env": env,
-                }
-            ]
-        }
+def trial_pod_gpus(run: TrainingRun) -> int:
+    """GPUs on a pod that runs trials: enough for one trial (a fraction needs a whole one)."""
+    return math.ceil(run.spec.resources.gpu)
+
+
+def _pod_template(
+    run: TrainingRun, container_name: str, resources: Resources, gpus: int
+) -> dict[str, Any]:
+    env = {**TELEMETRY_OFF_ENV, **storage_env(run)}
+    container: dict[str, Any] = {
+        "name": container_name,
+        "image": run.spec.ray.image,
+        "resources": resources.for_container(gpu=gpus),
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
     }
+    spec: dict[str, Any] = {"containers": [container]}
+    storage = run.spec.tuning.storage
+    if storage is not None:
+        container["volumeMounts"] = [{"name": TUNE_STORAGE_VOLUME, "mountPath": TUNE_STORAGE_PATH}]
+        spec["volumes"] = [
+            {
+                "name": TUNE_STORAGE_VOLUME,
+                "persistentVolumeClaim": {"claimName": storage.claim_name},
+            }
+        ]
+    return {"spec": spec}
 
 
 def ray_cluster_spec(run: TrainingRun) -> dict[str, Any]:
+    """The head, and the worker group when there is one. The pods that run trials (the
+    workers, or the head alone) get GPUs for spec.resources.gpu unless spec.ray says how many;
+    KubeRay tells Ray about them from the nvidia.com/gpu limit."""
     ray = run.spec.ray
+    trial_gpus = trial_pod_gpus(run)
+    head_gpus = 0 if ray.workers > 0 else trial_gpus
     cluster: dict[str, Any] = {
         "headGroupSpec": {
             "rayStartParams": {},
-            "template": _pod_template("ray-head", ray.image, ray.head),
+            "template": _pod_template(run, "ray-head", ray.head, head_gpus),
         }
     }
     if ray.workers > 0:
@@ -75,7 +104,7 @@ def ray_cluster_spec(run: TrainingRun) -> dict[str, Any]:
                 "minReplicas": ray.workers,
                 "maxReplicas": ray.workers,
                 "rayStartParams": {},
-                "template": _pod_template("ray-worker", ray.image, ray.worker),
+                "template": _pod_template(run, "ray-worker", ray.worker, trial_gpus),
             }
         ]
     return cluster
@@ -85,12 +114,18 @@ def build_rayjob(run: TrainingRun, default_tracking_uri: str) -> dict[str, Any]:
     """The RayJob for a TrainingRun; the owner reference is added by the caller (kopf.adopt)."""
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(run),
-        "runtimeEnvYAML": runtime_env_yaml(tracking_uri_for(run, default_tracking_uri)),
+        "runtimeEnvYAML": runtime_env_yaml(
+            tracking_uri_for(run, default_tracking_uri), storage_env(run)
+        ),
         "rayClusterSpec": ray_cluster_spec(run),
         # KubeRay's default (false) leaves the Ray cluster running after the job ends.
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": run.spec.ttl_seconds_after_finished,
     }
+    if run.spec.ray.retries:
+        # Each retry is a new Ray cluster; with spec.tuning.storage its driver resumes the
+        # search where the last one stopped.
+        spec["backoffLimit"] = run.spec.ray.retries
     if run.spec.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = run.spec.active_deadline_seconds
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -34,7 +35,8 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-# On a cluster: where the volume that keeps searches' state is mounted (operator/rayjob.py).
+# On a cluster: where the volume that keeps searches' state is mounted (operator/rayjob.py
+# sets it from spec.tuning.storage).
 TUNE_STORAGE_ENV = "MLKUBE_TUNE_STORAGE"
 # Tune writes a search's state every 10 s or more by default; a driver killed in between
 # loses what happened since. Once a second costs a few milliseconds for small searches.
@@ -234,6 +236,24 @@ def _param_space(settings: SearchSettings) -> dict[str, Any]:
     return to_tune(settings.search_space)
 
 
+def _state_where_it_can_be_kept(settings: SearchSettings) -> SearchSettings:
+    """Trial checkpoints of a Ray cluster with workers must go to storage every pod shares
+    (Tune refuses a path on the head's own disk). Without it, trials keep no state."""
+    import ray
+
+    everyone: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    nodes = sum(1 for node in everyone if node.get("Alive"))
+    if not settings.keep_state or os.environ.get(TUNE_STORAGE_ENV) or nodes <= 1:
+        return settings
+    if settings.scheduler == "hyperband":
+        raise UserError(
+            f"spec.tuning.storage: hyperband pauses trials and keeps their state, which the "
+            f"{nodes} Ray pods can share only through a volume (give tuning.storage, or ray."
+            "workers: 0)"
+        )
+    return dataclasses.replace(settings, keep_state=False)
+
+
 def _cluster_cpus() -> float:
     import ray
 
@@ -272,6 +292,7 @@ def run_search(
 
     ensure_ray()
     _check_gpus(settings)
+    settings = _state_where_it_can_be_kept(settings)
     trainable: Any = tune.with_parameters(
         tune_events.run_trial, task=task, data=data, seed=settings.seed,
         keep_state=settings.keep_state, finished=dict(finished or {}),
