@@ -121,7 +121,7 @@ def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
         algorithm=tuning.algorithm,
         grid=grid,
         gpus_per_trial=run.spec.resources.gpu,
-        keep_state=the_task.checkpoints or tuning.scheduler == "hyperband",
+        keep_state=the_task.checkpoints,
     )
 
 

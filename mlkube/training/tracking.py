@@ -96,6 +96,11 @@ class RunTracker:
                 error=tags.get(outcome.TAG_ERROR) if status == "FAILED" else None,
                 done=status in ("FINISHED", "FAILED"),
             )  # fmt: skip
+            if not record.done:
+                # Tune's saved state can be a second older than what was logged: epochs up
+                # to this one are not logged again when the trial goes on.
+                history = self.client.get_metric_history(run.info.run_id, self.metric)
+                record.epochs = max((point.step for point in history), default=0)
             self.trials[trial_id] = record
             self.unclaimed[config_key(record.params)] = record
             if record.done and record.error is None:
@@ -166,7 +171,7 @@ class RunTracker:
 
     def trial_result(self, trial_id: str, metrics: Mapping[str, float], step: int) -> None:
         trial = self.trials[trial_id]
-        if trial.done:  # a finished trial of an earlier attempt, replayed: logged already
+        if trial.done or step <= trial.epochs:  # logged already by an earlier attempt
             return
         trial.metrics = dict(metrics)
         trial.epochs = step

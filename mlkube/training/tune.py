@@ -120,6 +120,17 @@ class _NotMainThreadWarning(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
+class _GoneCheckpointError(logging.Filter):
+    """Drops Tune's traceback for a checkpoint it wanted to prune that is gone already: the
+    attempt whose driver died pruned it after Tune last saved its state (ray 2.60 looks the
+    path up before its guarded delete). The bookkeeping is done by then; nothing is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        gone = isinstance(error, FileNotFoundError)
+        return not (gone and "Error handling checkpoint" in str(record.msg))
+
+
 _ray_start: BackgroundStart | None = None
 _ray_start_lock = threading.Lock()
 
@@ -192,33 +203,31 @@ def can_resume(path: Path) -> bool:
 def _search_algorithm(settings: SearchSettings) -> Any:
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    # Hyperband pauses trials until the rest of their bracket catches up, and a paused trial
-    # still counts against a searcher's limit: with one, the search would wait forever. Its
-    # trials are limited by the CPUs they ask for instead (see trial_resources).
-    limit = 0 if settings.scheduler == "hyperband" else settings.max_concurrent_trials
     if settings.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
         # OptunaSearch seeds its TPE sampler with `seed`.
-        optuna = OptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
-        return ConcurrencyLimiter(optuna, max_concurrent=limit) if limit else optuna
-    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=limit)
+        return ConcurrencyLimiter(
+            OptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed),
+            max_concurrent=settings.max_concurrent_trials,
+        )
+    return BasicVariantGenerator(
+        random_state=settings.seed, max_concurrent=settings.max_concurrent_trials
+    )
 
 
-def trial_resources(settings: SearchSettings, cluster_cpus: float) -> dict[str, float]:
-    """What one trial asks Ray for. Under hyperband, where the searcher sets no limit, a
-    share of the CPUs such that maxConcurrentTrials of them fit."""
-    cpus = 1.0
-    if settings.scheduler == "hyperband":
-        cpus = max(1.0, cluster_cpus // settings.max_concurrent_trials)
-    resources = {"cpu": cpus}
-    if settings.gpus_per_trial > 0:
-        resources["gpu"] = settings.gpus_per_trial
-    return resources
+# Hyperband's brackets: the first stops trials from their first epoch on, the last never.
+HYPERBAND_BRACKETS = 3
 
 
 def _scheduler(settings: SearchSettings) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+    """asha: successive halving from the first epoch, keeping the best half at each rung.
+    hyperband: its asynchronous form (Li et al., the ASHA paper), which spreads trials over
+    brackets that start halving later and later, keeping a third at each rung. Tune's
+    synchronous HyperBandScheduler pauses trials until their bracket catches up; with
+    trials limited to maxConcurrentTrials it stalled here (ray 2.60) once paused trials held
+    every slot."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     budget = max(settings.max_epochs, 1)
     if settings.scheduler == "asha":
@@ -226,7 +235,13 @@ def _scheduler(settings: SearchSettings) -> Any:
             time_attr="training_iteration", max_t=budget, grace_period=1, reduction_factor=2
         )
     if settings.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=budget, reduction_factor=3)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=budget,
+            grace_period=1,
+            reduction_factor=3,
+            brackets=HYPERBAND_BRACKETS,
+        )
     return FIFOScheduler()
 
 
@@ -245,19 +260,7 @@ def _state_where_it_can_be_kept(settings: SearchSettings) -> SearchSettings:
     nodes = sum(1 for node in everyone if node.get("Alive"))
     if not settings.keep_state or os.environ.get(TUNE_STORAGE_ENV) or nodes <= 1:
         return settings
-    if settings.scheduler == "hyperband":
-        raise UserError(
-            f"spec.tuning.storage: hyperband pauses trials and keeps their state, which the "
-            f"{nodes} Ray pods can share only through a volume (give tuning.storage, or ray."
-            "workers: 0)"
-        )
     return dataclasses.replace(settings, keep_state=False)
-
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
 
 
 def _check_gpus(settings: SearchSettings) -> None:
@@ -297,12 +300,14 @@ def run_search(
         tune_events.run_trial, task=task, data=data, seed=settings.seed,
         keep_state=settings.keep_state, finished=dict(finished or {}),
     )  # fmt: skip
-    resources = trial_resources(settings, _cluster_cpus())
-    if resources != {"cpu": 1.0}:
-        trainable = tune.with_resources(trainable, resources)
+    if settings.gpus_per_trial > 0:
+        trainable = tune.with_resources(trainable, {"cpu": 1, "gpu": settings.gpus_per_trial})
     tune_events.observe(observer)
     try:
         if finished is not None and can_resume(experiment):
+            logging.getLogger("ray.tune.execution.tune_controller").addFilter(
+                _GoneCheckpointError()
+            )
             tuner = tune.Tuner.restore(
                 str(experiment), trainable, resume_unfinished=True, resume_errored=True,
                 param_space=_param_space(settings),

@@ -86,7 +86,9 @@ def test_every_builtin_task_can_stop_early_within_its_budget(task: str) -> None:
     from mlkube.training.prepare import search_settings
 
     settings = search_settings(run_of(task, scheduler="hyperband"), resolve_task(task))
-    assert settings.keep_state and settings.max_epochs > 1
+    assert settings.max_epochs > 1
+    # Networks keep their state at every epoch; boosting rounds are rebuilt from the round.
+    assert settings.keep_state is (task in ("mnist", "atmos-temperature"))
     if task in ("tabular", "insurance"):
         wider = run_of(task, searchSpace={"max_iter": {"randint": [10, 1001]}})
         assert search_settings(wider, resolve_task(task)).max_epochs == 1000 // ROUND_ITERATIONS

@@ -19,8 +19,8 @@ Problem = Literal["auto", "regression", "classification"]
 # Same syntax as TrainingRun.spec.tuning.searchSpace, e.g. {"lr": {"loguniform": [1e-4, 0.1]}}.
 SearchSpace = dict[str, dict[str, Any]]
 # `report(metrics)` after each epoch (or boosting round); `report(metrics, state)` also
-# hands over what the task needs to go on from there: a trial that is paused (hyperband) or
-# whose search resumes after its driver died gets it back through `restored_state(report)`.
+# hands over what the task needs to go on from there: a trial whose search resumes after
+# its driver died gets it back through `restored_state(report)`.
 Report = Callable[..., None]
 
 
@@ -60,8 +60,8 @@ class Task(ABC):
     has_epochs: bool = False
     # Most epochs one trial trains for (ASHA's max_t) in the task's own search space.
     max_epochs: int = 1
-    # Worth a checkpoint at every report (an epoch of a network); otherwise a resumed trial
-    # starts over, except under hyperband, which pauses trials and always keeps their state.
+    # Worth a checkpoint at every report (an epoch of a network); otherwise a trial that
+    # was running when its search's driver died starts over when the search resumes.
     checkpoints: bool = False
     # What log_model imports; the flow imports them while it waits for Ray and Prefect.
     model_modules: tuple[str, ...] = ("mlflow.models",)
