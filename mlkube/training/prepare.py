@@ -3,14 +3,18 @@
 `preflight` is what can be refused in a fraction of a second, before Ray, Prefect and
 MLflow are imported or started: an unknown or unimportable task, a missing extra, a local
 dataset that is missing or unreadable, a target column not in its header, a problem the
-task can't solve. `prepare` then reads the data and checks the search against the task.
+task can't solve, a scheduler, search space or grid the task can't take, GPUs this
+machine lacks. `prepare` then reads the data and checks the metric, which can depend on it.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
+import os
 from dataclasses import dataclass
+from typing import Any
 
 from mlkube.api import TrainingRun, UserError
 from mlkube.api.errors import first_line
@@ -53,6 +57,8 @@ def preflight(run: TrainingRun) -> Task:
     the_task.problem = problem
     if run.spec.dataset.uri:
         check_local_dataset(run.spec.dataset.uri, run.spec.dataset.target)
+    check_search(run, the_task)
+    check_gpus(run)
     return the_task
 
 
@@ -78,15 +84,24 @@ def check_local_dataset(uri: str, target: str | None) -> None:
         )
 
 
-def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
-    """What to search, with the task's defaults filled in; refuses what the task can't do."""
-    tuning = run.spec.tuning
-    metric = tuning.metric or the_task.metric
-    if metric not in the_task.metric_names():
-        raise TaskError(
-            f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
-            f"(choose one of: {', '.join(the_task.metric_names())})"
+def check_gpus(run: TrainingRun) -> None:
+    """A local search that asks for GPUs on a machine without any would wait forever."""
+    wanted = run.spec.resources.gpu
+    if not wanted or os.environ.get("RAY_ADDRESS"):
+        return  # on a cluster, the Ray cluster says (mlkube.training.tune)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not glob.glob("/dev/nvidia[0-9]*"):
+        raise UserError(
+            f"spec.resources.gpu: each trial asks for {wanted:g} GPU, and this machine has "
+            "none (no /dev/nvidia*); leave it out to train on the CPU"
         )
+
+
+def check_search(
+    run: TrainingRun, the_task: Task
+) -> tuple[SearchSpace, dict[str, list[Any]] | None]:
+    """The search against the task, without its data: scheduler, parameters, grid, choices.
+    Returns the search space and, for algorithm grid, its points."""
+    tuning = run.spec.tuning
     if tuning.scheduler != "fifo" and not the_task.has_epochs:
         raise TaskError(
             f"spec.tuning.scheduler: {tuning.scheduler} stops trials between epochs, and "
@@ -108,6 +123,19 @@ def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
             raise TaskError(f"spec.tuning.numTrials: {error}") from None
     if tuning.algorithm == "tpe":
         check_tpe_choices(space)
+    return space, grid
+
+
+def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
+    """What to search, with the task's defaults filled in; refuses what the task can't do."""
+    tuning = run.spec.tuning
+    metric = tuning.metric or the_task.metric
+    if metric not in the_task.metric_names():
+        raise TaskError(
+            f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
+            f"(choose one of: {', '.join(the_task.metric_names())})"
+        )
+    space, grid = check_search(run, the_task)
     return SearchSettings(
         num_trials=grid_size(grid) if grid is not None else tuning.num_trials,
         max_concurrent_trials=tuning.max_concurrent_trials,
