@@ -12,6 +12,8 @@ import argparse
 import hashlib
 import importlib
 import json
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,17 @@ def parent_run_tags(run: TrainingRun, settings: SearchSettings) -> dict[str, str
     }
 
 
+STOPPED_BY_SIGTERM = (
+    "stopped by SIGTERM (pod deleted or job stopped); the next attempt of this TrainingRun "
+    "resumes its search"
+)
+
+
+def stopped_from_outside(error: BaseException) -> bool:
+    """SIGTERM, as mlkube.training.tune.start_ray turns it into an exit."""
+    return isinstance(error, SystemExit) and error.code == signal.SIGTERM
+
+
 def spec_digest(run: TrainingRun) -> str:
     """What a search depends on: a resumed search must have been started by the same spec."""
     text = json.dumps(run.spec.to_k8s(), sort_keys=True, separators=(",", ":"))
@@ -219,8 +232,11 @@ def open_parent_run(
     if previous is not None and can_resume(search_experiment(run)):
         run_id = str(previous.info.run_id)
         end_orphans(client, experiment_id, run, keep=run_id)
-        times = int(previous.data.tags.get(outcome.TAG_RESUMED, "0") or 0) + 1
+        earlier = previous.data.tags.get(outcome.TAG_RESUMED, "0")
+        times = int(earlier) + 1 if earlier.isdigit() else 1
         client.set_tag(run_id, outcome.TAG_RESUMED, str(times))
+        if outcome.TAG_ERROR in previous.data.tags:  # how the last driver stopped: past now
+            client.delete_tag(run_id, outcome.TAG_ERROR)
         if show_progress:
             done = previous.data.tags.get(outcome.TAG_TRIALS_COMPLETED, "0")
             print(
@@ -291,11 +307,19 @@ def train_flow(prepared: Prepared, show_progress: bool = True) -> TrainResult:
         )
         client.set_terminated(run_id, "FINISHED")
     except BaseException as error:
+        if stopped_from_outside(error):
+            # A pod being deleted, a job stopped: like a driver killed outright, the run stays
+            # RUNNING so that the next attempt resumes the search (or ends the run).
+            client.set_tag(run_id, outcome.TAG_ERROR, STOPPED_BY_SIGTERM)
+            raise
         client.set_tag(run_id, outcome.TAG_ERROR, f"{type(error).__name__}: {first_line(error)}")
         client.set_terminated(
             run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         )
+        shutil.rmtree(search_experiment(run), ignore_errors=True)  # nothing will resume it
         raise
+    # The search is over and recorded: Tune's state and the trials' checkpoints can go.
+    shutil.rmtree(search_experiment(run), ignore_errors=True)
     return TrainResult(
         trainingrun=run.metadata.name,
         run_id=run_id,
