@@ -309,7 +309,7 @@ def run_search(
                 _GoneCheckpointError()
             )
             tuner = tune.Tuner.restore(
-                str(experiment), trainable, resume_unfinished=True, resume_errored=True,
+                str(experiment), trainable, resume_unfinished=True, resume_errored=False,
                 param_space=_param_space(settings),
             )  # fmt: skip
         else:
