@@ -1,6 +1,7 @@
 """Pipeline benchmark: `mlkube train` from the command line, as a user waits for it.
 
     python benchmarks/pipeline/run.py [--repeats 3] [--trials 8] [--checkout DIR ...] [--write]
+                                      [--refusals-only]
 
 Runs `python -m mlkube train -f examples/insurance/trainingrun.yaml` (its trial count set by
 --trials) in a fresh process each time, in local mode: Ray and Prefect's temporary API
@@ -9,7 +10,9 @@ and Prefect databases, as a user's first run does once. Notes when the first and
 trial are reported, when the summary is printed and when the process has ended. With
 --checkout, the same runs are made with the mlkube of other checkouts (a `git worktree` of an
 older commit, say) for a before/after table. Prints a markdown table; --write also saves it
-to benchmarks/pipeline/RESULTS.md.
+to benchmarks/pipeline/RESULTS.md. Also times how long `mlkube train` takes to refuse what
+can be refused before Ray and Prefect start (a missing dataset, a column not in its header, an
+unknown task, a user task that cannot be imported): `--refusals-only` times just that.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 INSURANCE = REPO.parent / "shared" / "data" / "insurance.csv"
 MARKS = ("first trial reported", "last trial reported", "summary printed", "process ended")
-# A run with a dataset that isn't there: how long a user waits for the one-line error.
-REFUSED = "missing dataset refused (exit 2)"
 
 
 def log(message: str) -> None:
@@ -78,21 +79,82 @@ def run_once(checkout: Path, manifest: Path, env: dict[str, str], trials: int) -
     return marks
 
 
-def refusal_seconds(checkout: Path, manifest: Path, env: dict[str, str]) -> float:
+def refusal_seconds(
+    checkout: Path,
+    manifest: Path,
+    env: dict[str, str],
+    extra: tuple[str, ...] = (),
+    field: str = "",
+) -> float:
+    """Seconds until `mlkube train` gives up on bad input with its one-line error (exit 2)."""
+    extra = extra or ("--dataset", "/no/such.csv")
+    field = field or "dataset.uri"
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "mlkube", "train", "-f", str(manifest), "--dataset", "/no/such.csv"],
+        [sys.executable, "-m", "mlkube", "train", "-f", str(manifest), *extra],
         cwd=checkout,
         env={**env, "PYTHONPATH": str(checkout)},
         capture_output=True,
         text=True,
     )
     seconds = time.perf_counter() - started
-    if done.returncode != 2 or "dataset.uri" not in done.stderr:
-        raise SystemExit(
-            f"{checkout}: a missing dataset gave exit {done.returncode}: {done.stderr}"
-        )
+    lines = done.stderr.strip().splitlines()
+    if done.returncode != 2 or len(lines) != 1 or field not in lines[0]:
+        raise SystemExit(f"{checkout}: {extra} gave exit {done.returncode}: {done.stderr}")
     return seconds
+
+
+def bad_inputs(work: Path, example: str) -> dict[str, tuple[Path, tuple[str, ...], str]]:
+    """What the issue lists as refusable before Ray and Prefect start: manifest, arguments
+    and the field its error names."""
+
+    def variant(name: str, old: str, new: str) -> Path:
+        path = work / f"{name}.yaml"
+        path.write_text(example.replace(old, new))
+        return path
+
+    return {
+        "a missing dataset file": (work / "trainingrun.yaml", ("--dataset", "/no/such.csv"),
+                                   "dataset.uri"),
+        "a target not in the file's header": (
+            variant("column", "target: charges", "target: premium"),
+            ("--dataset", str(INSURANCE)), "dataset.target"),
+        "an unknown task": (variant("task", "task: insurance", "task: forecast"),
+                            ("--dataset", str(INSURANCE)), "spec.task"),
+        "a user task that cannot be imported": (
+            variant("user", "task: insurance", "task: no_such_package.tasks:make"),
+            ("--dataset", str(INSURANCE)), "spec.task"),
+    }  # fmt: skip
+
+
+def refusals(checkouts: list[Path], work: Path, example: str, repeats: int) -> str:
+    """The one-line errors' table: median seconds from the command's start to its exit."""
+    cases = bad_inputs(work, example)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_"))}
+    base.pop("MLFLOW_TRACKING_URI", None)
+    base["MLKUBE_HOME"] = str(work / "refusals")
+    load = os.getloadavg()[0]
+    seconds: dict[tuple[Path, str], str] = {}
+    for checkout in checkouts:
+        for case, (manifest, extra, field) in cases.items():
+            try:
+                times = [refusal_seconds(checkout, manifest, base, extra, field)
+                         for _ in range(repeats)]  # fmt: skip
+                seconds[(checkout, case)] = f"{statistics.median(times):.2f}"
+            except SystemExit as failed:  # an older checkout that does not refuse cleanly
+                log(str(failed))
+                exit_code = str(failed).split("gave exit ")[-1].split(":")[0]
+                seconds[(checkout, case)] = f"no one-line error (exit {exit_code})"
+    header = "| `mlkube train` refuses, one line, exit 2 | " + " | ".join(map(describe, checkouts))
+    return "\n".join([
+        f"Seconds from the command's start to its exit, median of {repeats}; load average "
+        f"{load:.1f} at start.",
+        "",
+        f"{header} |",
+        "| --- |" + " ---: |" * len(checkouts),
+        *(f"| {case} | " + " | ".join(seconds[(c, case)] for c in checkouts) + " |"
+          for case in cases),
+    ])  # fmt: skip
 
 
 def main() -> int:
@@ -103,6 +165,9 @@ def main() -> int:
         "--checkout", action="append", default=[], help="another mlkube checkout to time too"
     )
     parser.add_argument("--write", action="store_true", help="save the table to RESULTS.md")
+    parser.add_argument(
+        "--refusals-only", action="store_true", help="time only the one-line errors of bad input"
+    )
     args = parser.parse_args()
 
     checkouts = [REPO, *(Path(c).resolve() for c in args.checkout)]
@@ -110,6 +175,12 @@ def main() -> int:
     manifest = work / "trainingrun.yaml"
     example = (REPO / "examples" / "insurance" / "trainingrun.yaml").read_text()
     manifest.write_text(example.replace("numTrials: 8", f"numTrials: {args.trials}"))
+    refused = refusals(checkouts, work, example, args.repeats)
+    if args.refusals_only:
+        print(refused)
+        if args.write:
+            write_section(HERE / "RESULTS.md", "## One-line errors", refused)
+        return 0
     load_before = os.getloadavg()[0]
     results: dict[Path, list[dict[str, float]]] = {}
     for checkout in checkouts:
@@ -124,7 +195,6 @@ def main() -> int:
         results[checkout] = []
         for repeat in range(1, args.repeats + 1):
             marks = run_once(checkout, manifest, env, args.trials)
-            marks[REFUSED] = refusal_seconds(checkout, manifest, env)
             results[checkout].append(marks)
             log(f"{checkout}: run {repeat}/{args.repeats}: {marks[MARKS[3]]:.1f} s in all")
 
@@ -143,14 +213,25 @@ def main() -> int:
         "| --- |" + " ---: |" * len(checkouts),
         *(
             f"| {mark} | " + " | ".join(f"{median(c, mark):.1f}" for c in checkouts) + " |"
-            for mark in (*MARKS, REFUSED)
+            for mark in MARKS
         ),
     ]
     text = "\n".join(lines)
-    print(text)
+    print(text, refused, sep="\n\n")
     if args.write:
-        (HERE / "RESULTS.md").write_text(f"# Pipeline benchmark\n\n{text}\n")
+        write_section(HERE / "RESULTS.md", "## `mlkube train` end to end", text)
+        write_section(HERE / "RESULTS.md", "## One-line errors", refused)
     return 0
+
+
+def write_section(results: Path, title: str, text: str) -> None:
+    """Replaces (or adds) one section of RESULTS.md, keeping the others."""
+    old = results.read_text() if results.exists() else "# Pipeline benchmark\n"
+    sections = old.split("\n## ")
+    kept = [sections[0].rstrip()] + [
+        f"## {part.rstrip()}" for part in sections[1:] if not f"## {part}".startswith(title)
+    ]
+    results.write_text("\n\n".join([*kept, f"{title}\n\n{text}"]) + "\n")
 
 
 if __name__ == "__main__":

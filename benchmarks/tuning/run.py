@@ -54,7 +54,12 @@ def plain_loop(prepared: Any, configs: list[dict[str, Any]], client: Any, experi
             ).info.run_id
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()])
             reported: dict[str, float] = {}
-            prepared.task.train(config, prepared.data, reported.update, prepared.settings.seed)
+            prepared.task.train(
+                config,
+                prepared.data,
+                lambda metrics, state=None, into=reported: into.update(metrics),
+                prepared.settings.seed,
+            )
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, 1) for k, v in reported.items()])
             client.set_terminated(run_id, "FINISHED")
@@ -89,7 +94,7 @@ def mlkube_search(
     prepared: Any, client: Any, experiment: str
 ) -> tuple[float, list[dict], Timeline]:
     from mlkube.training.tracking import RunTracker
-    from mlkube.training.tune import run_search
+    from mlkube.training.tune import experiment_dir, run_search
 
     settings = prepared.settings
     started = time.perf_counter()
@@ -98,7 +103,7 @@ def mlkube_search(
         client, experiment, parent, settings.metric, settings.mode, settings.num_trials
     )
     timeline = Timeline(tracker)
-    run_search(prepared.task, prepared.data, settings, timeline)
+    run_search(prepared.task, prepared.data, settings, timeline, experiment_dir("bench-tuning"))
     client.set_terminated(parent, "FINISHED")
     elapsed = time.perf_counter() - started
     configs = [t.params for t in sorted(tracker.trials.values(), key=lambda t: t.number)]

@@ -17,6 +17,9 @@ QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 # A size in bytes, as Kubernetes writes one ("64Mi", "1G", "1048576"); no milli-bytes.
 BYTE_SIZE_PATTERN = r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# The extended resource NVIDIA's device plugin offers.
+GPU_RESOURCE = "nvidia.com/gpu"
 # What each suffix of a Kubernetes quantity multiplies by ("m" is milli: CPU only).
 QUANTITY_FACTORS: dict[str | None, float] = {
     None: 1, "m": 1e-3, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
@@ -65,11 +68,19 @@ class Resources(CamelModel):
 
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
     memory: str = Field(default="2Gi", pattern=QUANTITY_PATTERN)
+    gpu: int | None = Field(
+        default=None, ge=0, le=64, description="NVIDIA GPUs (the nvidia.com/gpu limit)."
+    )
 
-    def for_container(self) -> dict[str, dict[str, str]]:
-        """A container's `resources`: requests and limits both these amounts."""
+    def for_container(self, gpu: int | None = None) -> dict[str, dict[str, str]]:
+        """A container's `resources`: requests and limits both these amounts; GPUs (these or
+        `gpu` when these say none) as a limit, which Kubernetes also takes as the request."""
         amounts = {"cpu": self.cpu, "memory": self.memory}
-        return {"requests": dict(amounts), "limits": dict(amounts)}
+        resources = {"requests": dict(amounts), "limits": dict(amounts)}
+        gpus = self.gpu if self.gpu is not None else gpu
+        if gpus:
+            resources["limits"][GPU_RESOURCE] = str(gpus)
+        return resources
 
 
 class MlflowSettings(CamelModel):

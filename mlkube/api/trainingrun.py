@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mlkube.api.common import (
+    DNS_SUBDOMAIN_PATTERN,
     CamelModel,
     Condition,
     MlflowSettings,
@@ -66,15 +68,58 @@ class ModelName(CamelModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="MLflow registered model name.")
 
 
+class TuningStorage(CamelModel):
+    """Where Tune keeps a search's state, so that a new attempt resumes it."""
+
+    claim_name: str = Field(
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description=(
+            "A PersistentVolumeClaim in the TrainingRun's namespace, mounted on the Ray head "
+            "and workers (ReadWriteMany when there are workers). Without it a search resumes "
+            "only while its Ray head lives."
+        ),
+    )
+
+
 class Tuning(CamelModel):
-    num_trials: int = Field(default=8, ge=1, le=10000)
+    num_trials: int = Field(
+        default=8, ge=1, le=10000, description="Trials to run; for grid, the grid's largest size."
+    )
     max_concurrent_trials: int = Field(default=2, ge=1, le=1000)
     metric: str | None = Field(default=None, description="Defaults to the task's metric.")
     mode: Literal["min", "max"] | None = Field(default=None, description="Defaults per task.")
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    algorithm: Literal["random", "grid", "tpe"] = Field(
+        default="random",
+        description=(
+            "How trials are chosen. random: sampled from searchSpace; grid: every choice and "
+            "evenly spaced points of each range, as many as numTrials allows; tpe: Optuna's "
+            "Tree-structured Parzen Estimator, learning from finished trials."
+        ),
+    )
+    scheduler: Literal["fifo", "asha", "hyperband"] = Field(
+        default="fifo",
+        description=(
+            "Early stopping. fifo: every trial runs to the end; asha and hyperband stop weak "
+            "trials after some epochs (boosting rounds for the tabular tasks)."
+        ),
+    )
     search_space: dict[str, ParamDistribution] = Field(default_factory=dict)
     timeout_seconds: int | None = Field(default=None, ge=1)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="Seeds the search and every trial.")
+    storage: TuningStorage | None = None
+
+
+class TrialResources(CamelModel):
+    gpu: float = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "GPUs per trial (Ray's num_gpus; a fraction shares one). On a cluster the pods "
+            "that run trials get nvidia.com/gpu limits to match."
+        ),
+    )
 
 
 class Promotion(CamelModel):
@@ -88,6 +133,15 @@ class Promotion(CamelModel):
 class RaySettings(CamelModel):
     image: str = "mlkube/runtime:0.1.0"
     workers: int = Field(default=1, ge=0, le=1000)
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description=(
+            "Times KubeRay runs the job again, on a new Ray cluster, after it failed (the "
+            "RayJob's backoffLimit); with tuning.storage the search resumes."
+        ),
+    )
     head: Resources = Field(default_factory=Resources)
     worker: Resources = Field(default_factory=Resources)
 
@@ -113,10 +167,24 @@ class TrainingRunSpec(CamelModel):
     model: ModelName
     tuning: Tuning = Field(default_factory=Tuning)
     promotion: Promotion = Field(default_factory=Promotion)
+    resources: TrialResources = Field(default_factory=TrialResources)
     ray: RaySettings = Field(default_factory=RaySettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     ttl_seconds_after_finished: int = Field(default=300, ge=0)
+
+    @model_validator(mode="after")
+    def _trial_fits_its_pod(self) -> TrainingRunSpec:
+        """A trial that asks for more GPUs than the pods that run trials have never starts."""
+        needed = math.ceil(self.resources.gpu)
+        pods = [("worker", self.ray.worker)] if self.ray.workers > 0 else [("head", self.ray.head)]
+        for role, resources in pods:
+            if needed and resources.gpu is not None and resources.gpu < needed:
+                raise ValueError(
+                    f"ray.{role}.gpu ({resources.gpu}) cannot hold a trial that asks for "
+                    f"{self.resources.gpu:g} GPU (resources.gpu)"
+                )
+        return self
 
     @field_validator("task")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from typing import Any
 
@@ -49,22 +50,50 @@ def entrypoint(run: TrainingRun, allow_shared_models: bool = False) -> str:
     return f"python -m {TRAIN_MODULE} --spec-json {shlex.quote(spec_json)}{shared}"
 
 
-def runtime_env_yaml(tracking_uri: str) -> str:
-    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV}
+# Where spec.tuning.storage's claim is mounted on every Ray pod; the train flow keeps Tune's
+# state of the search there (mlkube.training.tune.TUNE_STORAGE_ENV).
+TUNE_STORAGE_VOLUME = "tune-state"
+TUNE_STORAGE_PATH = "/mlkube/tune-state"
+TUNE_STORAGE_ENV = "MLKUBE_TUNE_STORAGE"
+
+
+def storage_env(run: TrainingRun) -> dict[str, str]:
+    return {TUNE_STORAGE_ENV: TUNE_STORAGE_PATH} if run.spec.tuning.storage else {}
+
+
+def runtime_env_yaml(tracking_uri: str, extra: dict[str, str] | None = None) -> str:
+    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV, **(extra or {})}
     return yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
 
 
+def trial_pod_gpus(run: TrainingRun) -> int:
+    """GPUs on a pod that runs trials: enough for one trial (a fraction needs a whole one)."""
+    return math.ceil(run.spec.resources.gpu)
+
+
 def _pod_template(
-    container_name: str, image: str, resources: Resources, credentials_secret: str
+    run: TrainingRun,
+    container_name: str,
+    resources: Resources,
+    gpus: int,
+    credentials_secret: str,
 ) -> dict[str, Any]:
-    env = [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())]
-    container = {
+    env = {**TELEMETRY_OFF_ENV, **storage_env(run)}
+    container: dict[str, Any] = {
         "name": container_name,
-        "image": image,
-        "resources": resources.for_container(),
-        "env": env + mlflow_credentials_env(credentials_secret),
+        "image": run.spec.ray.image,
+        "resources": resources.for_container(gpu=gpus),
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())]
+        + mlflow_credentials_env(credentials_secret),
     }
-    return {"metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)}, "spec": restricted_pod([container])}
+    volumes = []
+    storage = run.spec.tuning.storage
+    if storage is not None:
+        container["volumeMounts"] = [{"name": TUNE_STORAGE_VOLUME, "mountPath": TUNE_STORAGE_PATH}]
+        claim = {"claimName": storage.claim_name}
+        volumes.append({"name": TUNE_STORAGE_VOLUME, "persistentVolumeClaim": claim})
+    spec = restricted_pod([container], **({"volumes": volumes} if volumes else {}))
+    return {"metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)}, "spec": spec}
 
 
 def submitter_template(image: str) -> dict[str, Any]:
@@ -74,11 +103,16 @@ def submitter_template(image: str) -> dict[str, Any]:
 
 
 def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str, Any]:
+    """The head, and the worker group when there is one. The pods that run trials (the
+    workers, or the head alone) get GPUs for spec.resources.gpu unless spec.ray says how many;
+    KubeRay tells Ray about them from the nvidia.com/gpu limit."""
     ray = run.spec.ray
+    trial_gpus = trial_pod_gpus(run)
+    head_gpus = 0 if ray.workers > 0 else trial_gpus
     cluster: dict[str, Any] = {
         "headGroupSpec": {
             "rayStartParams": {},
-            "template": _pod_template("ray-head", ray.image, ray.head, credentials_secret),
+            "template": _pod_template(run, "ray-head", ray.head, head_gpus, credentials_secret),
         }
     }
     if ray.workers > 0:
@@ -89,7 +123,9 @@ def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str
                 "minReplicas": ray.workers,
                 "maxReplicas": ray.workers,
                 "rayStartParams": {},
-                "template": _pod_template("ray-worker", ray.image, ray.worker, credentials_secret),
+                "template": _pod_template(
+                    run, "ray-worker", ray.worker, trial_gpus, credentials_secret
+                ),
             }
         ]
     return cluster
@@ -107,7 +143,9 @@ def build_rayjob(
     credentials; `allow_shared_models` lets the train flow use models of other namespaces."""
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(run, allow_shared_models),
-        "runtimeEnvYAML": runtime_env_yaml(tracking_uri_for(run, default_tracking_uri)),
+        "runtimeEnvYAML": runtime_env_yaml(
+            tracking_uri_for(run, default_tracking_uri), storage_env(run)
+        ),
         "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
         "submitterPodTemplate": submitter_template(run.spec.ray.image),
         # KubeRay's default (false) leaves the Ray cluster running after the job ends.
@@ -116,6 +154,10 @@ def build_rayjob(
     }
     if run.spec.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = run.spec.active_deadline_seconds
+    if run.spec.ray.retries:
+        # Each retry is a new Ray cluster; with spec.tuning.storage its driver resumes the
+        # search where the last one stopped.
+        spec["backoffLimit"] = run.spec.ray.retries
     return {
         "apiVersion": RAYJOB_API_VERSION,
         "kind": "RayJob",

@@ -140,6 +140,9 @@ def read_rayjob(
         fallback = "ValidationFailed" if deployment == "ValidationFailed" else "RayJobFailed"
         reason = job.reason or fallback
         return JobReading(verdict="failed", reason=reason, message=one_line(job.message))
+    if deployment == "Retrying":
+        # spec.ray.retries: the failed attempt's jobStatus stays until the next one starts.
+        return JobReading(verdict="running", reason="Retrying", message=one_line(job.message))
     if state == "FAILED":
         # KubeRay may still say Running while the job already failed; give it a grace period.
         since = parse_timestamp(job.end_time) or failing_since or now

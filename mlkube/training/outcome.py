@@ -33,6 +33,13 @@ TAG_ERROR = "mlkube.error"
 TAG_NO_ALIAS_REASON = "mlkube.noAlias.reason"
 # "parent" on the TrainingRun's run, "trial" on each nested trial run.
 TAG_ROLE = "mlkube.role"
+# On a trial run: Tune's id of the trial (a resumed search finds its runs by it).
+TAG_TRIAL_ID = "mlkube.trial.id"
+# On a parent run: a digest of the spec its search ran; a new attempt resumes the search
+# only for the same spec.
+TAG_SPEC_DIGEST = "mlkube.spec.digest"
+# On a parent run: how many times its search was resumed after its driver died.
+TAG_RESUMED = "mlkube.resumed"
 # Standard MLflow tag that makes a run a child of another.
 TAG_PARENT_RUN = "mlflow.parentRunId"
 # MLflow's error codes that mean "does not exist" (MLflow 3 answers a missing alias of an

@@ -3,20 +3,24 @@
 `preflight` is what can be refused in a fraction of a second, before Ray, Prefect and
 MLflow are imported or started: an unknown or unimportable task, a missing extra, a local
 dataset that is missing or unreadable, a target column not in its header, a problem the
-task can't solve. `prepare` then reads the data and checks the search against the task.
+task can't solve, a scheduler, search space or grid the task can't take, GPUs this
+machine lacks. `prepare` then reads the data and checks the metric, which can depend on it.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
+import os
 from dataclasses import dataclass
+from typing import Any
 
 from mlkube.api import TrainingRun, UserError
 from mlkube.api.errors import first_line
-from mlkube.training.search_space import merged_space
+from mlkube.training.search_space import grid_points, grid_size, merged_space
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
-from mlkube.training.tasks.base import DataError
+from mlkube.training.tasks.base import DataError, SearchSpace
 from mlkube.training.tasks.data import local_path
 from mlkube.training.tune import SearchSettings
 
@@ -53,6 +57,8 @@ def preflight(run: TrainingRun) -> Task:
     the_task.problem = problem
     if run.spec.dataset.uri:
         check_local_dataset(run.spec.dataset.uri, run.spec.dataset.target)
+    check_search(run, the_task)
+    check_gpus(run)
     return the_task
 
 
@@ -78,6 +84,48 @@ def check_local_dataset(uri: str, target: str | None) -> None:
         )
 
 
+def check_gpus(run: TrainingRun) -> None:
+    """A local search that asks for GPUs on a machine without any would wait forever."""
+    wanted = run.spec.resources.gpu
+    if not wanted or os.environ.get("RAY_ADDRESS"):
+        return  # on a cluster, the Ray cluster says (mlkube.training.tune)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not glob.glob("/dev/nvidia[0-9]*"):
+        raise UserError(
+            f"spec.resources.gpu: each trial asks for {wanted:g} GPU, and this machine has "
+            "none (no /dev/nvidia*); leave it out to train on the CPU"
+        )
+
+
+def check_search(
+    run: TrainingRun, the_task: Task
+) -> tuple[SearchSpace, dict[str, list[Any]] | None]:
+    """The search against the task, without its data: scheduler, parameters, grid, choices.
+    Returns the search space and, for algorithm grid, its points."""
+    tuning = run.spec.tuning
+    if tuning.scheduler != "fifo" and not the_task.has_epochs:
+        raise TaskError(
+            f"spec.tuning.scheduler: {tuning.scheduler} stops trials between epochs, and "
+            f"task {run.spec.task} reports once per trial (use fifo)"
+        )
+    unknown = sorted(set(tuning.search_space) - set(the_task.search_space))
+    if unknown:
+        raise TaskError(
+            f"spec.tuning.searchSpace.{unknown[0]}: task {run.spec.task} has no such "
+            f"parameter (it tunes {', '.join(the_task.search_space)})"
+        )
+    override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
+    space = merged_space(the_task.search_space, override)
+    grid = None
+    if tuning.algorithm == "grid":
+        try:
+            grid = grid_points(space, tuning.num_trials)
+        except ValueError as error:
+            raise TaskError(f"spec.tuning.numTrials: {error}") from None
+    if tuning.algorithm == "tpe":
+        check_tpe_choices(space)
+    return space, grid
+
+
 def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
     """What to search, with the task's defaults filled in; refuses what the task can't do."""
     tuning = run.spec.tuning
@@ -87,28 +135,33 @@ def search_settings(run: TrainingRun, the_task: Task) -> SearchSettings:
             f"spec.tuning.metric: {metric!r} is not reported by task {run.spec.task} "
             f"(choose one of: {', '.join(the_task.metric_names())})"
         )
-    if tuning.scheduler == "asha" and not the_task.has_epochs:
-        raise TaskError(
-            f"spec.tuning.scheduler: asha needs a task with epochs, not {run.spec.task}"
-        )
-    unknown = sorted(set(tuning.search_space) - set(the_task.search_space))
-    if unknown:
-        raise TaskError(
-            f"spec.tuning.searchSpace.{unknown[0]}: task {run.spec.task} has no such "
-            f"parameter (it tunes {', '.join(the_task.search_space)})"
-        )
-    override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
+    space, grid = check_search(run, the_task)
     return SearchSettings(
-        num_trials=tuning.num_trials,
+        num_trials=grid_size(grid) if grid is not None else tuning.num_trials,
         max_concurrent_trials=tuning.max_concurrent_trials,
         metric=metric,
         mode=tuning.mode or the_task.mode_for(metric),
         scheduler=tuning.scheduler,
-        search_space=merged_space(the_task.search_space, override),
+        search_space=space,
         timeout_seconds=tuning.timeout_seconds,
         seed=tuning.seed,
-        max_epochs=the_task.max_epochs,
+        max_epochs=the_task.budget(space),
+        algorithm=tuning.algorithm,
+        grid=grid,
+        gpus_per_trial=run.spec.resources.gpu,
+        keep_state=the_task.checkpoints,
     )
+
+
+def check_tpe_choices(space: SearchSpace) -> None:
+    """Optuna's categorical values are numbers, strings, booleans or null."""
+    for name, distribution in space.items():
+        for value in distribution.get("choice", []):
+            if value is not None and not isinstance(value, bool | int | float | str):
+                raise TaskError(
+                    f"spec.tuning.searchSpace.{name}: tpe takes choices of numbers, strings "
+                    f"or booleans, not {type(value).__name__}"
+                )
 
 
 def prepare(run: TrainingRun) -> Prepared:

@@ -358,13 +358,17 @@ def promote(
 
 
 def explain_versions_without_alias(
-    client: MlflowClient, name: str, uid: str, why: str
+    client: MlflowClient, name: str, uid: str, why: str, run_ids: set[str]
 ) -> list[int]:
-    """Versions this TrainingRun registered that hold no alias and say nothing about it get
-    `why` (its train flow stopped between registering and setting the alias)."""
+    """Versions this TrainingRun registered from one of `run_ids` (parent runs whose train
+    flow stopped) that hold no alias and say nothing about it get `why`: the flow stopped
+    between registering and setting the alias. (An older version whose alias moved on to a
+    newer one is not among them.)"""
     found = client.search_model_versions(f"name = '{name}' and tags.`{outcome.TAG_UID}` = '{uid}'")
     explained = []
     for version in found:
+        if version.run_id not in run_ids:
+            continue
         if not version.aliases and outcome.TAG_NO_ALIAS_REASON not in (version.tags or {}):
             client.set_model_version_tag(name, version.version, outcome.TAG_NO_ALIAS_REASON, why)
             explained.append(int(version.version))

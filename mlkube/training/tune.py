@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
-from mlkube.api.errors import CommandFailed
+from mlkube.api.errors import CommandFailed, UserError
 from mlkube.background import BackgroundStart
 from mlkube.local import ensure_ray_bootstrap_config, mlkube_home
-from mlkube.training.search_space import to_tune
+from mlkube.training.search_space import grid_to_tune, to_tune
 from mlkube.training.tasks.base import Mode, SearchSpace, Task, TaskData
+
+if TYPE_CHECKING:  # the module imports Ray: only when a search runs
+    from mlkube.training.tune_events import TrialObserver
 
 # Tune's default loggers import torch and TensorBoard in the driver (about 1.7 s) and write
 # files nobody reads here: trials are recorded in MLflow by the observer instead.
@@ -27,23 +35,34 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+# On a cluster: where the volume that keeps searches' state is mounted (operator/rayjob.py
+# sets it from spec.tuning.storage).
+TUNE_STORAGE_ENV = "MLKUBE_TUNE_STORAGE"
+# Tune writes a search's state every 10 s or more by default; a driver killed in between
+# loses what happened since. Once a second costs a few milliseconds for small searches.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Tune warns on stderr, for every trial checkpoint, when its state is written more often
+# than every 5 s; here that is on purpose (above), and cheap.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     num_trials: int
     max_concurrent_trials: int
     metric: str
     mode: Mode
-    scheduler: Literal["fifo", "asha"]
+    scheduler: Literal["fifo", "asha", "hyperband"]
     search_space: SearchSpace
     timeout_seconds: int | None
     seed: int
     max_epochs: int = 1
-
-
-class TrialObserver(Protocol):
-    def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None: ...
-    def trial_result(self, trial_id: str, metrics: Mapping[str, float], step: int) -> None: ...
-    def trial_ended(self, trial_id: str, error: str | None) -> None: ...
+    algorithm: Literal["random", "grid", "tpe"] = "random"
+    # The points of algorithm grid (num_trials is then their number).
+    grid: dict[str, list[Any]] | None = None
+    gpus_per_trial: float = 0
+    # Checkpoint the task's state at every report (see Task.checkpoints).
+    keep_state: bool = False
 
 
 def ray_temp_dir() -> str:
@@ -101,6 +120,17 @@ class _NotMainThreadWarning(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
+class _GoneCheckpointError(logging.Filter):
+    """Drops Tune's traceback for a checkpoint it wanted to prune that is gone already: the
+    attempt whose driver died pruned it after Tune last saved its state (ray 2.60 looks the
+    path up before its guarded delete). The bookkeeping is done by then; nothing is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        gone = isinstance(error, FileNotFoundError)
+        return not (gone and "Error handling checkpoint" in str(record.msg))
+
+
 _ray_start: BackgroundStart | None = None
 _ray_start_lock = threading.Lock()
 
@@ -136,111 +166,192 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         _init_ray(num_cpus)
 
 
-def _run_trial(config: dict[str, Any], task: Task, data: TaskData, seed: int) -> None:
+def experiment_dir(key: str) -> Path:
+    """Where Tune keeps the state of one TrainingRun's search: $MLKUBE_TUNE_STORAGE (a
+    volume that outlives the Ray head, on a cluster) or MLKUBE_HOME/tune, then the key."""
+    root = Path(os.environ.get(TUNE_STORAGE_ENV) or mlkube_home() / "tune")
+    return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+@contextmanager
+def search_lock(experiment: Path) -> Iterator[None]:
+    """Held while a search of this TrainingRun runs in this process: a second `mlkube
+    train` of the same TrainingRun must not take the first one's search for a dead one."""
+    experiment.parent.mkdir(parents=True, exist_ok=True)
+    with open(experiment.parent / f"{experiment.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SearchBusy(
+                f"another train flow of this TrainingRun is running (it holds {lock.name})"
+            ) from None
+        except OSError:
+            pass  # a file system without locks (some network volumes): KubeRay runs one
+        yield
+
+
+class SearchBusy(CommandFailed):
+    """The same TrainingRun is being trained by another process."""
+
+
+def can_resume(path: Path) -> bool:
     from ray import tune
-    from threadpoolctl import threadpool_limits
 
-    # Trials run side by side on few cores: one thread each is faster than fighting.
-    with threadpool_limits(1):
-        task.train(config, data, report=tune.report, seed=seed)
+    return path.is_dir() and bool(tune.Tuner.can_restore(str(path)))
 
 
-def _observer_callback(observer: TrialObserver) -> Any:
-    from ray.tune import Callback
+def _search_algorithm(settings: SearchSettings) -> Any:
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    class ObserverCallback(Callback):
-        def on_trial_start(
-            self, iteration: int, trials: list[Any], trial: Any, **info: Any
-        ) -> None:
-            observer.trial_started(trial.trial_id, trial.config)
+    if settings.algorithm == "tpe":
+        from ray.tune.search.optuna import OptunaSearch
 
-        def on_trial_result(
-            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
-        ) -> None:
-            metrics = {
-                k: float(result[k])
-                for k in trial_metric_keys(result)
-                if isinstance(result[k], int | float) and not isinstance(result[k], bool)
-            }
-            observer.trial_result(trial.trial_id, metrics, int(result.get("training_iteration", 1)))
-
-        def on_trial_complete(
-            self, iteration: int, trials: list[Any], trial: Any, **info: Any
-        ) -> None:
-            observer.trial_ended(trial.trial_id, None)
-
-        def on_trial_error(
-            self, iteration: int, trials: list[Any], trial: Any, **info: Any
-        ) -> None:
-            observer.trial_ended(trial.trial_id, _trial_error(trial))
-
-    return ObserverCallback()
+        # OptunaSearch seeds its TPE sampler with `seed`.
+        return ConcurrencyLimiter(
+            OptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed),
+            max_concurrent=settings.max_concurrent_trials,
+        )
+    return BasicVariantGenerator(
+        random_state=settings.seed, max_concurrent=settings.max_concurrent_trials
+    )
 
 
-# Keys Tune adds to every result; everything else is the task's own metrics.
-_TUNE_KEYS = {
-    "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid",
-    "time_since_restore", "iterations_since_restore", "done", "trial_id", "date",
-    "hostname", "node_ip", "checkpoint_dir_name", "should_checkpoint",
-}  # fmt: skip
+# Hyperband's brackets: the first stops trials from their first epoch on, the last never.
+HYPERBAND_BRACKETS = 3
 
 
-def trial_metric_keys(result: Mapping[str, Any]) -> set[str]:
-    return {k for k in result if k not in _TUNE_KEYS and "/" not in k}
+def _scheduler(settings: SearchSettings) -> Any:
+    """asha: successive halving from the first epoch, keeping the best half at each rung.
+    hyperband: its asynchronous form (Li et al., the ASHA paper), which spreads trials over
+    brackets that start halving later and later, keeping a third at each rung. Tune's
+    synchronous HyperBandScheduler pauses trials until their bracket catches up; with
+    trials limited to maxConcurrentTrials it stalled here (ray 2.60) once paused trials held
+    every slot."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    budget = max(settings.max_epochs, 1)
+    if settings.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration", max_t=budget, grace_period=1, reduction_factor=2
+        )
+    if settings.scheduler == "hyperband":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=budget,
+            grace_period=1,
+            reduction_factor=3,
+            brackets=HYPERBAND_BRACKETS,
+        )
+    return FIFOScheduler()
 
 
-def _trial_error(trial: Any) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        if lines:
-            return lines[-1][:500]
-    return "trial failed"
+def _param_space(settings: SearchSettings) -> dict[str, Any]:
+    if settings.grid is not None:
+        return grid_to_tune(settings.grid)
+    return to_tune(settings.search_space)
+
+
+def _state_where_it_can_be_kept(settings: SearchSettings) -> SearchSettings:
+    """Trial checkpoints of a Ray cluster with workers must go to storage every pod shares
+    (Tune refuses a path on the head's own disk). Without it, trials keep no state."""
+    import ray
+
+    everyone: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    nodes = sum(1 for node in everyone if node.get("Alive"))
+    if not settings.keep_state or os.environ.get(TUNE_STORAGE_ENV) or nodes <= 1:
+        return settings
+    return dataclasses.replace(settings, keep_state=False)
+
+
+def _check_gpus(settings: SearchSettings) -> None:
+    import ray
+
+    if settings.gpus_per_trial <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+    if have < settings.gpus_per_trial:
+        raise UserError(
+            f"spec.resources.gpu: each trial asks for {settings.gpus_per_trial:g} GPU, and "
+            f"the Ray cluster has {have:g}"
+        )
 
 
 def run_search(
-    task: Task, data: TaskData, settings: SearchSettings, observer: TrialObserver
-) -> None:
-    """Runs every trial; what each did is told to the observer as it happens."""
+    task: Task,
+    data: TaskData,
+    settings: SearchSettings,
+    observer: TrialObserver,
+    experiment: Path,
+    finished: Mapping[str, Mapping[str, float]] | None = None,
+) -> set[str]:
+    """Runs every trial; what each did is told to the observer as it happens. Tune keeps
+    the search's state in `experiment`; when `finished` is given (the results an earlier
+    attempt recorded) and that state can be restored, the search goes on from it: trials
+    that finished are not run again, and the others go on from their last checkpoint.
+    Returns the ids of the trials Tune ran or restored."""
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
+
+    from mlkube.training import tune_events
 
     ensure_ray()
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=max(settings.max_epochs, 1),
-            grace_period=1,
-            reduction_factor=2,
-        )
-        if settings.scheduler == "asha"
-        else FIFOScheduler()
-    )
-    storage = mlkube_home() / "ray_results"
-    storage.mkdir(parents=True, exist_ok=True)
-    tuner = tune.Tuner(
-        tune.with_parameters(_run_trial, task=task, data=data, seed=settings.seed),
-        param_space=to_tune(settings.search_space),
+    _check_gpus(settings)
+    settings = _state_where_it_can_be_kept(settings)
+    trainable: Any = tune.with_parameters(
+        tune_events.run_trial, task=task, data=data, seed=settings.seed,
+        keep_state=settings.keep_state, finished=dict(finished or {}),
+    )  # fmt: skip
+    if settings.gpus_per_trial > 0:
+        trainable = tune.with_resources(trainable, {"cpu": 1, "gpu": settings.gpus_per_trial})
+    tune_events.observe(observer)
+    try:
+        if finished is not None and can_resume(experiment):
+            logging.getLogger("ray.tune.execution.tune_controller").addFilter(
+                _GoneCheckpointError()
+            )
+            tuner = tune.Tuner.restore(
+                str(experiment), trainable, resume_unfinished=True, resume_errored=False,
+                param_space=_param_space(settings),
+            )  # fmt: skip
+        else:
+            shutil.rmtree(experiment, ignore_errors=True)
+            experiment.parent.mkdir(parents=True, exist_ok=True)
+            tuner = _new_tuner(trainable, settings, experiment)
+        results = tuner.fit()
+        last = [results[i].metrics or {} for i in range(len(results))]
+        return {str(m["trial_id"]) for m in last if m.get("trial_id")}
+    finally:
+        tune_events.observe(None)
+
+
+def _new_tuner(trainable: Any, settings: SearchSettings, experiment: Path) -> Any:
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    from mlkube.training import tune_events
+
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(settings),
         tune_config=tune.TuneConfig(
             metric=settings.metric,
             mode=settings.mode,
-            num_samples=settings.num_trials,
-            search_alg=BasicVariantGenerator(
-                random_state=settings.seed, max_concurrent=settings.max_concurrent_trials
-            ),
-            scheduler=scheduler,
+            # A grid is run once, whole.
+            num_samples=1 if settings.grid is not None else settings.num_trials,
+            search_alg=_search_algorithm(settings),
+            scheduler=_scheduler(settings),
             time_budget_s=settings.timeout_seconds,
             # A new process per trial costs about 1.9 s of imports; reuse them.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            storage_path=str(storage),
+            name=experiment.name,
+            storage_path=str(experiment.parent),
             verbose=0,
             # The JSON logger alone keeps ResultGrid's metrics without the other loggers' cost.
-            callbacks=[_observer_callback(observer), JsonLoggerCallback()],
+            callbacks=[tune_events.ObserverCallback(), JsonLoggerCallback()],
             log_to_file=False,
+            # The last state of each trial is all a resumed or unpaused trial needs (Tune
+            # writes its own state at once whenever a trial has made this many).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
     )
-    tuner.fit()

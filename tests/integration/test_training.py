@@ -229,3 +229,49 @@ def test_mnist_model_explains_with_nearest_training_examples(
         assert len(row["nearest"]) == 3
         assert all(0 <= n["label"] <= 9 for n in row["nearest"])
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_tpe_with_hyperband_gives_the_same_trials_for_the_same_spec(
+    model_name: str, insurance_csv: Path, local_mlflow: MlflowClient
+) -> None:
+    """Optuna's TPE, seeded, stopping by boosting rounds: two runs of one spec draw the same
+    trials, and each trial reports its rounds (a learning curve per trial run)."""
+    spec = {
+        "task": "insurance",
+        "model": {"name": model_name},
+        "dataset": {"uri": str(insurance_csv)},
+        "tuning": {"numTrials": 3, "maxConcurrentTrials": 1, "algorithm": "tpe",
+                   "scheduler": "hyperband", "seed": 7,
+                   "searchSpace": {"max_iter": {"choice": [100, 150]}}},
+    }  # fmt: skip
+    first = train(trainingrun("tpe-first", spec), show_progress=False)
+    second = train(trainingrun("tpe-second", spec), show_progress=False)
+    assert [t.params for t in first.trials] == [t.params for t in second.trials]
+    assert len({str(t.params) for t in first.trials}) == 3
+    rounds = [
+        len(local_mlflow.get_metric_history(t.info.run_id, "mae"))
+        for t in trial_runs(local_mlflow, first)
+    ]
+    assert max(rounds) >= 2, rounds
+
+
+def test_a_grid_runs_every_choice_and_spread_points_once(
+    model_name: str, insurance_csv: Path
+) -> None:
+    spec = {
+        "task": "insurance",
+        "model": {"name": model_name},
+        "dataset": {"uri": str(insurance_csv)},
+        "tuning": {"numTrials": 5, "algorithm": "grid",
+                   "searchSpace": {"max_iter": {"choice": [50, 100]},
+                                   "learning_rate": {"loguniform": [0.01, 0.3]},
+                                   "max_leaf_nodes": {"choice": [15]},
+                                   "min_samples_leaf": {"choice": [20]},
+                                   "l2_regularization": {"choice": [0.0]}}},
+    }  # fmt: skip
+    result = train(trainingrun("grid", spec), show_progress=False)
+    # 2 choices x 2 points of the range fit in 5 trials; 3 points would not.
+    drawn = sorted(
+        (t.params["max_iter"], round(t.params["learning_rate"], 6)) for t in result.trials
+    )
+    assert drawn == [(50, 0.01), (50, 0.3), (100, 0.01), (100, 0.3)]

@@ -80,6 +80,40 @@ CASES = {
         lambda d, csv: d["spec"].update(dataset={"uri": str(csv), "problem": "ranking"}),
         "spec.dataset.problem: Input should be 'auto', 'regression' or 'classification'",
     ),
+    "unknown algorithm": (
+        lambda d, csv: d["spec"].update(tuning={"algorithm": "bayes"}),
+        "spec.tuning.algorithm: Input should be 'random', 'grid' or 'tpe'",
+    ),
+    "unknown scheduler": (
+        lambda d, csv: d["spec"].update(tuning={"scheduler": "pbt"}),
+        "spec.tuning.scheduler: Input should be 'fifo', 'asha' or 'hyperband'",
+    ),
+    "early stopping for a task that reports once": (
+        lambda d, csv: d["spec"].update(
+            task="tests.fixtures.user_task:diabetes_ridge", tuning={"scheduler": "hyperband"}
+        ),
+        "spec.tuning.scheduler: hyperband stops trials between epochs, and task "
+        "tests.fixtures.user_task:diabetes_ridge reports once per trial (use fifo)",
+    ),
+    "a grid larger than numTrials": (
+        lambda d, csv: d["spec"].update(
+            task="mnist", tuning={"algorithm": "grid", "numTrials": 3}
+        ),
+        "spec.tuning.numTrials: a grid over the choices of channels, hidden has 4 points, "
+        "more than 3 trials",
+    ),
+    "GPUs this machine lacks": (
+        lambda d, csv: d["spec"].update(dataset={"uri": str(csv)}, resources={"gpu": 1}),
+        "spec.resources.gpu: each trial asks for 1 GPU, and this machine has none",
+    ),
+    "negative GPUs": (
+        lambda d, csv: d["spec"].update(resources={"gpu": -1}),
+        "spec.resources.gpu: Input should be greater than or equal to 0",
+    ),
+    "a storage claim that is no name": (
+        lambda d, csv: d["spec"].update(tuning={"storage": {"claimName": "My Claim"}}),
+        "spec.tuning.storage.claimName: String should match pattern",
+    ),
     "wrong apiVersion": (
         lambda d, csv: d.update(apiVersion="mlkube.io/v1"),
         "apiVersion must be mlkube.io/v1alpha1",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from mlkube.api import ModelDeployment, TrainingRun
 from mlkube.operator.inferenceservice import PREDICTOR_CONTAINER, build_inferenceservice
@@ -70,6 +72,65 @@ def test_rayjob_cluster_lifecycle_and_resources() -> None:
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
 
 
+def containers(spec: dict) -> tuple[dict, dict | None]:
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    workers = cluster.get("workerGroupSpecs")
+    return head, workers[0]["template"]["spec"] if workers else None
+
+
+def test_gpus_per_trial_become_gpu_limits_on_the_pods_that_run_trials() -> None:
+    spec = build_rayjob(trainingrun(resources={"gpu": 0.5}, ray={"workers": 2}), "u")["spec"]
+    head, workers = containers(spec)
+    assert workers is not None
+    assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in workers["containers"][0]["resources"]["requests"]
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    # The head alone runs the trials: it gets them.
+    spec = build_rayjob(trainingrun(resources={"gpu": 2}, ray={"workers": 0}), "u")["spec"]
+    head, _ = containers(spec)
+    assert head["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # spec.ray says how many a pod has (four trials of one GPU on each worker).
+    run = trainingrun(resources={"gpu": 1}, ray={"workers": 1, "worker": {"gpu": 4}})
+    _, workers = containers(build_rayjob(run, "u")["spec"])
+    assert workers is not None
+    assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    # No GPUs asked for, none on any pod.
+    head, workers = containers(build_rayjob(trainingrun(), "u")["spec"])
+    assert workers is not None
+    for pod in (head, workers):
+        assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+
+
+def test_a_pod_with_fewer_gpus_than_a_trial_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"ray.worker.gpu \(1\) cannot hold a trial"):
+        trainingrun(resources={"gpu": 2}, ray={"worker": {"gpu": 1}})
+
+
+def test_tuning_storage_mounts_the_claim_on_every_ray_pod_and_tells_the_flow() -> None:
+    run = trainingrun(tuning={"storage": {"claimName": "searches"}}, ray={"retries": 2})
+    spec = build_rayjob(run, "u")["spec"]
+    assert spec["backoffLimit"] == 2
+    for pod in containers(spec):
+        assert pod is not None
+        assert pod["volumes"] == [
+            {"name": "tune-state", "persistentVolumeClaim": {"claimName": "searches"}}
+        ]
+        (container,) = pod["containers"]
+        assert container["volumeMounts"] == [
+            {"name": "tune-state", "mountPath": "/mlkube/tune-state"}
+        ]
+        assert {"name": "MLKUBE_TUNE_STORAGE", "value": "/mlkube/tune-state"} in container["env"]
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert env["MLKUBE_TUNE_STORAGE"] == "/mlkube/tune-state"
+    # Without storage: nothing mounted, no retries unless asked.
+    plain = build_rayjob(trainingrun(), "u")["spec"]
+    assert "backoffLimit" not in plain
+    assert all("volumes" not in pod for pod in containers(plain) if pod is not None)
+    with pytest.raises(ValidationError, match="claimName"):
+        trainingrun(tuning={"storage": {"claimName": "Not_A_Name"}})
+
+
 def test_rayjob_without_workers_has_no_worker_group() -> None:
     spec = build_rayjob(trainingrun(ray={"workers": 0}), "u")["spec"]
     assert "workerGroupSpecs" not in spec["rayClusterSpec"]
@@ -101,6 +162,17 @@ def test_inferenceservice_pins_the_version() -> None:
     assert args[args.index("--protocol") + 1] == "v2"
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://m:5000"} in container["env"]
     assert isvc["metadata"]["annotations"]["mlkube.io/model-version"] == "7"
+
+
+def test_inferenceservice_gpus_are_the_predictors_limit() -> None:
+    md = deployment(resources={"cpu": "2", "memory": "4Gi", "gpu": 1})
+    isvc = build_inferenceservice(md, 7, tracking_uri="http://m:5000", image="pred:1")
+    resources = isvc["spec"]["predictor"]["containers"][0]["resources"]
+    assert resources["limits"] == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}
+    assert resources["requests"] == {"cpu": "2", "memory": "4Gi"}
+    plain = build_inferenceservice(deployment(), 7, tracking_uri="http://m:5000", image="p:1")
+    (container,) = plain["spec"]["predictor"]["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 
 def test_inferenceservice_canary_and_raw_mode() -> None:

@@ -129,6 +129,15 @@ def test_job_failed_while_deployment_running_fails_after_grace() -> None:
     assert find_condition(after.conditions, JOB_FAILING) is None
 
 
+def test_a_rayjob_retrying_after_a_failed_attempt_is_still_running() -> None:
+    """spec.ray.retries: KubeRay starts a new Ray cluster; the failed attempt's jobStatus is
+    still there meanwhile, and no grace period turns it into a failure."""
+    retrying = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "message": "head lost"}
+    first = sync(started(), retrying)
+    later = sync(first, retrying, now=T0 + dt.timedelta(seconds=10 * GRACE))
+    assert first.phase == later.phase == "Running"
+
+
 def test_deadline_exceeded_and_deleted_rayjob() -> None:
     deadline = sync(
         started(), {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "x"}

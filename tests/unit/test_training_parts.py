@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from mlkube.api import TrainingRun, parse_resource
-from mlkube.training.search_space import merged_space
+from mlkube.training.search_space import config_key, grid_points, grid_size, merged_space
 from mlkube.training.tasks import BUILTIN, TaskError, resolve_task
 from mlkube.training.tasks.atmos_temperature import HOURS_IN, HOURS_OUT, hourly_series, windows
-from mlkube.training.tasks.tabular import is_classification
+from mlkube.training.tasks.tabular import ROUND_ITERATIONS, is_classification
 from mlkube.training.tracking import is_better
 
 
@@ -56,20 +58,78 @@ def test_unknown_user_task_is_a_one_line_error() -> None:
         resolve_task("mlkube.training.tasks:missing")
 
 
-def test_asha_needs_a_task_with_epochs() -> None:
-    from mlkube.training.prepare import search_settings
-
+def run_of(task: str, **tuning: Any) -> TrainingRun:
     run = parse_resource(
         {
             "apiVersion": "mlkube.io/v1alpha1",
             "kind": "TrainingRun",
             "metadata": {"name": "r"},
-            "spec": {"task": "insurance", "model": {"name": "m"}, "tuning": {"scheduler": "asha"}},
+            "spec": {"task": task, "model": {"name": "m"}, "tuning": tuning},
         }
     )
     assert isinstance(run, TrainingRun)
-    with pytest.raises(TaskError, match="spec.tuning.scheduler: asha needs a task with epochs"):
-        search_settings(run, resolve_task("insurance"))
+    return run
+
+
+def test_early_stopping_needs_a_task_that_reports_more_than_once() -> None:
+    from mlkube.training.prepare import search_settings
+
+    task = "tests.fixtures.user_task:diabetes_ridge"
+    for scheduler in ("asha", "hyperband"):
+        with pytest.raises(TaskError, match=f"spec.tuning.scheduler: {scheduler} stops trials"):
+            search_settings(run_of(task, scheduler=scheduler), resolve_task(task))
+
+
+@pytest.mark.parametrize("task", sorted(BUILTIN))
+def test_every_builtin_task_can_stop_early_within_its_budget(task: str) -> None:
+    """asha and hyperband are open to every built-in task; their max_t follows the space."""
+    from mlkube.training.prepare import search_settings
+
+    settings = search_settings(run_of(task, scheduler="hyperband"), resolve_task(task))
+    assert settings.max_epochs > 1
+    # Networks keep their state at every epoch; boosting rounds are rebuilt from the round.
+    assert settings.keep_state is (task in ("mnist", "atmos-temperature"))
+    if task in ("tabular", "insurance"):
+        wider = run_of(task, searchSpace={"max_iter": {"randint": [10, 1001]}})
+        assert search_settings(wider, resolve_task(task)).max_epochs == 1000 // ROUND_ITERATIONS
+    else:
+        longer = run_of(task, searchSpace={"epochs": {"choice": [3, 12]}})
+        assert search_settings(longer, resolve_task(task)).max_epochs == 12
+
+
+def test_a_grid_takes_every_choice_and_spreads_the_ranges_within_the_budget() -> None:
+    space = {
+        "lr": {"loguniform": [0.01, 1.0]},
+        "depth": {"randint": [2, 4]},
+        "kind": {"choice": ["a", "b"]},
+    }
+    grid = grid_points(space, 12)
+    assert list(grid) == ["lr", "depth", "kind"]
+    assert grid["kind"] == ["a", "b"] and grid["depth"] == [2, 3]
+    assert grid["lr"] == pytest.approx([0.01, 0.1, 1.0])
+    assert grid_size(grid) == 12
+    # One point of a range is its middle (geometric for loguniform).
+    assert grid_points({"lr": {"loguniform": [0.01, 1.0]}}, 1)["lr"] == pytest.approx([0.1])
+    with pytest.raises(ValueError, match="has 6 points, more than 4 trials"):
+        grid_points({"a": {"choice": [1, 2, 3]}, "b": {"choice": [1, 2]}}, 4)
+
+
+def test_grid_and_tpe_settings_are_checked_against_the_spec() -> None:
+    from mlkube.training.prepare import search_settings
+
+    task = resolve_task("mnist")
+    grid = search_settings(run_of("mnist", algorithm="grid", numTrials=20), task)
+    assert grid.grid is not None and grid.num_trials == grid_size(grid.grid) <= 20
+    with pytest.raises(TaskError, match="spec.tuning.numTrials: a grid over the choices"):
+        search_settings(run_of("mnist", algorithm="grid", numTrials=3), task)
+    weird = run_of("mnist", algorithm="tpe", searchSpace={"hidden": {"choice": [[1, 2]]}})
+    with pytest.raises(TaskError, match="spec.tuning.searchSpace.hidden: tpe takes choices"):
+        search_settings(weird, task)
+
+
+def test_a_configuration_has_one_key_whether_drawn_or_read_back_from_mlflow() -> None:
+    drawn = {"lr": np.float64(0.5), "depth": np.int64(3)}
+    assert config_key(drawn) == config_key({"depth": "3", "lr": "0.5"})
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))

@@ -9,10 +9,12 @@ with one line and leaves nothing behind: no flow run, no MLflow run, no model ve
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
+import shutil
+import signal
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,15 @@ def experiment_for(client: Any, model_name: str, tracking_uri: str) -> str:
 
 
 @task(name="tune", cache_policy=NO_CACHE)
-def tune_task(prepared: Prepared, tracker: RunTracker) -> TrialRecord:
-    run_search(prepared.task, prepared.data, prepared.settings, tracker)
+def tune_task(
+    prepared: Prepared, tracker: RunTracker, experiment: Path, resuming: bool
+) -> TrialRecord:
+    finished = tracker.finished_results() if resuming else None
+    known = run_search(
+        prepared.task, prepared.data, prepared.settings, tracker, experiment, finished
+    )
+    if resuming:
+        tracker.forget_unclaimed(known)
     tracker.finish_open_trials()
     if tracker.best is None:
         errors = [t.error for t in tracker.trials.values() if t.error]
@@ -186,24 +195,103 @@ def parent_run_tags(run: TrainingRun, settings: SearchSettings) -> dict[str, str
         outcome.TAG_TRIALS_TOTAL: str(settings.num_trials),
         outcome.TAG_TRIALS_COMPLETED: "0",
         outcome.TAG_MODEL_NAME: run.spec.model.name,
+        outcome.TAG_SPEC_DIGEST: spec_digest(run),
     }
 
 
-def end_orphans(client: Any, experiment_id: str, run: TrainingRun) -> None:
+STOPPED_BY_SIGTERM = (
+    "stopped by SIGTERM (pod deleted or job stopped); the next attempt of this TrainingRun "
+    "resumes its search"
+)
+
+
+def stopped_from_outside(error: BaseException) -> bool:
+    """SIGTERM, as mlkube.training.tune.start_ray turns it into an exit."""
+    return isinstance(error, SystemExit) and error.code == signal.SIGTERM
+
+
+def spec_digest(run: TrainingRun) -> str:
+    """What a search depends on: a resumed search must have been started by the same spec."""
+    text = json.dumps(run.spec.to_k8s(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def resumable_parent(client: Any, experiment_id: str, run: TrainingRun) -> Any:
+    """The parent run an earlier attempt of this TrainingRun left RUNNING (its driver
+    died) for the same spec, if any: its search can go on."""
+    from mlflow.entities import ViewType
+
+    wanted = (
+        f"{outcome.trainingrun_filter(run.metadata.uid or '', run.metadata.namespace or '')}"
+        f" and attributes.status = 'RUNNING' and tags.`{outcome.TAG_SPEC_DIGEST}` = "
+        f"'{spec_digest(run)}'"
+    )
+    found = client.search_runs(
+        [experiment_id], wanted, run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )  # fmt: skip
+    return found[0] if found else None
+
+
+def end_orphans(client: Any, experiment_id: str, run: TrainingRun, keep: str | None = None) -> None:
     """A previous attempt of this TrainingRun whose driver died left its parent run
-    RUNNING and maybe a version without an alias: say so in MLflow before starting."""
+    RUNNING and maybe a version without an alias: say so in MLflow before starting. `keep`
+    is a parent run whose search this attempt resumes: it stays RUNNING."""
     uid = run.metadata.uid or ""
     ended = end_orphaned_runs(
         client, experiment_id, uid, run.metadata.namespace or "",
         "KILLED: its train flow stopped without ending this run (driver killed or pod "
         "lost); ended when the next attempt of the same TrainingRun started",
+        keep=keep,
     )  # fmt: skip
-    if ended:
+    stopped = [*ended, *([keep] if keep else [])]
+    if stopped:
         registry.explain_versions_without_alias(
             client, run.spec.model.name, uid,
-            f"not promoted: the train flow of run {ended[0]} stopped after registering this "
+            f"not promoted: the train flow of run {stopped[0]} stopped after registering this "
             "version and before setting its alias (driver killed or pod lost)",
+            run_ids=set(stopped),
         )  # fmt: skip
+
+
+def open_parent_run(
+    client: Any, experiment_id: str, prepared: Prepared, show_progress: bool
+) -> tuple[str, bool]:
+    """The parent run of this attempt and whether it resumes an earlier attempt's search:
+    one parent run per TrainingRun, however often its driver dies."""
+    from mlkube.training.tune import can_resume
+
+    run, settings = prepared.run, prepared.settings
+    previous = resumable_parent(client, experiment_id, run)
+    if previous is not None and can_resume(search_experiment(run)):
+        run_id = str(previous.info.run_id)
+        end_orphans(client, experiment_id, run, keep=run_id)
+        earlier = previous.data.tags.get(outcome.TAG_RESUMED, "0")
+        times = int(earlier) + 1 if earlier.isdigit() else 1
+        client.set_tag(run_id, outcome.TAG_RESUMED, str(times))
+        if outcome.TAG_ERROR in previous.data.tags:  # how the last driver stopped: past now
+            client.delete_tag(run_id, outcome.TAG_ERROR)
+        if show_progress:
+            done = previous.data.tags.get(outcome.TAG_TRIALS_COMPLETED, "0")
+            print(
+                f"resuming the search of mlflow run {run_id}: {done} of "
+                f"{settings.num_trials} trials done before its driver stopped",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        return run_id, True
+    end_orphans(client, experiment_id, run)
+    created = client.create_run(
+        experiment_id, run_name=run.metadata.name, tags=parent_run_tags(run, settings)
+    )
+    return str(created.info.run_id), False
+
+
+def search_experiment(run: TrainingRun) -> Path:
+    """Where Tune keeps this TrainingRun's search: by namespace, name and uid."""
+    from mlkube.training.tune import experiment_dir
+
+    meta = run.metadata
+    return experiment_dir(f"{meta.namespace or 'local'}.{meta.name}.{meta.uid}")
 
 
 @flow(name="train", log_prints=False, validate_parameters=False)
@@ -224,18 +312,19 @@ def train_flow(
         client, run.spec.model.name, owner_namespace(run.metadata.namespace), allow_shared_models
     )
     experiment_id = experiment_for(client, run.spec.model.name, tracking_uri)
-    end_orphans(client, experiment_id, run)
-    run_id = client.create_run(
-        experiment_id, run_name=run.metadata.name, tags=parent_run_tags(run, settings)
-    ).info.run_id
+    run_id, resuming = open_parent_run(client, experiment_id, prepared, show_progress)
     try:
-        described = prepared.data.description.items()
-        client.log_batch(run_id, params=[Param(f"data.{k}", str(v)[:500]) for k, v in described])
         tracker = RunTracker(
             client, experiment_id, run_id, settings.metric, settings.mode, settings.num_trials,
             default_progress if show_progress else None,
         )  # fmt: skip
-        best = tune_task(prepared, tracker)
+        if resuming:
+            tracker.resume()
+        else:
+            described = prepared.data.description.items()
+            params = [Param(f"data.{k}", str(v)[:500]) for k, v in described]
+            client.log_batch(run_id, params=params)
+        best = tune_task(prepared, tracker, search_experiment(run), resuming)
         model_uri = fit_and_log(prepared, best, experiment_id, run_id)
         evaluation = evaluate_task(prepared, client, model_uri)
         promotion = run.spec.promotion
@@ -265,11 +354,19 @@ def train_flow(
         )
         client.set_terminated(run_id, "FINISHED")
     except BaseException as error:
+        if stopped_from_outside(error):
+            # A pod being deleted, a job stopped: like a driver killed outright, the run stays
+            # RUNNING so that the next attempt resumes the search (or ends the run).
+            client.set_tag(run_id, outcome.TAG_ERROR, STOPPED_BY_SIGTERM)
+            raise
         client.set_tag(run_id, outcome.TAG_ERROR, f"{type(error).__name__}: {first_line(error)}")
         client.set_terminated(
             run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         )
+        shutil.rmtree(search_experiment(run), ignore_errors=True)  # nothing will resume it
         raise
+    # The search is over and recorded: Tune's state and the trials' checkpoints can go.
+    shutil.rmtree(search_experiment(run), ignore_errors=True)
     return TrainResult(
         trainingrun=run.metadata.name,
         run_id=run_id,
@@ -298,14 +395,23 @@ def train_flow(
     )
 
 
+def local_uid(run: TrainingRun) -> str:
+    """The identity of a TrainingRun trained with no cluster (which gives none): its
+    namespace and name, so that running the same one again finds what the last attempt
+    left (a search to resume, a parent run to end)."""
+    return f"local-{run.metadata.namespace or 'default'}-{run.metadata.name}"
+
+
 def train(
     run: TrainingRun, show_progress: bool = True, allow_shared_models: bool = False
 ) -> TrainResult:
     """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do.
     `allow_shared_models`: the admin lets namespaces use each other's registered models."""
+    from mlkube.training.tune import search_lock
+
     if not run.metadata.uid:
         run = run.model_copy(deep=True)
-        run.metadata.uid = f"local-{uuid.uuid4()}"
+        run.metadata.uid = local_uid(run)
     prepared = prepare(run)
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
     start_ray()
@@ -319,7 +425,8 @@ def train(
                 f"{MISSING_EXTRA}"
             ) from None
     wait_for_prefect_api()
-    return train_flow(prepared, show_progress, allow_shared_models)
+    with search_lock(search_experiment(run)):
+        return train_flow(prepared, show_progress, allow_shared_models)
 
 
 def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:

@@ -16,7 +16,13 @@ import pandas as pd
 
 from mlkube.training.tasks.base import DataError, Report, SearchSpace, Task, TaskData
 from mlkube.training.tasks.data import read_table, require_columns
-from mlkube.training.tasks.torch_loop import epochs_of, fit_epochs, seed_everything
+from mlkube.training.tasks.torch_loop import (
+    device,
+    epochs_budget,
+    epochs_of,
+    fit_epochs,
+    seed_everything,
+)
 
 HOURS_IN = 72
 HOURS_OUT = 24
@@ -80,6 +86,7 @@ class AtmosTemperatureTask(Task):
     mode = "min"
     has_epochs = True
     max_epochs = 8
+    checkpoints = True
     problems = ("regression",)
 
     @property
@@ -90,6 +97,9 @@ class AtmosTemperatureTask(Task):
             "layers": {"choice": [1, 2]},
             "epochs": {"randint": [2, 9]},
         }
+
+    def budget(self, space: SearchSpace) -> int:
+        return epochs_budget(space, self.max_epochs)
 
     def metric_names(self) -> list[str]:
         return ["mae", "rmse"]
@@ -137,7 +147,9 @@ class AtmosTemperatureTask(Task):
 
         x, y = data.search
         split = int(len(x) * (1 - VALIDATION_FRACTION))
-        valid_x, valid_y = torch.from_numpy(x[split:]), torch.from_numpy(y[split:])
+        where = device()
+        valid_x = torch.from_numpy(x[split:]).to(where)
+        valid_y = torch.from_numpy(y[split:]).to(where)
 
         def validate(model: Any) -> dict[str, float]:
             error = model(valid_x) - valid_y

@@ -18,7 +18,25 @@ Mode = Literal["min", "max"]
 Problem = Literal["auto", "regression", "classification"]
 # Same syntax as TrainingRun.spec.tuning.searchSpace, e.g. {"lr": {"loguniform": [1e-4, 0.1]}}.
 SearchSpace = dict[str, dict[str, Any]]
-Report = Callable[[dict[str, float]], None]
+# `report(metrics)` after each epoch (or boosting round); `report(metrics, state)` also
+# hands over what the task needs to go on from there: a trial whose search resumes after
+# its driver died gets it back through `restored_state(report)`.
+Report = Callable[..., None]
+
+
+def highest(distribution: dict[str, Any]) -> float:
+    """The largest value a search-space distribution can give (randint's high is excluded)."""
+    ((kind, args),) = distribution.items()
+    if kind == "choice":
+        return float(max(args))
+    if kind == "randint":
+        return float(args[1] - 1)
+    return float(args[1])
+
+
+def restored_state(report: Report) -> Any:
+    """The state the trial last reported before it stopped, or None on a fresh start."""
+    return getattr(report, "restored", None)
 
 
 class DataError(UserError):
@@ -40,8 +58,11 @@ class Task(ABC):
     mode: Mode = "min"
     # Metrics reported per epoch make learning curves; ASHA needs more than one report.
     has_epochs: bool = False
-    # Most epochs one trial trains for (ASHA's max_t).
+    # Most epochs one trial trains for (ASHA's max_t) in the task's own search space.
     max_epochs: int = 1
+    # Worth a checkpoint at every report (an epoch of a network); otherwise a trial that
+    # was running when its search's driver died starts over when the search resumes.
+    checkpoints: bool = False
     # What log_model imports; the flow imports them while it waits for Ray and Prefect.
     model_modules: tuple[str, ...] = ("mlflow.models",)
     # What spec.dataset.problem may say besides "auto"; the flow sets `problem` before load.
@@ -73,6 +94,10 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, loaded_model: Any, data: TaskData) -> dict[str, float]:
         """Metrics of an MLflow pyfunc model on data.holdout (including self.metric)."""
+
+    def budget(self, space: SearchSpace) -> int:
+        """Most epochs a trial of `space` trains for: the schedulers' max_t."""
+        return self.max_epochs
 
     def metric_names(self) -> list[str]:
         return [self.metric]

@@ -17,7 +17,13 @@ import numpy as np
 
 from mlkube.training.tasks.base import DataError, Mode, Report, SearchSpace, Task, TaskData
 from mlkube.training.tasks.data import read_table, require_columns
-from mlkube.training.tasks.torch_loop import epochs_of, fit_epochs, seed_everything
+from mlkube.training.tasks.torch_loop import (
+    device,
+    epochs_budget,
+    epochs_of,
+    fit_epochs,
+    seed_everything,
+)
 
 HOLDOUT_FRACTION = 0.2
 VALIDATION_FRACTION = 0.2
@@ -79,6 +85,7 @@ class MnistTask(Task):
     mode = "min"
     has_epochs = True
     max_epochs = 8
+    checkpoints = True
     problems = ("classification",)
 
     @property
@@ -89,6 +96,9 @@ class MnistTask(Task):
             "hidden": {"choice": [32, 64]},
             "epochs": {"randint": [2, 9]},
         }
+
+    def budget(self, space: SearchSpace) -> int:
+        return epochs_budget(space, self.max_epochs)
 
     def metric_names(self) -> list[str]:
         return ["loss", "accuracy"]
@@ -135,7 +145,8 @@ class MnistTask(Task):
         x_train, x_valid, y_train, y_valid = train_test_split(
             x, y, test_size=VALIDATION_FRACTION, random_state=seed, stratify=y
         )
-        valid_x, valid_y = torch.from_numpy(x_valid), torch.from_numpy(y_valid)
+        where = device()
+        valid_x, valid_y = torch.from_numpy(x_valid).to(where), torch.from_numpy(y_valid).to(where)
 
         def validate(network: Any) -> dict[str, float]:
             logits = network(valid_x)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mlkube.training.tasks.base import DataError, Mode, Problem, Report, SearchSpace, Task, TaskData
+from mlkube.training.tasks.base import (
+    DataError,
+    Mode,
+    Problem,
+    Report,
+    SearchSpace,
+    Task,
+    TaskData,
+    highest,
+    restored_state,
+)
 from mlkube.training.tasks.data import read_table, require_columns
 
 if TYPE_CHECKING:  # pandas loads when data does: `mlkube train` refuses bad specs without it
@@ -16,6 +27,10 @@ HOLDOUT_FRACTION = 0.2
 CV_FOLDS = 3
 # An integer or text target with at most this many classes is a classification.
 MAX_CLASSES = 20
+# A trial reports its cross-validated metrics after every round of this many boosting
+# iterations (warm_start adds them), so that asha and hyperband can stop it early.
+ROUND_ITERATIONS = 50
+DEFAULT_MAX_ITER = 100
 PIP_REQUIREMENTS = ["scikit-learn==1.9.1", "skops", "pandas", "numpy"]
 # The metrics reported for each kind of problem, the first the default, and which way is better.
 REGRESSION_METRICS: dict[str, Mode] = {"mae": "min", "rmse": "min", "r2": "max"}
@@ -33,9 +48,14 @@ def is_classification(target: pd.Series) -> bool:
     return bool(target.nunique() <= MAX_CLASSES)
 
 
+def rounds_of(max_iter: int) -> int:
+    return max(1, math.ceil(max_iter / ROUND_ITERATIONS))
+
+
 class TabularTask(Task):
     name = "tabular"
     model_modules = ("mlflow.models", "mlflow.sklearn", "skops.io")
+    has_epochs = True
     default_target: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = ("regression", "classification")
 
@@ -53,6 +73,10 @@ class TabularTask(Task):
             "min_samples_leaf": {"randint": [5, 40]},
             "l2_regularization": {"loguniform": [1e-6, 1.0]},
         }
+
+    def budget(self, space: SearchSpace) -> int:
+        top = highest(space["max_iter"]) if "max_iter" in space else DEFAULT_MAX_ITER
+        return rounds_of(int(top))
 
     def resolve_target(self, frame: pd.DataFrame, target: str | None, uri: str) -> str:
         if target:
@@ -117,7 +141,9 @@ class TabularTask(Task):
     def mode_for(self, metric: str) -> Mode:
         return {**REGRESSION_METRICS, **CLASSIFICATION_METRICS}.get(metric, self.mode)
 
-    def pipeline(self, config: Mapping[str, Any], features: pd.DataFrame, seed: int) -> Any:
+    def pipeline(
+        self, config: Mapping[str, Any], features: pd.DataFrame, seed: int, warm_start: bool = False
+    ) -> Any:
         from sklearn.compose import ColumnTransformer
         from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
         from sklearn.pipeline import Pipeline
@@ -141,6 +167,7 @@ class TabularTask(Task):
         estimator = estimator_class(
             random_state=seed,
             categorical_features=list(range(len(categorical))) or None,
+            warm_start=warm_start,
             **{k: v for k, v in config.items() if k in self.search_space},
         )
         return Pipeline([("encode", encode), ("model", estimator)])
@@ -191,11 +218,27 @@ class TabularTask(Task):
         splitter = (StratifiedKFold if self.classification else KFold)(
             n_splits=CV_FOLDS, shuffle=True, random_state=seed
         )
+        # Per fold: the columns encoded once, then the booster grown round by round.
         folds = []
         for train_index, valid_index in splitter.split(x, y):
-            model = self.pipeline(config, x, seed).fit(x.iloc[train_index], y.iloc[train_index])
-            folds.append(self.score(model, x.iloc[valid_index], y.iloc[valid_index]))
-        report({name: sum(f[name] for f in folds) / len(folds) for name in folds[0]})
+            pipeline = self.pipeline(config, x, seed, warm_start=True)
+            encode, booster = pipeline[:-1], pipeline[-1]
+            x_train = encode.fit_transform(x.iloc[train_index], y.iloc[train_index])
+            x_valid = encode.transform(x.iloc[valid_index])
+            folds.append((booster, x_train, y.iloc[train_index], x_valid, y.iloc[valid_index]))
+        max_iter = int(config.get("max_iter", DEFAULT_MAX_ITER))
+        # Boosting is deterministic for a seed: going straight to a round's iterations
+        # builds the same trees as getting there round by round, so a resumed trial only
+        # needs to know its round.
+        done = (restored_state(report) or {}).get("round", 0)
+        for round_number in range(done + 1, rounds_of(max_iter) + 1):
+            iterations = min(round_number * ROUND_ITERATIONS, max_iter)
+            scores = []
+            for booster, x_train, y_train, x_valid, y_valid in folds:
+                booster.set_params(max_iter=iterations).fit(x_train, y_train)
+                scores.append(self.score(booster, x_valid, y_valid))
+            metrics = {name: sum(f[name] for f in scores) / len(scores) for name in scores[0]}
+            report(metrics, {"round": round_number})
 
     def fit(self, config: Mapping[str, Any], data: TaskData, seed: int) -> Any:
         x, y = data.search
