@@ -120,8 +120,14 @@ class MicroBatcher:
         try:
             while self._queue:
                 batch = [item for item in self._take() if not item[1].cancelled()]
-                if batch:
+                if not batch:
+                    continue
+                try:
                     await self._run(batch)
+                except Exception as error:  # a bug here must fail requests, never hang them
+                    log.exception("micro-batching failed")
+                    for _, future in batch:
+                        _settle(future, error=error)
         finally:
             self._worker = None
 

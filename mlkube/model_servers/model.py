@@ -202,7 +202,9 @@ class LazyModel(Model):
                 rows = await self._decode(model, payload)
                 output = await self._run(model, rows)
                 request_id = payload.id or uuid.uuid4().hex
-                return to_infer_response(output, self.name, request_id, model.codec.output_name)
+                return to_infer_response(
+                    output, self.name, request_id, model.codec.output_name, payload
+                )
             rows = await self._decode(model, payload)
             return {"predictions": to_json(await self._run(model, rows))}
 
