@@ -428,10 +428,17 @@ def run_ghz(
         rps=float(found["rps"]),
         p50_ms=percentiles.get(50, 0) / 1e6,
         p99_ms=percentiles.get(99, 0) / 1e6,
-        # a run that ends at its duration cancels the calls in flight: not the server's fault
-        errors=sum(n for code, n in codes.items() if code not in ("OK", "Canceled")),
+        errors=_grpc_errors(codes, concurrency),
         load=load,
     )
+
+
+def _grpc_errors(codes: dict[str, int], concurrency: int) -> int:
+    """Calls that did not succeed, less the calls in flight when ghz stopped at the end of its
+    duration (it reports up to `concurrency` of them as Canceled or Unavailable)."""
+    failed = sum(n for code, n in codes.items() if code != "OK")
+    cut_off = sum(codes.get(code, 0) for code in ("Canceled", "Unavailable"))
+    return failed - min(cut_off, concurrency)
 
 
 # -- predictions ----------------------------------------------------------------------------

@@ -232,6 +232,23 @@ def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
     assert threads[1:] == [loop_thread, loop_thread]
 
 
+def test_a_request_with_others_in_flight_is_never_predicted_on_the_loop() -> None:
+    threads: list[int] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return frame["bmi"].to_numpy()
+
+    async def main() -> int:
+        batcher = MicroBatcher(predict, TABULAR, inline_below=60.0)
+        for _ in range(3):
+            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}), alone=False)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert loop_thread not in threads and len(threads) == 3
+
+
 # -- hardening: error sizes, v2 shapes, row caps --------------------------------------------
 def test_an_error_about_many_unknown_keys_names_a_few_and_counts_the_rest() -> None:
     record = {**RECORD, **{f"junk{i}": 1 for i in range(100_000)}}
