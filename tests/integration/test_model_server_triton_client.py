@@ -28,6 +28,7 @@ from tests.integration.test_model_server import (
     ModelServerProcess,
     _direct_model,
     _log_sklearn,
+    _log_torch,
     _poll,
     _start,
     serving,
@@ -42,7 +43,6 @@ IMAGE = [1, 8, 8]  # channels, height, width: scikit-learn's digits
 
 def _log_cnn(name: str) -> None:
     """A small CNN on 8x8 one-channel images (untrained: the protocol is under test)."""
-    import mlflow
     import torch
 
     torch.manual_seed(0)
@@ -52,15 +52,7 @@ def _log_cnn(name: str) -> None:
         torch.nn.Flatten(),
         torch.nn.Linear(4 * 6 * 6, 10),
     )
-    example = _digits(2)  # batch 2: the exported batch size stays dynamic
-    with mlflow.start_run():
-        mlflow.pytorch.log_model(
-            net,
-            name="model",
-            input_example=example,
-            pip_requirements=["torch"],
-            registered_model_name=name,
-        )
+    _log_torch(name, net, _digits(2))
 
 
 def _digits(count: int) -> np.ndarray:

@@ -214,7 +214,9 @@ def test_models_whose_output_depends_on_the_batch_are_not_batched() -> None:
     assert not is_batch_invariant(invariant, TABULAR, [])
 
 
-def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
+def _predicting_threads(alone: bool) -> tuple[list[int], int]:
+    """(the thread of each of three predicts, the event loop's thread) for three requests in
+    turn to a fast model."""
     threads: list[int] = []
 
     def predict(frame: pd.DataFrame) -> np.ndarray:
@@ -224,28 +226,21 @@ def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
     async def main() -> int:
         batcher = MicroBatcher(predict, TABULAR, inline_below=60.0)
         for _ in range(3):  # the first call is timed in a worker thread
-            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}))
+            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}), alone=alone)
         return threading.get_ident()
 
     loop_thread = asyncio.run(main())
+    return threads, loop_thread
+
+
+def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
+    threads, loop_thread = _predicting_threads(alone=True)
     assert threads[0] != loop_thread
     assert threads[1:] == [loop_thread, loop_thread]
 
 
 def test_a_request_with_others_in_flight_is_never_predicted_on_the_loop() -> None:
-    threads: list[int] = []
-
-    def predict(frame: pd.DataFrame) -> np.ndarray:
-        threads.append(threading.get_ident())
-        return frame["bmi"].to_numpy()
-
-    async def main() -> int:
-        batcher = MicroBatcher(predict, TABULAR, inline_below=60.0)
-        for _ in range(3):
-            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}), alone=False)
-        return threading.get_ident()
-
-    loop_thread = asyncio.run(main())
+    threads, loop_thread = _predicting_threads(alone=False)
     assert loop_thread not in threads and len(threads) == 3
 
 
