@@ -1,19 +1,23 @@
-"""The baseline: a bare kserve.Model holding an MLflow model in memory (loaded at start).
+"""The baseline: a bare kserve.Model holding an MLflow pyfunc in memory (loaded at start).
 
 predict() is synchronous, as a plain KServe custom model would write it, so it runs on the
-event loop. Usage: python bare_server.py MODEL_DIR HTTP_PORT GRPC_PORT
+event loop. It answers Open Inference Protocol v2 (REST and gRPC): the request's inputs
+become a DataFrame (kserve's `as_dataframe`), the pyfunc predicts, one output comes back.
+Usage: python bare_server.py MODEL_DIR HTTP_PORT GRPC_PORT
 """
 
 from __future__ import annotations
 
 import sys
+import uuid
 import warnings
 from typing import Any
 
 import mlflow.pyfunc
-import pandas as pd
+import numpy as np
 from fastapi.exceptions import FastAPIDeprecationWarning
-from kserve import Model, ModelServer
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.utils.numpy_codec import from_np_dtype
 
 # same courtesy as mlkube's server: without it the log write per request dominates
 warnings.filterwarnings(
@@ -27,9 +31,19 @@ class BareModel(Model):
         self.model = mlflow.pyfunc.load_model(path)
         self.ready = True
 
-    def predict(self, payload: Any, headers: Any = None) -> dict[str, Any]:
-        frame = pd.DataFrame.from_records(payload["instances"])
-        return {"predictions": self.model.predict(frame).tolist()}
+    def predict(self, payload: InferRequest, headers: Any = None) -> InferResponse:
+        result = np.asarray(self.model.predict(payload.as_dataframe()))
+        output = InferOutput(
+            name="predict",
+            shape=list(result.shape),
+            datatype=from_np_dtype(result.dtype),
+            data=result.tolist(),
+        )
+        return InferResponse(
+            response_id=payload.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=[output],
+        )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ otherwise on rows made from its signature, and then the first live batches are c
 ones returned, so no answer ever depends on the batch). A model whose signature gives no
 usable rows (string columns) is judged on live batches alone.
 
-A request that arrives alone at an idle model whose predict is fast (under `inline_below`
-seconds, measured) is predicted right on the event loop: at concurrency 1 two thread hand-offs
+A request that arrives alone (no other request for the model in flight) at an idle model
+whose predict is fast (under `inline_below` seconds, measured) is predicted right on the
+event loop: at concurrency 1 two thread hand-offs
 cost more than the predict blocks the loop, and on a busy machine each hand-off waits for a
 time slice. Before going inline it yields once, so requests that arrived with it queue up and
 are batched off the loop instead.
@@ -74,9 +75,13 @@ class MicroBatcher:
         self._queue: deque[tuple[Rows, asyncio.Future[Any]]] = deque()
         self._worker: asyncio.Task[None] | None = None
 
-    async def submit(self, rows: Rows) -> Any:
-        """This request's share of the model output (an array or a DataFrame)."""
-        if self._idle() and self._fast() and not self._probing:
+    async def submit(self, rows: Rows, alone: bool = True) -> Any:
+        """This request's share of the model output (an array or a DataFrame). `alone`: no
+        other request for this model is in flight (being read or decoded). Only a request
+        alone may be predicted on the event loop: gRPC hands calls over one at a time, and
+        predicting each on the loop as it came kept the batcher idle-looking and every
+        batch one request long."""
+        if alone and self._idle() and self._fast() and not self._probing:
             self._probing = True
             try:
                 await asyncio.sleep(0)  # others that arrived with us reach the queue meanwhile
@@ -120,8 +125,14 @@ class MicroBatcher:
         try:
             while self._queue:
                 batch = [item for item in self._take() if not item[1].cancelled()]
-                if batch:
+                if not batch:
+                    continue
+                try:
                     await self._run(batch)
+                except Exception as error:  # a bug here must fail requests, never hang them
+                    log.exception("micro-batching failed")
+                    for _, future in batch:
+                        _settle(future, error=error)
         finally:
             self._worker = None
 

@@ -10,6 +10,7 @@ names the column, row or tensor.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def _element_count(data: Any) -> int:
     if isinstance(data, np.ndarray):
         return int(data.size)
     if isinstance(data, list | tuple):
-        return sum(_element_count(item) if isinstance(item, list | tuple) else 1 for item in data)
+        nested = [item for item in data if isinstance(item, list | tuple)]
+        return len(data) - len(nested) + sum(_element_count(item) for item in nested)
     return 1
 
 
@@ -74,7 +76,7 @@ def check_v2_shapes(request: InferRequest) -> int:
         shape = [int(d) for d in inp.shape]
         if not shape or any(d < 0 for d in shape):
             raise InvalidInput(f"input {inp.name!r}: shape {shape} must list non-negative sizes")
-        needed = int(np.prod(shape))
+        needed = math.prod(shape)
         given = _element_count(_request_data(inp))
         if given != needed:
             raise InvalidInput(
@@ -117,6 +119,10 @@ def convert_column(column: Column, values: Sequence[Any] | np.ndarray) -> np.nda
         return values.reshape(-1).astype(NUMERIC[kind], copy=False)
     if isinstance(values, np.ndarray):
         values = values.reshape(-1).tolist()
+    elif kind in NUMERIC:
+        numbers_only = _numbers(values, kind)
+        if numbers_only is not None:
+            return numbers_only
     for row, value in enumerate(values):
         if value is None:
             if column.required:
@@ -157,6 +163,29 @@ def convert_column(column: Column, values: Sequence[Any] | np.ndarray) -> np.nda
         except (ValueError, TypeError) as error:
             raise InvalidInput(f"column {name!r}: not a datetime: {error}") from None
     return np.asarray(values, dtype=object)
+
+
+def _numbers(values: Sequence[Any], kind: str) -> np.ndarray | None:
+    """The common case of convert_column checked by numpy in one pass: plain numbers (no
+    None, booleans, strings or nested lists), whole where the kind is integral. None when
+    anything else is in there; the caller's per-value loop then names the culprit."""
+    if any(isinstance(value, bool | np.bool_) for value in values):
+        return None  # numpy would take True for 1
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if array.ndim != 1 or array.dtype.kind not in "iuf":
+        return None  # booleans, None, strings, Python ints beyond int64 or ragged rows
+    if kind in INTEGRAL and array.dtype.kind == "f" and not _whole(array):
+        return None
+    dtype = NUMERIC[kind]
+    # the same conversion as the loop's path (np.asarray of the values in the signature's dtype)
+    return array if array.dtype == dtype else np.asarray(values, dtype=dtype)
+
+
+def _whole(array: np.ndarray) -> bool:
+    return bool(np.isfinite(array).all() and (array == np.trunc(array)).all())
 
 
 def _flat(values: Any) -> list[Any]:
@@ -241,13 +270,26 @@ def _infer_output(name: str, array: np.ndarray) -> InferOutput:
 
 
 def to_infer_response(
-    output: np.ndarray | pd.DataFrame, model_name: str, request_id: str, output_name: str
+    output: np.ndarray | pd.DataFrame,
+    model_name: str,
+    request_id: str,
+    output_name: str,
+    request: InferRequest | None = None,
 ) -> InferResponse:
+    """The v2 response; in binary form where `request` asks for it (REST's
+    `binary_data_output` and per-output `binary_data`; over gRPC, raw inputs get raw
+    outputs, which Triton's clients read), with only the outputs it names, if it names any."""
     if isinstance(output, pd.DataFrame):
         outputs = [_infer_output(str(col), output[col].to_numpy()) for col in output.columns]
     else:
         outputs = [_infer_output(output_name, output)]
-    return InferResponse(response_id=request_id, model_name=model_name, infer_outputs=outputs)
+    return InferResponse(
+        response_id=request_id,
+        model_name=model_name,
+        infer_outputs=outputs,
+        use_binary_outputs=bool(request.use_binary_outputs) if request else False,
+        requested_outputs=(request.request_outputs or None) if request else None,
+    )
 
 
 # -- codecs --------------------------------------------------------------------------------
@@ -298,6 +340,8 @@ class TabularCodec(Codec):
         self.columns = columns
         self.names = [c.name for c in columns]
         self._by_name = {c.name: c for c in columns}
+        self._known = frozenset(self.names)
+        self._required = frozenset(c.name for c in columns if c.required)
 
     def decode_v1(self, body: Any) -> Rows:
         data = v1_payload(body)
@@ -314,7 +358,10 @@ class TabularCodec(Codec):
         raise InvalidInput("expected rows (lists) or records (objects), not a mix or scalars")
 
     def _check_names(self, given: Sequence[str], where: str = "", hint: str = "") -> None:
-        required = {c.name for c in self.columns if c.required}
+        names = set(given)
+        if self._required <= names and names <= self._known:
+            return
+        required = self._required
         missing = [n for n in self.names if n in required and n not in given]
         extra = [n for n in given if n not in self._by_name]
         if missing:

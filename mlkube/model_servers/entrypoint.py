@@ -98,6 +98,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="after SIGTERM, exit within this many seconds",
     )
     parser.add_argument(
+        "--access-log",
+        dest="access_log",
+        action="store_const",
+        const=True,
+        help="log a line per request (off by default)",
+    )
+    parser.add_argument(
         "--no-prefetch",
         dest="prefetch",
         action="store_false",

@@ -108,6 +108,7 @@ class LazyModel(Model):
         self._preparing: threading.Thread | None = None
         self._prepare_after = 0.0
         self._trial_loaded = False  # the artifacts on disk loaded once (see _prepare)
+        self._in_flight = 0  # predict requests between arrival and answer
 
     # -- life ------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -197,14 +198,20 @@ class LazyModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
-        async with self.loaded() as model:
-            if isinstance(payload, InferRequest):
+        self._in_flight += 1
+        try:
+            async with self.loaded() as model:
+                if isinstance(payload, InferRequest):
+                    rows = await self._decode(model, payload)
+                    output = await self._run(model, rows)
+                    request_id = payload.id or uuid.uuid4().hex
+                    return to_infer_response(
+                        output, self.name, request_id, model.codec.output_name, payload
+                    )
                 rows = await self._decode(model, payload)
-                output = await self._run(model, rows)
-                request_id = payload.id or uuid.uuid4().hex
-                return to_infer_response(output, self.name, request_id, model.codec.output_name)
-            rows = await self._decode(model, payload)
-            return {"predictions": to_json(await self._run(model, rows))}
+                return {"predictions": to_json(await self._run(model, rows))}
+        finally:
+            self._in_flight -= 1
 
     async def _decode(self, model: LoadedModel, payload: Any) -> Rows:
         """The request as model input; big ones are parsed and converted in a thread."""
@@ -228,7 +235,7 @@ class LazyModel(Model):
 
     async def _run(self, model: LoadedModel, rows: Any) -> Any:
         try:
-            return await model.batcher.submit(rows)
+            return await model.batcher.submit(rows, alone=self._in_flight == 1)
         except (InvalidInput, InferenceError):
             raise
         except Exception as error:

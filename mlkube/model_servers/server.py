@@ -18,7 +18,6 @@ from concurrent import futures
 from typing import Any
 
 import orjson
-from fastapi import Request, Response  # module level: FastAPI resolves route annotations here
 
 from mlkube.model_servers.settings import ServerSettings
 
@@ -34,6 +33,15 @@ def quiet_fastapi() -> None:
     warnings.filterwarnings(
         "ignore", message=r"ORJSONResponse is deprecated", category=FastAPIDeprecationWarning
     )
+
+
+def quiet_request_logs() -> None:
+    """No line per request: uvicorn's access log (as uvicorn's own `access_log=False` does)
+    and KServe's timing lines (two a request). Errors are still logged."""
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
 
 
 def configure_logging() -> None:
@@ -86,8 +94,10 @@ def prepare_environment(settings: ServerSettings) -> None:
     quiet_fastapi()
 
 
-def _host_grpc_server(host: str) -> Any:
-    """KServe 0.21's GRPCServer binds [::] with no option; this one binds `host`."""
+def _host_grpc_server(host: str, access_log: bool) -> Any:
+    """KServe 0.21's GRPCServer binds [::] with no option and logs a line per call; this one
+    binds `host` ([::] for 0.0.0.0 and ::, as KServe does) and logs calls only with
+    `access_log`."""
     from grpc import aio
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
@@ -97,9 +107,10 @@ def _host_grpc_server(host: str) -> Any:
     class HostGRPCServer(GRPCServer):
         async def start(self, max_workers: int) -> None:
             servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+            interceptors = (LoggingInterceptor(),) if access_log else ()
             self._server = aio.server(
                 futures.ThreadPoolExecutor(max_workers=max_workers),
-                interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                interceptors=(*interceptors, ExceptionToStatusInterceptor()),
                 options=[
                     (
                         "grpc.max_send_message_length",
@@ -114,8 +125,9 @@ def _host_grpc_server(host: str) -> Any:
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
                 servicer, self._server
             )
-            self._server.add_insecure_port(f"{host}:{self._port}")
-            log.info("gRPC listening on %s:%d", host, self._port)
+            address = "[::]" if host in ("0.0.0.0", "::") else host
+            self._server.add_insecure_port(f"{address}:{self._port}")
+            log.info("gRPC listening on %s:%d", address, self._port)
             await self._server.start()
             await self._server.wait_for_termination()
 
@@ -124,39 +136,49 @@ def _host_grpc_server(host: str) -> Any:
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+_V2_MODELS, _INFER = "/v2/models/", "/infer"
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` is refused with a 413 before the app sees it,
-    whether its Content-Length says so or it streams past the cap. Bodies under it are read
-    here and handed on whole, so memory stays within one body."""
+def v2_infer_target(scope: MutableMapping[str, Any]) -> str | None:
+    """The model name of a `POST /v2/models/{name}/infer`, else None."""
+    path: str = scope.get("path", "")
+    if scope.get("method") != "POST" or not path.startswith(_V2_MODELS):
+        return None
+    if not path.endswith(_INFER):
+        return None
+    name = path[len(_V2_MODELS) : -len(_INFER)]
+    return name if name and "/" not in name else None
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+
+class FrontDoor:
+    """The outermost ASGI app, in front of KServe's FastAPI app.
+
+    - A body over `max_bytes` is refused with a 413 before anything parses it, whether its
+      Content-Length says so or it streams past the cap; bodies under it are read here and
+      handed on whole, so memory stays within one body.
+    - `POST /v2/models/{name}/infer`, the hot path, is answered here: the same steps as
+      KServe's route (readiness, decode, DataPlane.infer, encode; errors through KServe's
+      own exception handlers, so the answers are the same), without FastAPI's routing and
+      middleware stack and KServe's per-request timing log, which together cost more than
+      the prediction of one row. Large bodies are parsed in a thread, so probes answer
+      meanwhile. The model's Prometheus histograms are kept (DataPlane.infer records them).
+    - Everything else goes to the app unchanged.
+    """
+
+    def __init__(self, app: Any, dataplane: Any, max_bytes: int) -> None:
+        self.app, self.dataplane, self.max_bytes = app, dataplane, max_bytes
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        body = await self._read_body(scope, receive, send)
+        if body is None:
             return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        del chunks
+        name = v2_infer_target(scope)
+        if name is not None:
+            await self._infer(name, body, scope, receive, send)
+            return
         delivered = False
 
         async def replay() -> dict[str, Any]:
@@ -167,6 +189,80 @@ class BodyLimit:
             return dict(await receive())
 
         await self.app(scope, replay, send)
+
+    async def _read_body(
+        self, scope: MutableMapping[str, Any], receive: Any, send: Any
+    ) -> bytes | None:
+        """The whole body, or None once refused (413) or when the client went away."""
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _infer(
+        self, name: str, body: bytes, scope: MutableMapping[str, Any], receive: Any, send: Any
+    ) -> None:
+        from kserve.errors import ModelNotReady
+
+        from mlkube.model_servers.model import INLINE_BYTES
+
+        dataplane = self.dataplane
+        headers = {
+            key.decode("latin-1").lower(): value.decode("latin-1")
+            for key, value in scope.get("headers") or []
+        }
+        try:
+            if not await dataplane.model_ready(name, True):
+                raise ModelNotReady(name)
+            if len(body) > INLINE_BYTES:
+                request = await asyncio.to_thread(parse_v2_body, body, headers, name)
+            else:
+                request = parse_v2_body(body, headers, name)
+            response, response_headers = await dataplane.infer(
+                model_name=name, request=request, headers=headers
+            )
+            response, encoded_headers = dataplane.encode(
+                model_name=name, response=response, headers=headers, req_attributes={}
+            )
+        except Exception as error:
+            handler = _handler_for(self.app, error)
+            if handler is None:
+                raise
+            answer = await handler(None, error)
+            await answer(scope, receive, send)
+            return
+        response_headers.update(encoded_headers)
+        response_headers.pop("content-length", None)
+        if isinstance(response, bytes):
+            content = response  # the binary data extension: headers say where the JSON ends
+        else:
+            response_headers["content-type"] = "application/json"
+            content = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+        response_headers["content-length"] = str(len(content))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
 
     async def _refuse(self, send: Any) -> None:
         content = orjson.dumps(
@@ -187,6 +283,23 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": content})
+
+
+def _header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _handler_for(app: Any, error: Exception) -> Any:
+    """The app's exception handler for `error` (the nearest class in its MRO), as Starlette
+    picks it."""
+    handlers = getattr(app, "exception_handlers", {})
+    for cls in type(error).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
 
 
 def parse_v2_body(body: bytes, headers: dict[str, str], model_name: str) -> Any:
@@ -211,41 +324,6 @@ def parse_v2_body(body: bytes, headers: dict[str, str], model_name: str) -> Any:
         where = ".".join(str(part) for part in first["loc"])
         raise InvalidInput(f"v2 request: {where}: {first['msg']}") from None
     return InferRequest.from_inference_request(request, model_name)
-
-
-def add_v2_infer_route(app: Any, dataplane: Any) -> None:
-    """/v2/models/{name}/infer in front of KServe's, which parses and validates the JSON on the
-    event loop (a big body stalled the readiness probe for seconds); this one does it in a
-    thread when the body is large. Same answers otherwise."""
-    from kserve.errors import ModelNotReady
-
-    from mlkube.model_servers.model import INLINE_BYTES
-
-    async def infer(model_name: str, request: Request) -> Response:
-        if not await dataplane.model_ready(model_name, True):
-            raise ModelNotReady(model_name)
-        body = await request.body()
-        headers = dict(request.headers)
-        if len(body) > INLINE_BYTES:
-            infer_request = await asyncio.to_thread(parse_v2_body, body, headers, model_name)
-        else:
-            infer_request = parse_v2_body(body, headers, model_name)
-        response, response_headers = await dataplane.infer(
-            model_name=model_name, request=infer_request, headers=headers
-        )
-        response, encoded_headers = dataplane.encode(
-            model_name=model_name, response=response, headers=headers, req_attributes={}
-        )
-        response_headers.update(encoded_headers)
-        response_headers.pop("content-length", None)
-        if isinstance(response, bytes):
-            return Response(content=response, headers=response_headers)
-        response_headers.pop("content-type", None)
-        content = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
-        return Response(content, media_type="application/json", headers=response_headers)
-
-    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"])
-    app.router.routes.insert(0, app.router.routes.pop())  # ahead of KServe's own
 
 
 def honest_dataplane(registry: Any, required: list[str]) -> Any:
@@ -315,19 +393,17 @@ def make_model_server(settings: ServerSettings, repository: Any, required: list[
         """KServe's ModelServer, bound to `settings.host` (loopback for local mode)."""
 
         def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
+            super().__init__(**kwargs)  # configures KServe's logging
+            if not settings.access_log:
+                quiet_request_logs()
             self.dataplane = honest_dataplane(self.registered_models, required)
             self._exit_timer_started = False
 
         def start(self, models: list[Any]) -> None:
-            enabled: bool = getattr(self, "enable_grpc", False)
-            self._own_grpc = enabled and settings.host not in ("0.0.0.0", "::")
-            if self._own_grpc:
-                self.enable_grpc = False  # started in _serve, on our host
+            self._own_grpc = bool(getattr(self, "enable_grpc", False))
+            self.enable_grpc = False  # ours is started in _serve instead of KServe's
             # gRPC refuses messages over the same cap as REST bodies
             kms.args.grpc_max_receive_message_length = settings.max_request_bytes
-            kms.app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-            add_v2_infer_route(kms.app, self.dataplane)
             super().start(models)
 
         def stop(self, sig: int) -> None:
@@ -341,7 +417,9 @@ def make_model_server(settings: ServerSettings, repository: Any, required: list[
 
         async def _serve(self) -> None:
             if self._rest_server is not None:
-                self._rest_server.config.host = settings.host  # uvicorn binds at serve()
+                config = self._rest_server.config  # uvicorn reads it at serve()
+                config.host = settings.host
+                config.app = FrontDoor(kms.app, self.dataplane, settings.max_request_bytes)
                 uvicorn_server = self._rest_server._server
                 handle_exit = uvicorn_server.handle_exit
 
@@ -352,7 +430,7 @@ def make_model_server(settings: ServerSettings, repository: Any, required: list[
 
                 uvicorn_server.handle_exit = on_signal
             if getattr(self, "_own_grpc", False):
-                server_class = _host_grpc_server(settings.host)
+                server_class = _host_grpc_server(settings.host, settings.access_log)
                 self._grpc_server = server_class(
                     self.grpc_port,
                     self.dataplane,
@@ -443,6 +521,9 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
 def run(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT."""
     server, models, _ = build(settings)
+    from mlkube.model_servers.loader import freeze_long_lived
+
+    freeze_long_lived()  # everything imported so far lives as long as the process
     if settings.prefetch:
         # Resolve and download (not load) in the background while the server listens; the
         # readiness probe answers "not ready" until the artifacts are verified on disk.

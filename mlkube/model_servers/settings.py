@@ -71,6 +71,11 @@ class ServerSettings(BaseModel):
         gt=0,
         description="After SIGTERM, exit within this (the pod's 30 s grace less its preStop)",
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log a line per request (uvicorn's access log and KServe's timings); "
+        "off by default: at hundreds of requests a second the lines cost more than a prediction",
+    )
     predict_threads: int | None = Field(
         default=1, ge=1, description="OpenMP/BLAS/torch threads per predict; None: library default"
     )

@@ -102,13 +102,16 @@ def _log_sklearn(name: str) -> None:
         )
 
 
-def _log_torch(name: str) -> None:
+def _log_torch(name: str, net: Any = None, example: np.ndarray | None = None) -> None:
+    """`net` (by default a small MLP on 4 features) with `example` as its input example (a
+    batch of 2 or more: the exported batch size stays dynamic)."""
     import mlflow
     import torch
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    example = np.random.default_rng(0).random((2, 4), dtype=np.float32)  # batch 2: dynamic
+    if net is None:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        example = np.random.default_rng(0).random((2, 4), dtype=np.float32)
     with mlflow.start_run():
         mlflow.pytorch.log_model(
             net,

@@ -18,6 +18,7 @@ from mlkube.model_servers.codec import (
     Column,
     TabularCodec,
     TensorCodec,
+    convert_column,
     split_output,
     to_infer_response,
     to_json,
@@ -85,6 +86,47 @@ def test_tabular_errors_name_the_problem(body: Any, message: str) -> None:
     with pytest.raises(InvalidInput) as raised:
         TABULAR.decode_v1(body)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "message"),
+    [
+        ("long", [1, True], "expected long (a number), got True in row 1"),
+        ("double", [np.True_, 2.5], "expected double (a number), got np.True_ in row 0"),
+        ("long", [1, 2.5], "expected long (a whole number), got 2.5 in row 1"),
+        ("long", [1.0, float("nan")], "expected long (a whole number), got nan in row 1"),
+        ("double", [1.0, None], "missing value in row 1"),
+        ("double", [1.0, "2"], "expected double (a number), got '2' in row 1"),
+        ("long", [1, [2]], "expected long (a number), got [2] in row 1"),
+    ],
+)
+def test_numbers_are_checked_value_by_value_where_numpy_would_coerce(
+    kind: str, values: list[Any], message: str
+) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        convert_column(Column("x", kind), values)
+    assert message in str(raised.value)
+
+
+def test_plain_numbers_take_the_signature_dtype() -> None:
+    assert convert_column(Column("x", "long"), [1.0, 2.0]).tolist() == [1, 2]
+    assert convert_column(Column("x", "long"), [1.0, 2.0]).dtype == np.int64
+    assert convert_column(Column("x", "integer"), [3, 4]).dtype == np.int32
+    assert convert_column(Column("x", "double"), [1, 2.5]).tolist() == [1.0, 2.5]
+    assert convert_column(Column("x", "float"), [0.1]).dtype == np.float32
+    big = convert_column(Column("x", "double"), [2**70])  # beyond int64: the per-value path
+    assert big.tolist() == [float(2**70)]
+
+
+def test_binary_outputs_where_the_request_asks_for_them() -> None:
+    output = np.array([1.5, 2.5])
+    plain = to_infer_response(output, "m", "id", "predict", v2(("x", [1], "FP64", [1.0])))
+    assert plain.to_rest()[0]["outputs"][0]["data"] == [1.5, 2.5]
+    asked = v2(("x", [1], "FP64", [1.0]))
+    asked.parameters = {"binary_data_output": True}
+    body, json_length = to_infer_response(output, "m", "id", "predict", asked).to_rest()
+    assert isinstance(body, bytes) and json_length is not None
+    assert np.frombuffer(body[json_length:], "<f8").tolist() == [1.5, 2.5]
 
 
 def test_tensor_codec_checks_shape_and_casts_to_the_signature() -> None:
@@ -172,7 +214,9 @@ def test_models_whose_output_depends_on_the_batch_are_not_batched() -> None:
     assert not is_batch_invariant(invariant, TABULAR, [])
 
 
-def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
+def _predicting_threads(alone: bool) -> tuple[list[int], int]:
+    """(the thread of each of three predicts, the event loop's thread) for three requests in
+    turn to a fast model."""
     threads: list[int] = []
 
     def predict(frame: pd.DataFrame) -> np.ndarray:
@@ -182,12 +226,22 @@ def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
     async def main() -> int:
         batcher = MicroBatcher(predict, TABULAR, inline_below=60.0)
         for _ in range(3):  # the first call is timed in a worker thread
-            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}))
+            await batcher.submit(TABULAR.decode_v1({"instances": [RECORD]}), alone=alone)
         return threading.get_ident()
 
     loop_thread = asyncio.run(main())
+    return threads, loop_thread
+
+
+def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
+    threads, loop_thread = _predicting_threads(alone=True)
     assert threads[0] != loop_thread
     assert threads[1:] == [loop_thread, loop_thread]
+
+
+def test_a_request_with_others_in_flight_is_never_predicted_on_the_loop() -> None:
+    threads, loop_thread = _predicting_threads(alone=False)
+    assert loop_thread not in threads and len(threads) == 3
 
 
 # -- hardening: error sizes, v2 shapes, row caps --------------------------------------------

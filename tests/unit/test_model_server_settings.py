@@ -133,3 +133,17 @@ def test_the_server_imports_neither_ray_nor_prefect(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_request_logs_are_off_unless_asked_for() -> None:
+    from mlkube.model_servers.entrypoint import (
+        OneLineParser,
+        add_server_arguments,
+        settings_from_args,
+    )
+
+    parser = OneLineParser()
+    add_server_arguments(parser)
+    quiet = settings_from_args(parser.parse_args(["--model-uri", "models:/m/1"]))
+    loud = settings_from_args(parser.parse_args(["--model-uri", "models:/m/1", "--access-log"]))
+    assert (quiet.access_log, loud.access_log) == (False, True)
