@@ -131,6 +131,16 @@ class _GoneCheckpointError(logging.Filter):
         return not (gone and "Error handling checkpoint" in str(record.msg))
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the process as an exit, so that Ray shuts down and Prefect and MLflow
+    record how the run ended. Ray's failure-signal handler saw the signal first and set an
+    alarm that aborts the process (SIGABRT, exit -6) if it still lives a few seconds later:
+    cancelled, because an exit on a busy machine takes longer (4 of 6 exits aborted at
+    load 8)."""
+    signal.alarm(0)
+    sys.exit(signum)
+
+
 _ray_start: BackgroundStart | None = None
 _ray_start_lock = threading.Lock()
 
@@ -146,7 +156,7 @@ def start_ray(num_cpus: int | None = None) -> None:
             return
         if threading.current_thread() is threading.main_thread():
             # Ray installs this handler itself only when started on the main thread.
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
         _ray_start = BackgroundStart(
             "mlkube-ray-start", lambda: _init_ray(num_cpus), keep_thread=True
