@@ -4,16 +4,15 @@ they work, stay up while needed, and leave no process behind."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-import time
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.integration.processes import survivors
 
 pytestmark = pytest.mark.integration
 
@@ -39,22 +38,6 @@ START_IN_THE_BACKGROUND = textwrap.dedent(
     print(json.dumps({"worker": pid, "children": children, "threads": started_on}))
     """
 )
-
-
-def survivors(pids: list[int], grace: float = 30) -> list[int]:
-    """Which of these processes are still running once `grace` seconds have passed."""
-    deadline = time.monotonic() + grace
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
 
 
 def test_ray_started_in_the_background_runs_tasks_and_leaves_nothing_behind() -> None:
@@ -111,60 +94,3 @@ def test_sigterm_ends_a_flow_whose_ray_started_in_the_background(tmp_path: Path)
     child.terminate()
     assert child.wait(timeout=60) == 15
     assert not survivors(descendants), "Ray processes left after SIGTERM"
-
-
-def test_mlkube_train_as_a_command_leaves_no_process_behind(tmp_path: Path) -> None:
-    manifest = tmp_path / "trainingrun.yaml"
-    example = (REPO / "examples/insurance/trainingrun.yaml").read_text()
-    name = f"background-{uuid.uuid4().hex[:8]}"
-    assert "name: insurance\n" in example
-    manifest.write_text(
-        example.replace("numTrials: 8", "numTrials: 2").replace(
-            "name: insurance\n", f"name: {name}\n"
-        )
-    )
-    # Local mode through and through: its own MLflow store, Prefect's temporary API.
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))},
-        "MLKUBE_HOME": str(tmp_path / "home"),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-    }
-    dataset = REPO.parent / "shared" / "data" / "insurance.csv"
-    # Files, not pipes: nothing reads a pipe while the loop below watches the process.
-    out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
-    with out_file.open("w") as stdout, err_file.open("w") as stderr:
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlkube",
-                "train",
-                "-f",
-                str(manifest),
-                "--dataset",
-                str(dataset),
-            ],
-            env=env,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=REPO,
-        )
-    # Every command line a child showed: one seen between fork and exec still shows ours.
-    seen: dict[int, set[str]] = {}
-    deadline = time.monotonic() + 300
-    while child.poll() is None and time.monotonic() < deadline:
-        try:
-            for process in psutil.Process(child.pid).children(recursive=True):
-                seen.setdefault(process.pid, set()).add(" ".join(process.cmdline()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    child.wait(timeout=10)
-    out, err = out_file.read_text(), err_file.read_text()
-    assert child.returncode == 0, err[-2000:]
-    assert f"{name} version 1" in out
-    assert (tmp_path / "home" / "mlflow.db").exists()
-    commands = " ".join(line for lines in seen.values() for line in lines)
-    assert "prefect.server.api.server:create_app" in commands
-    assert "raylet" in commands and "gcs_server" in commands
-    assert not survivors(sorted(seen)), "processes left after mlkube train"
