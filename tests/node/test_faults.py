@@ -1,5 +1,5 @@
 """Faults on the real node: a predictor pod deleted while requests come, the Ray head
-deleted mid-search, and a TrainingRun whose dataset is missing."""
+deleted mid-search (the search resumes), and a TrainingRun whose dataset is missing."""
 
 from __future__ import annotations
 
@@ -142,17 +142,57 @@ def tr_status(node: Node, namespace: str, name: str) -> dict[str, Any]:
     return found
 
 
-def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
+def tune_state_claim(node: Node, namespace: str, name: str) -> str:
+    """A PersistentVolumeClaim bound to a hostPath volume of the node (no provisioner runs
+    here), writable by the images' user; returns the volume's name."""
+    import os
+
+    path = node.workdir / "volumes" / namespace / name
+    path.mkdir(parents=True)
+    os.chown(path, 10001, 10001)
+    volume = f"{namespace}-{name}"[:63]
+    objects = [
+        {"apiVersion": "v1", "kind": "PersistentVolume",
+         "metadata": {"name": volume},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                  "hostPath": {"path": str(path), "type": "Directory"},
+                  "claimRef": {"namespace": namespace, "name": name}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": name, "namespace": namespace},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                  "volumeName": volume, "resources": {"requests": {"storage": "1Gi"}}}},
+    ]  # fmt: skip
+    node.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    )
+    return volume
+
+
+def test_the_ray_head_deleted_mid_search_resumes_the_search_on_a_new_ray_cluster(
     node: Node, namespace: str, release: str, model_name: str, shared_dir: Path
 ) -> None:
+    """Tune's state on a claim and one retry: the next attempt's driver resumes the search.
+    Trials completed before the head went are not run again, and the TrainingRun keeps one
+    parent run in MLflow."""
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
+    volume = tune_state_claim(node, namespace, "tune-state")
+    try:
+        resumed_search(node, namespace, model_name, uri)
+    finally:
+        node.kubectl("delete", "pv", volume, "--wait=false", check=False)
+
+
+def resumed_search(node: Node, namespace: str, model_name: str, uri: str) -> None:
     # Slow trials (1500 boosting rounds each), so that the search is still going.
     run = small_trainingrun(
         uri,
         **{
             "spec.model.name": model_name,
-            "spec.tuning.numTrials": 12,
+            "spec.tuning.numTrials": 10,
             "spec.tuning.searchSpace": {"max_iter": {"choice": [1500]}},
+            "spec.tuning.storage": {"claimName": "tune-state"},
+            "spec.ray.retries": 1,
         },
     )
     node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(run))
@@ -162,16 +202,29 @@ def test_the_ray_head_deleted_mid_search_ends_the_run_failed_with_a_reason(
                            "jsonpath={.status.trials.completed}").stdout  # fmt: skip
         return int(out or 0)
 
-    wait_for(node, "a first trial result", lambda: trials_completed() >= 1, timeout=600)
+    wait_for(node, "two trial results", lambda: trials_completed() >= 2, timeout=600)
     node.kubectl("delete", "pod", "-n", namespace, "-l", "ray.io/node-type=head",
                  "--wait=false")  # fmt: skip
-    ended = trainingrun_ended(node, namespace, "insurance", timeout=600)
+    ended = trainingrun_ended(node, namespace, "insurance", timeout=900)
     status = tr_status(node, namespace, "insurance")
-    assert ended["PHASE"] == "Failed", status
-    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
-    assert succeeded["status"] == "False" and succeeded["reason"], succeeded
-    assert status.get("message"), status
-    assert ended["VERSION"] == "" and ended["PROMOTED"] == "", ended
+    assert ended["PHASE"] == "Succeeded", status
+    assert status["trials"] == {"completed": 10, "total": 10}, status
+    assert (ended["VERSION"], ended["PROMOTED"]) == ("1", "true"), ended
+
+    uid = json.loads(node.kubectl("get", "tr", "insurance", "-n", namespace, "-o", "json").stdout)[
+        "metadata"
+    ]["uid"]
+    seen = run_script_pod(
+        node, namespace, "runs", PODS / "inspect_runs.py",
+        [json.dumps({"model": model_name, "uid": uid})],
+        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
+    )  # fmt: skip
+    assert seen["phase"] == "Succeeded", seen["logs"]
+    runs = json.loads(seen["logs"].strip().splitlines()[-1])
+    # One parent run, resumed once; each trial logged once.
+    (parent,) = runs["parents"]
+    assert parent["status"] == "FINISHED" and int(parent["resumed"] or 0) >= 1, runs
+    assert runs["trials"] == 10 and len(runs["trial_ids"]) == 10, runs
 
 
 def test_a_trainingrun_whose_dataset_is_missing_fails_saying_which(
