@@ -141,3 +141,21 @@ def carries(have: Any, want: Any) -> bool:
             and all(carries(h, w) for h, w in zip(have, want, strict=True))
         )
     return bool(want == have)
+
+
+def inferenceservice_patch(isvc: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes the live InferenceService say what the manifest says, or
+    None when it already does. A merge patch keeps fields it does not name, so the ones the
+    manifest may leave out (a canary that ended) are removed explicitly."""
+    predictor = manifest["spec"]["predictor"]
+    current = (isvc.get("spec") or {}).get("predictor") or {}
+    annotations = manifest["metadata"]["annotations"]
+    current_annotations = isvc.get("metadata", {}).get("annotations") or {}
+    removable = ("canaryTrafficPercent",)
+    dropped = [key for key in removable if key in current and key not in predictor]
+    if carries(current, predictor) and not dropped and carries(current_annotations, annotations):
+        return None
+    return {
+        "metadata": {"annotations": annotations},
+        "spec": {"predictor": {**dict.fromkeys(removable), **predictor}},
+    }

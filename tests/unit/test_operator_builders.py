@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
+from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from mlkube.api import ModelDeployment, TrainingRun
-from mlkube.operator.inferenceservice import PREDICTOR_CONTAINER, build_inferenceservice
+from mlkube.operator.inferenceservice import (
+    PREDICTOR_CONTAINER,
+    build_inferenceservice,
+    inferenceservice_patch,
+)
 from mlkube.operator.names import ISVC_NAME_MAX, RAYJOB_NAME_MAX, inferenceservice_name, rayjob_name
 from mlkube.operator.rayjob import build_rayjob
 
@@ -215,6 +221,60 @@ def test_inferenceservice_hands_request_limits_to_the_predictor() -> None:
     # unset: the predictor's own defaults, not a second copy of them here
     plain = build_inferenceservice(deployment(), 7, tracking_uri="http://m:5000", image="p:1")
     assert "--max-request-bytes" not in plain["spec"]["predictor"]["containers"][0]["args"]
+
+
+def merge_patched(obj: Any, patch: Any) -> Any:
+    """`obj` after a JSON merge patch (RFC 7386), as the API server applies one."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(obj) if isinstance(obj, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patched(merged.get(key), value)
+    return merged
+
+
+def live(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The InferenceService as the API server returns it: our manifest plus its defaults."""
+    stored = copy.deepcopy(manifest)
+    stored["metadata"]["annotations"]["kserve.io/added-by-webhook"] = "x"
+    stored["spec"]["predictor"]["timeout"] = 60
+    stored["spec"]["predictor"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    stored["status"] = {"url": "http://ins.ml"}
+    return stored
+
+
+def test_an_inferenceservice_that_says_what_the_manifest_says_is_not_patched() -> None:
+    manifest = build_inferenceservice(deployment(), 3, tracking_uri="u", image="i")
+    assert inferenceservice_patch(live(manifest), manifest) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"version": 3}, {"version": 4}),  # a new version
+        ({"version": 3}, {"version": 4, "canary_traffic_percent": 20}),  # a canary starts
+        ({"version": 4, "canary_traffic_percent": 20}, {"version": 4}),  # the canary ends
+        ({"version": 3}, {"version": 3, "deployment_mode": "Standard"}),  # an annotation
+    ],
+)
+def test_the_inferenceservice_patch_makes_the_live_object_say_what_the_manifest_says(
+    before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    md = deployment(canary={"trafficPercent": 20})
+    current = live(build_inferenceservice(md, tracking_uri="u", image="i", **before))
+    manifest = build_inferenceservice(md, tracking_uri="u", image="i", **after)
+    patch = inferenceservice_patch(current, manifest)
+    assert patch is not None
+    patched = merge_patched(current, patch)
+    assert inferenceservice_patch(patched, manifest) is None
+    predictor = patched["spec"]["predictor"]
+    assert predictor.get("canaryTrafficPercent") == after.get("canary_traffic_percent")
+    assert patched["metadata"]["annotations"]["mlkube.io/model-version"] == str(after["version"])
+    # What the API server added is left alone.
+    assert predictor["timeout"] == 60 and patched["status"] == {"url": "http://ins.ml"}
 
 
 RESTRICTED = {
