@@ -23,7 +23,7 @@ from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
-from mlkube.operator.inferenceservice import build_inferenceservice, inferenceservice_patch
+from mlkube.operator.inferenceservice import inferenceservice_for, inferenceservice_patch
 from mlkube.operator.metrics import CHILDREN_CREATED, MLFLOW_ERRORS, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
 from mlkube.operator.names import (
@@ -35,7 +35,7 @@ from mlkube.operator.names import (
 )
 from mlkube.operator.policy import Refusal, deployment_refusal, trainingrun_refusal
 from mlkube.operator.poller import KeyedLocks, Poller
-from mlkube.operator.rayjob import build_rayjob
+from mlkube.operator.rayjob import rayjob_for
 from mlkube.operator.rollout import (
     MODEL_RESOLVED,
     Event,
@@ -289,12 +289,7 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
         event = Event(type="Warning", reason=refusal.reason, message=refusal.message)
         apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
         return
-    manifest = build_rayjob(
-        run,
-        SETTINGS.mlflow_tracking_uri,
-        credentials_secret=SETTINGS.mlflow_credentials_secret,
-        allow_shared_models=SETTINGS.allow_shared_models,
-    )
+    manifest = rayjob_for(run, SETTINGS)
     kopf.adopt(manifest, owner=body)
     _, created = kube.create_or_adopt(kube.RAYJOB, manifest, meta["uid"])
     name = manifest["metadata"]["name"]
@@ -517,15 +512,13 @@ def reconcile_deployment(
     )
     new = rollout.status
     if rollout.target_version is not None:
-        manifest = build_inferenceservice(
+        manifest = inferenceservice_for(
             deployment,
             rollout.target_version,
+            SETTINGS,
             tracking_uri=target.uri,
-            image=SETTINGS.predictor_image,
-            http_port=SETTINGS.predictor_http_port,
             canary_traffic_percent=rollout.canary_traffic_percent,
             deployment_mode=mode,
-            credentials_secret=SETTINGS.mlflow_credentials_secret,
         )
         kopf.adopt(manifest, owner=kopf.Body(cast(kopf.RawBody, body)))
         new.inference_service_name = manifest["metadata"]["name"]

@@ -19,7 +19,7 @@ from mlkube.operator.names import (
     inferenceservice_name,
 )
 from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
+from mlkube.operator.settings import RAW_DEPLOYMENT_MODES, OperatorSettings
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 # KServe routes to the container with this name.
@@ -127,6 +127,29 @@ def build_inferenceservice(
         },
         "spec": {"predictor": predictor},
     }
+
+
+def inferenceservice_for(
+    deployment: ModelDeployment,
+    version: int,
+    settings: OperatorSettings,
+    *,
+    tracking_uri: str,
+    canary_traffic_percent: int | None,
+    deployment_mode: str | None,
+) -> dict[str, Any]:
+    """The InferenceService the operator with these settings makes (the predictor's image
+    and port, the namespace's MLflow credentials), for the handlers and `operator render`."""
+    return build_inferenceservice(
+        deployment,
+        version,
+        tracking_uri=tracking_uri,
+        image=settings.predictor_image,
+        http_port=settings.predictor_http_port,
+        canary_traffic_percent=canary_traffic_percent,
+        deployment_mode=deployment_mode,
+        credentials_secret=settings.mlflow_credentials_secret,
+    )
 
 
 def carries(have: Any, want: Any) -> bool:

@@ -14,6 +14,7 @@ from mlkube.api.trainingrun import TrainingRun
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
 from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
+from mlkube.operator.settings import OperatorSettings
 
 RAYJOB_API_VERSION = "ray.io/v1"
 TRAIN_MODULE = "mlkube.flows.train"
@@ -168,3 +169,14 @@ def build_rayjob(
         },
         "spec": spec,
     }
+
+
+def rayjob_for(run: TrainingRun, settings: OperatorSettings) -> dict[str, Any]:
+    """The RayJob the operator with these settings makes (its MLflow, the namespace's
+    MLflow credentials, shared models or not), for the handlers and `operator render`."""
+    return build_rayjob(
+        run,
+        settings.mlflow_tracking_uri,
+        credentials_secret=settings.mlflow_credentials_secret,
+        allow_shared_models=settings.allow_shared_models,
+    )
