@@ -24,7 +24,7 @@ from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
 from mlkube.operator.inferenceservice import inferenceservice_for, inferenceservice_patch
-from mlkube.operator.metrics import CHILDREN_CREATED, MLFLOW_ERRORS, TRANSITIONS, measured
+from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
@@ -37,8 +37,9 @@ from mlkube.operator.policy import Refusal, deployment_refusal, trainingrun_refu
 from mlkube.operator.poller import KeyedLocks, Poller
 from mlkube.operator.rayjob import rayjob_for
 from mlkube.operator.rollout import (
-    MODEL_RESOLVED,
+    DeploymentMemo,
     Event,
+    follow_model,
     plan_rollout,
     refused_deployment_status,
 )
@@ -60,7 +61,7 @@ from mlkube.operator.tracking import (
     TrackingUriNotAllowed,
     tracking_target,
 )
-from mlkube.training.ownership import NOT_OWNER, ownership_refusal
+from mlkube.training.ownership import NOT_OWNER
 
 TRAININGRUNS = (GROUP, VERSION, "trainingruns")
 MODELDEPLOYMENTS = (GROUP, VERSION, "modeldeployments")
@@ -79,7 +80,7 @@ class Update(BaseModel):
 
 # Per object (by uid): what the ModelDeployment reconcile remembers between runs, and one
 # lock so that a change handler and the poller never reconcile an object at once.
-_memos: dict[str, dict[str, Any]] = {}
+_memos: dict[str, DeploymentMemo] = {}
 _locks = KeyedLocks()
 _pollers: list[Poller[ObjectKey]] = []
 
@@ -328,7 +329,6 @@ def sync_trainingrun(body: dict[str, Any], rayjob_status: dict[str, Any] | None)
         except TrackingUriNotAllowed as refused:  # the allow-list changed since the create
             mlflow_error, mlflow_reason = str(refused), NOT_ALLOWED
         except MlflowError as error:
-            MLFLOW_ERRORS.inc()
             mlflow_error, mlflow_reason = error.message, error.reason
     new = trainingrun_status(
         previous,
@@ -373,84 +373,6 @@ def poll_trainingrun(key: ObjectKey, rayjobs: kopf.Index[str, Any]) -> None:
 # --------------------------------------------------------------------------- ModelDeployment
 
 
-def _checked_recently(memo: dict[str, Any], stamp: str, now: dt.datetime) -> bool:
-    """MLflow was asked within alias_poll_seconds (the time is memo[stamp])."""
-    last = memo.get(stamp)
-    return last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
-
-
-def _mlflow_answered(
-    conditions: list[Any], error: MlflowError | None, now: dt.datetime
-) -> list[Any]:
-    """MlflowReachable after a call: False with our reason and words, or True."""
-    if error is None:
-        return set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
-    MLFLOW_ERRORS.inc()
-    return set_condition(conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now)
-
-
-def _ownership(
-    selector_name: str, target: TrackingTarget, namespace: str, memo: dict[str, Any],
-    conditions: list[Any], *, force: bool,
-) -> tuple[str | None, bool, list[Any]]:  # fmt: skip
-    """Whether this namespace may serve the model: (refusal message or None, known, the
-    conditions). Checked through MLflow at most every alias_poll_seconds; unknown (MLflow
-    not answering) rolls nothing out."""
-    now = _now()
-    if SETTINGS.allow_shared_models:
-        return None, True, conditions
-    fresh = _checked_recently(memo, "owner_checked_at", now)
-    if not force and fresh and memo.get("owner_model") == selector_name:
-        return memo.get("owner_refusal"), True, conditions
-    try:
-        ownership = _mlflow(target).model_ownership(selector_name)
-    except MlflowError as error:
-        return None, False, _mlflow_answered(conditions, error, now)
-    refusal = ownership_refusal(
-        selector_name, ownership.owner, namespace, shared=False, registered=ownership.registered
-    )
-    memo.update(owner_checked_at=now, owner_model=selector_name, owner_refusal=refusal)
-    return refusal, True, _mlflow_answered(conditions, None, now)
-
-
-def _desired_version(
-    deployment: ModelDeployment,
-    target: TrackingTarget,
-    memo: dict[str, Any],
-    conditions: list[Any],
-    *,
-    force: bool,
-) -> tuple[int | None, list[Any]]:
-    """The version to serve: pinned, or the alias resolved through MLflow (at most every
-    alias_poll_seconds; None when unknown, which leaves the InferenceService as it is)."""
-    selector, now = deployment.spec.model, _now()
-    if selector.version is not None:
-        conditions = set_condition(conditions, MODEL_RESOLVED, "True", "Pinned", "", now)
-        return selector.version, conditions
-    alias = selector.followed_alias or "champion"
-    fresh = _checked_recently(memo, "alias_checked_at", now)
-    if not force and fresh and memo.get("alias") == alias:
-        return memo.get("alias_version"), conditions
-    try:
-        version = _mlflow(target).resolve_alias(selector.name, alias)
-    except MlflowError as error:
-        conditions = _mlflow_answered(conditions, error, now)
-        return memo.get("alias_version") if memo.get("alias") == alias else None, conditions
-    memo["alias"], memo["alias_checked_at"], memo["alias_version"] = alias, now, version
-    conditions = _mlflow_answered(conditions, None, now)
-    if version is None:
-        message = f"registered model {selector.name} has no alias {alias!r} (yet)"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now
-        )
-    else:
-        message = f"{alias} -> version {version}"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "True", "AliasResolved", message, now
-        )
-    return version, conditions
-
-
 def _refused_deployment(
     body: dict[str, Any], previous: ModelDeploymentStatus, refusal: Refusal
 ) -> Update:
@@ -464,7 +386,7 @@ def _refused_deployment(
 
 
 def reconcile_deployment(
-    body: dict[str, Any], memo: dict[str, Any], *, force_resolve: bool
+    body: dict[str, Any], memo: DeploymentMemo, *, force_resolve: bool
 ) -> Update:
     meta = body["metadata"]
     deployment: ModelDeployment = _parse(ModelDeployment, body)
@@ -479,17 +401,16 @@ def reconcile_deployment(
     if refusal is not None:
         return _refused_deployment(body, previous, refusal)
     working = previous.model_copy(deep=True)
-    owner_refusal, owner_known, working.conditions = _ownership(
-        deployment.spec.model.name, target, meta["namespace"], memo, working.conditions,
+    followed = follow_model(
+        deployment, _mlflow(target), memo, working.conditions, now=_now(),
+        poll_seconds=SETTINGS.alias_poll_seconds, shared=SETTINGS.allow_shared_models,
         force=force_resolve,
     )  # fmt: skip
-    if owner_refusal is not None:
-        return _refused_deployment(body, previous, Refusal(reason=NOT_OWNER, message=owner_refusal))
-    desired, working.conditions = _desired_version(
-        deployment, target, memo, working.conditions, force=force_resolve
-    )
-    if not owner_known:
-        desired = None  # nothing new is rolled out while ownership cannot be checked
+    working.conditions = followed.conditions
+    if followed.refusal is not None:
+        refusal = Refusal(reason=NOT_OWNER, message=followed.refusal)
+        return _refused_deployment(body, previous, refusal)
+    desired = followed.version
     # Read, not indexed: a promotion or rollback must see the result of the previous
     # step, never a watch that lags behind it. ModelDeployments are few.
     isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
@@ -542,8 +463,8 @@ def _update_inferenceservice(isvc: dict[str, Any], manifest: dict[str, Any]) -> 
         kube.patch(kube.INFERENCESERVICE, meta["namespace"], meta["name"], body)
 
 
-def _memo(uid: str) -> dict[str, Any]:
-    return _memos.setdefault(uid, {})
+def _memo(uid: str) -> DeploymentMemo:
+    return _memos.setdefault(uid, DeploymentMemo())
 
 
 @kopf.on.create(*MODELDEPLOYMENTS)

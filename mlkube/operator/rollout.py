@@ -1,23 +1,38 @@
 """ModelDeployment rollout decisions: which version the InferenceService should pin, with
-what canary share, and what the status says. Pure: the handler reads, this decides."""
+what canary share, and what the status says. Pure: the handler reads, this decides.
+
+The version comes from following the model (follow_model): the alias resolved and the
+model's owner checked through MLflow, at most every poll interval, remembered in between
+(DeploymentMemo). The MLflow reader is handed in; nothing else here does I/O.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel
 
 from mlkube.api.common import Condition
-from mlkube.api.modeldeployment import CanaryStatus, ModelDeployment, ModelDeploymentStatus
+from mlkube.api.modeldeployment import (
+    DEFAULT_ALIAS,
+    CanaryStatus,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    ModelSelector,
+)
+from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.operator.status import (
     InferenceServiceView,
     drop_condition,
     find_condition,
+    mlflow_answered,
     parse_timestamp,
     set_condition,
 )
+from mlkube.training.ownership import ownership_refusal
 
 # ModelDeployment condition types.
 READY = "Ready"
@@ -217,3 +232,111 @@ def _rollout_condition(
     message: str = "",
 ) -> list[Condition]:
     return set_condition(status.conditions, ROLLOUT, value, reason, message, now)
+
+
+# --------------------------------------------------------------------------- following the model
+
+
+@dataclass
+class DeploymentMemo:
+    """What MLflow last said about one ModelDeployment, and when: the version its alias
+    pointed at and whether its namespace may serve the model. Kept between reconciles (in
+    memory), so that MLflow is asked at most every poll interval, or at once when forced
+    (the spec changed)."""
+
+    alias: str | None = None
+    alias_version: int | None = None
+    alias_checked_at: dt.datetime | None = None
+    owner_model: str | None = None
+    owner_refusal: str | None = None
+    owner_checked_at: dt.datetime | None = None
+
+
+class Followed(BaseModel):
+    """What following the model found: a refusal (the namespace may not serve it), or the
+    version to serve (None: unknown, which leaves the InferenceService as it is)."""
+
+    refusal: str | None = None
+    version: int | None = None
+    conditions: list[Condition]
+
+
+def _checked_recently(at: dt.datetime | None, now: dt.datetime, poll_seconds: float) -> bool:
+    return at is not None and (now - at).total_seconds() < poll_seconds
+
+
+def check_ownership(
+    model: str, namespace: str, reader: MlflowReader, memo: DeploymentMemo,
+    conditions: list[Condition], *, now: dt.datetime, poll_seconds: float, shared: bool,
+    force: bool,
+) -> tuple[str | None, bool, list[Condition]]:  # fmt: skip
+    """Whether `namespace` may serve the model: (refusal message or None, known, the
+    conditions). Unknown (MLflow not answering) rolls nothing out; with `shared` (the
+    operator's allowSharedModels) every namespace may, and MLflow is not asked."""
+    if shared:
+        return None, True, conditions
+    fresh = _checked_recently(memo.owner_checked_at, now, poll_seconds)
+    if not force and fresh and memo.owner_model == model:
+        return memo.owner_refusal, True, conditions
+    try:
+        ownership = reader.model_ownership(model)
+    except MlflowError as error:
+        return None, False, mlflow_answered(conditions, now, error.reason, error.message)
+    refusal = ownership_refusal(
+        model, ownership.owner, namespace, shared=False, registered=ownership.registered
+    )
+    memo.owner_checked_at, memo.owner_model, memo.owner_refusal = now, model, refusal
+    return refusal, True, mlflow_answered(conditions, now)
+
+
+def desired_version(
+    selector: ModelSelector, reader: MlflowReader, memo: DeploymentMemo,
+    conditions: list[Condition], *, now: dt.datetime, poll_seconds: float, force: bool,
+) -> tuple[int | None, list[Condition]]:  # fmt: skip
+    """The version to serve: pinned, or the alias resolved through MLflow (None when
+    unknown; while MLflow does not answer, the version it last said)."""
+    if selector.version is not None:
+        conditions = set_condition(conditions, MODEL_RESOLVED, "True", "Pinned", "", now)
+        return selector.version, conditions
+    alias = selector.followed_alias or DEFAULT_ALIAS
+    fresh = _checked_recently(memo.alias_checked_at, now, poll_seconds)
+    if not force and fresh and memo.alias == alias:
+        return memo.alias_version, conditions
+    try:
+        version = reader.resolve_alias(selector.name, alias)
+    except MlflowError as error:
+        conditions = mlflow_answered(conditions, now, error.reason, error.message)
+        return memo.alias_version if memo.alias == alias else None, conditions
+    memo.alias, memo.alias_checked_at, memo.alias_version = alias, now, version
+    conditions = mlflow_answered(conditions, now)
+    if version is None:
+        message = f"registered model {selector.name} has no alias {alias!r} (yet)"
+        conditions = set_condition(
+            conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now
+        )
+    else:
+        message = f"{alias} -> version {version}"
+        conditions = set_condition(
+            conditions, MODEL_RESOLVED, "True", "AliasResolved", message, now
+        )
+    return version, conditions
+
+
+def follow_model(
+    deployment: ModelDeployment, reader: MlflowReader, memo: DeploymentMemo,
+    conditions: list[Condition], *, now: dt.datetime, poll_seconds: float, shared: bool,
+    force: bool,
+) -> Followed:  # fmt: skip
+    """The ownership check, then the version to serve. Nothing new is rolled out while
+    the ownership cannot be checked."""
+    model = deployment.spec.model
+    refusal, owner_known, conditions = check_ownership(
+        model.name, deployment.metadata.namespace or "", reader, memo, conditions,
+        now=now, poll_seconds=poll_seconds, shared=shared, force=force,
+    )  # fmt: skip
+    if refusal is not None:
+        return Followed(refusal=refusal, conditions=conditions)
+    version, conditions = desired_version(
+        model, reader, memo, conditions, now=now, poll_seconds=poll_seconds, force=force
+    )
+    return Followed(version=version if owner_known else None, conditions=conditions)

@@ -68,6 +68,17 @@ def set_condition(
     return [*(c for c in conditions if c.type != kind), new]
 
 
+def mlflow_answered(
+    conditions: list[Condition], now: dt.datetime, error_reason: str | None = None,
+    error_message: str = "",
+) -> list[Condition]:  # fmt: skip
+    """MlflowReachable after a call to MLflow: True, or False with our reason and words
+    (never what the server said)."""
+    if error_reason is None:
+        return set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+    return set_condition(conditions, MLFLOW_REACHABLE, "False", error_reason, error_message, now)
+
+
 def drop_condition(conditions: list[Condition], kind: str) -> list[Condition]:
     return [c for c in conditions if c.type != kind]
 
@@ -196,11 +207,9 @@ def trainingrun_status(
     status = previous.model_copy(deep=True)
     conditions = status.conditions
     if mlflow_error is not None:
-        conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", mlflow_reason, mlflow_error, now
-        )
+        conditions = mlflow_answered(conditions, now, mlflow_reason, mlflow_error)
     elif mlflow_checked:
-        conditions = set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
+        conditions = mlflow_answered(conditions, now)
     if outcome is not None:
         _apply_outcome(status, outcome)
         if outcome.unreadable_tags:
