@@ -23,6 +23,7 @@ from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition, set_condition
 from mlkube.operator.inferenceservice import inferenceservice_for, inferenceservice_patch
 from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
@@ -45,13 +46,10 @@ from mlkube.operator.rollout import (
 )
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
-    MLFLOW_REACHABLE,
     SUCCEEDED,
     TERMINAL_PHASES,
-    find_condition,
     inferenceservice_view,
     refused_trainingrun_status,
-    set_condition,
     status_patch,
     trainingrun_status,
 )

@@ -22,16 +22,15 @@ from mlkube.api.modeldeployment import (
     ModelDeploymentStatus,
     ModelSelector,
 )
-from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
-from mlkube.operator.status import (
-    InferenceServiceView,
+from mlkube.operator.conditions import (
     drop_condition,
-    find_condition,
+    held_since,
     mlflow_answered,
-    parse_timestamp,
     set_condition,
 )
+from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
+from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
+from mlkube.operator.status import InferenceServiceView
 from mlkube.training.ownership import ownership_refusal
 
 # ModelDeployment condition types.
@@ -217,11 +216,8 @@ def _timed_out(
         return False
     if isvc.version == status.served_version:
         return False
-    began = find_condition(status.conditions, ROLLOUT)
-    since = parse_timestamp(began.last_transition_time) if began is not None else None
-    if began is None or began.status != "Unknown" or since is None:
-        return False
-    return (now - since).total_seconds() > timeout
+    began = held_since(status.conditions, ROLLOUT, "Unknown")
+    return began is not None and (now - began).total_seconds() > timeout
 
 
 def _rollout_condition(

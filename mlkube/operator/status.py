@@ -1,5 +1,6 @@
 """Foreign status -> our status: RayJob (+ the MLflow outcome) -> TrainingRun, and the
-InferenceService's conditions and url as the rollout logic needs them. Pure functions."""
+InferenceService's conditions and url as the rollout logic needs them. Pure functions; the
+conditions' own transitions are in conditions.py."""
 
 from __future__ import annotations
 
@@ -11,76 +12,28 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-from mlkube.api.common import Condition
 from mlkube.api.trainingrun import BestTrial, TrainingRunStatus, TrialCounts
+from mlkube.operator.conditions import (
+    ConditionStatus,
+    drop_condition,
+    held_since,
+    mlflow_answered,
+    parse_timestamp,
+    set_condition,
+    timestamp,
+)
 from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_VERSION
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.training.outcome import Outcome
 
-ConditionStatus = Literal["True", "False", "Unknown"]
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 # TrainingRun condition types.
 SUCCEEDED = "Succeeded"
-MLFLOW_REACHABLE = "MlflowReachable"
 # jobStatus FAILED seen while jobDeploymentStatus still said Running; since its transition.
 JOB_FAILING = "JobFailing"
 # False while the MLflow parent run carries outcome tags that do not parse.
 OUTCOME_READABLE = "OutcomeReadable"
-
-
-def timestamp(moment: dt.datetime) -> str:
-    """RFC 3339 UTC at second precision, as Kubernetes writes metav1.Time."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_timestamp(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def find_condition(conditions: list[Condition], kind: str) -> Condition | None:
-    return next((c for c in conditions if c.type == kind), None)
-
-
-def set_condition(
-    conditions: list[Condition],
-    kind: str,
-    status: ConditionStatus,
-    reason: str,
-    message: str,
-    now: dt.datetime,
-) -> list[Condition]:
-    """Conditions with `kind` set; lastTransitionTime moves only when the status does."""
-    old = find_condition(conditions, kind)
-    since = old.last_transition_time if old is not None and old.status == status else None
-    new = Condition(
-        type=kind,
-        status=status,
-        reason=reason,
-        message=message,
-        last_transition_time=since or timestamp(now),
-    )
-    return [*(c for c in conditions if c.type != kind), new]
-
-
-def mlflow_answered(
-    conditions: list[Condition], now: dt.datetime, error_reason: str | None = None,
-    error_message: str = "",
-) -> list[Condition]:  # fmt: skip
-    """MlflowReachable after a call to MLflow: True, or False with our reason and words
-    (never what the server said)."""
-    if error_reason is None:
-        return set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
-    return set_condition(conditions, MLFLOW_REACHABLE, "False", error_reason, error_message, now)
-
-
-def drop_condition(conditions: list[Condition], kind: str) -> list[Condition]:
-    return [c for c in conditions if c.type != kind]
 
 
 def status_patch(stored: Mapping[str, Any], new: BaseModel) -> dict[str, Any]:
@@ -224,12 +177,7 @@ def trainingrun_status(
 
     if rayjob_exists:
         job = RayJobStatus.model_validate(rayjob_status or {})
-        failing = find_condition(conditions, JOB_FAILING)
-        failing_since = (
-            parse_timestamp(failing.last_transition_time)
-            if failing is not None and failing.status == "True"
-            else None
-        )
+        failing_since = held_since(conditions, JOB_FAILING, "True")
         reading = read_rayjob(job, failing_since, now, grace_seconds)
         if reading.reason == "JobFailing":
             conditions = set_condition(

@@ -21,13 +21,9 @@ import pytest
 from mlkube.api.modeldeployment import ModelDeployment
 from mlkube.api.trainingrun import TrainingRunStatus
 from mlkube.operator import mlflow_reader
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition
 from mlkube.operator.rollout import MODEL_RESOLVED, DeploymentMemo, follow_model
-from mlkube.operator.status import (
-    MLFLOW_REACHABLE,
-    OUTCOME_READABLE,
-    find_condition,
-    trainingrun_status,
-)
+from mlkube.operator.status import OUTCOME_READABLE, trainingrun_status
 from mlkube.operator.tracking import TrackingTarget, tracking_target
 from mlkube.training import outcome as tags
 from tests.fixtures.mlflow_server import MlflowServer

@@ -6,6 +6,7 @@ import datetime as dt
 
 from mlkube.api import ModelDeployment
 from mlkube.api.modeldeployment import ModelDeploymentStatus
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition
 from mlkube.operator.mlflow_reader import MlflowUnavailable, ModelOwnership
 from mlkube.operator.rollout import (
     CANARY_SUPPORTED,
@@ -17,12 +18,7 @@ from mlkube.operator.rollout import (
     follow_model,
     plan_rollout,
 )
-from mlkube.operator.status import (
-    MLFLOW_REACHABLE,
-    InferenceServiceView,
-    RolloutState,
-    find_condition,
-)
+from mlkube.operator.status import InferenceServiceView, RolloutState
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

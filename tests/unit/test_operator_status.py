@@ -7,12 +7,11 @@ import datetime as dt
 import pytest
 
 from mlkube.api.trainingrun import TrainingRunStatus
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition
 from mlkube.operator.status import (
     JOB_FAILING,
-    MLFLOW_REACHABLE,
     OUTCOME_READABLE,
     SUCCEEDED,
-    find_condition,
     inferenceservice_view,
     one_line,
     trainingrun_status,
