@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import kopf
 from pydantic import BaseModel, ValidationError
@@ -23,7 +23,8 @@ from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
-from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition, set_condition
+from mlkube.operator.conditions import set_condition
+from mlkube.operator.events import Event, mlflow_events
 from mlkube.operator.inferenceservice import inferenceservice_for, inferenceservice_patch
 from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
@@ -39,7 +40,6 @@ from mlkube.operator.poller import KeyedLocks, Poller
 from mlkube.operator.rayjob import rayjob_for
 from mlkube.operator.rollout import (
     DeploymentMemo,
-    Event,
     follow_model,
     plan_rollout,
     refused_deployment_status,
@@ -49,6 +49,7 @@ from mlkube.operator.status import (
     SUCCEEDED,
     TERMINAL_PHASES,
     inferenceservice_view,
+    phase_event,
     refused_trainingrun_status,
     status_patch,
     trainingrun_status,
@@ -203,17 +204,6 @@ def _mlflow(target: TrackingTarget) -> GuardedReader:
     )
 
 
-def _mlflow_events(before: Any, after: Any) -> list[Event]:
-    old, new = find_condition(before, MLFLOW_REACHABLE), find_condition(after, MLFLOW_REACHABLE)
-    if new is None or (old is not None and old.status == new.status):
-        return []
-    if new.status == "False":
-        return [Event(type="Warning", reason=f"Mlflow{new.reason}", message=new.message)]
-    if old is not None:
-        return [Event(reason="MlflowReachable", message="MLflow answers again")]
-    return []
-
-
 def _owner_uids(meta: kopf.Meta, kind: str) -> list[str]:
     refs = meta.get("ownerReferences") or []
     return [ref["uid"] for ref in refs if ref.get("kind") == kind and ref.get("uid")]
@@ -340,20 +330,10 @@ def sync_trainingrun(body: dict[str, Any], rayjob_status: dict[str, Any] | None)
         mlflow_reason=mlflow_reason or "Unreachable",
     )
     new.observed_generation = meta.get("generation")
-    events = _mlflow_events(previous.conditions, new.conditions)
+    events = mlflow_events(previous.conditions, new.conditions)
     if new.phase != previous.phase:
         TRANSITIONS.labels("trainingrun", new.phase).inc()
-        verdict = find_condition(new.conditions, SUCCEEDED)
-        reason = verdict.reason if verdict else new.phase
-        message = f"{new.phase}: {new.message}" if new.message else new.phase
-        if new.phase == "Succeeded":
-            message = (
-                f"model version {new.model_version}, "
-                f"{'promoted' if new.promoted else 'not promoted'}"
-                + (f" ({new.promotion_reason})" if new.promotion_reason else "")
-            )
-        kind: Literal["Normal", "Warning"] = "Warning" if new.phase == "Failed" else "Normal"
-        events.append(Event(type=kind, reason=reason, message=message))
+        events.append(phase_event(new))
     return Update(status=status_patch(body.get("status") or {}, new), events=events)
 
 
@@ -447,7 +427,7 @@ def reconcile_deployment(
         else:
             _update_inferenceservice(isvc, manifest)
     new.observed_generation = meta.get("generation")
-    events = _mlflow_events(previous.conditions, new.conditions) + list(rollout.events)
+    events = mlflow_events(previous.conditions, new.conditions) + list(rollout.events)
     if new.phase != previous.phase:
         TRANSITIONS.labels("modeldeployment", new.phase).inc()
     return Update(status=status_patch(body.get("status") or {}, new), events=events)

@@ -28,6 +28,7 @@ from mlkube.operator.conditions import (
     mlflow_answered,
     set_condition,
 )
+from mlkube.operator.events import Event
 from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.operator.status import InferenceServiceView
@@ -38,14 +39,6 @@ READY = "Ready"
 ROLLOUT = "RolledOut"
 MODEL_RESOLVED = "ModelResolved"
 CANARY_SUPPORTED = "CanarySupported"
-
-
-class Event(BaseModel):
-    """A Kubernetes Event to post on the ModelDeployment."""
-
-    type: Literal["Normal", "Warning"] = "Normal"
-    reason: str
-    message: str
 
 
 class Rollout(BaseModel):

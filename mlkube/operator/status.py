@@ -16,12 +16,14 @@ from mlkube.api.trainingrun import BestTrial, TrainingRunStatus, TrialCounts
 from mlkube.operator.conditions import (
     ConditionStatus,
     drop_condition,
+    find_condition,
     held_since,
     mlflow_answered,
     parse_timestamp,
     set_condition,
     timestamp,
 )
+from mlkube.operator.events import Event
 from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_VERSION
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.training.outcome import Outcome
@@ -233,6 +235,21 @@ def trainingrun_status(
     status.message = reading.message or None
     status.conditions = conditions
     return status
+
+
+def phase_event(status: TrainingRunStatus) -> Event:
+    """The Event posted when a TrainingRun enters `status.phase`: a Succeeded run's version
+    and whether it was promoted; a Failed one (a warning) or any other, its message."""
+    verdict = find_condition(status.conditions, SUCCEEDED)
+    reason = verdict.reason if verdict else status.phase
+    if status.phase == "Succeeded":
+        promoted = "promoted" if status.promoted else "not promoted"
+        why = f" ({status.promotion_reason})" if status.promotion_reason else ""
+        message = f"model version {status.model_version}, {promoted}{why}"
+    else:
+        message = f"{status.phase}: {status.message}" if status.message else status.phase
+    kind: Literal["Normal", "Warning"] = "Warning" if status.phase == "Failed" else "Normal"
+    return Event(type=kind, reason=reason, message=message)
 
 
 def refused_trainingrun_status(
