@@ -21,15 +21,17 @@ from pydantic import BaseModel, ValidationError
 from mlkube.api.common import GROUP, VERSION
 from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
-from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
+from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus
 from mlkube.operator import kube
-from mlkube.operator.conditions import set_condition
 from mlkube.operator.events import Event, mlflow_events
-from mlkube.operator.inferenceservice import inferenceservice_for, inferenceservice_patch
+from mlkube.operator.inferenceservice import (
+    deployment_mode,
+    inferenceservice_for,
+    inferenceservice_patch,
+)
 from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
 from mlkube.operator.names import (
-    ANNOTATION_DEPLOYMENT_MODE,
     MANAGED_BY,
     OPERATOR_NAME,
     inferenceservice_name,
@@ -46,10 +48,10 @@ from mlkube.operator.rollout import (
 )
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
-    SUCCEEDED,
     TERMINAL_PHASES,
     inferenceservice_view,
     phase_event,
+    rayjob_created_status,
     refused_trainingrun_status,
     status_patch,
     trainingrun_status,
@@ -287,13 +289,8 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
         event = Event(reason="RayJobCreated", message=f"created RayJob {name}")
     else:
         event = Event(reason="RayJobAdopted", message=f"RayJob {name} already existed")
-    new = previous.model_copy(deep=True)
-    new.ray_job_name = name
+    new = rayjob_created_status(previous, name, run.spec.tuning.num_trials, _now())
     new.observed_generation = meta.get("generation")
-    new.trials = new.trials or TrialCounts(completed=0, total=run.spec.tuning.num_trials)
-    new.conditions = set_condition(
-        new.conditions, SUCCEEDED, "Unknown", "RayJobCreated", f"RayJob {name}", _now()
-    )
     apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
 
 
@@ -393,13 +390,7 @@ def reconcile_deployment(
     # step, never a watch that lags behind it. ModelDeployments are few.
     isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
     view = inferenceservice_view(isvc) if isvc is not None else None
-    mode = (
-        (meta.get("annotations") or {}).get(ANNOTATION_DEPLOYMENT_MODE)
-        or ((isvc or {}).get("metadata", {}).get("annotations") or {}).get(
-            ANNOTATION_DEPLOYMENT_MODE
-        )
-        or SETTINGS.kserve_deployment_mode
-    )
+    mode = deployment_mode(deployment, isvc, SETTINGS.kserve_deployment_mode)
     rollout = plan_rollout(
         deployment,
         working,

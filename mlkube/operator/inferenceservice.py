@@ -39,6 +39,20 @@ def is_raw_mode(deployment_mode: str | None) -> bool:
     return deployment_mode in RAW_DEPLOYMENT_MODES
 
 
+def deployment_mode(
+    deployment: ModelDeployment, isvc: dict[str, Any] | None, default: str | None
+) -> str | None:
+    """KServe's deployment mode for this ModelDeployment: its own annotation, else the one
+    its InferenceService was made with (a changed default moves no running service), else
+    the operator's default."""
+    isvc_annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
+    return (
+        deployment.metadata.annotations.get(ANNOTATION_DEPLOYMENT_MODE)
+        or isvc_annotations.get(ANNOTATION_DEPLOYMENT_MODE)
+        or default
+    )
+
+
 def predictor_args(deployment: ModelDeployment, version: int, http_port: int) -> list[str]:
     spec = deployment.spec
     args = [

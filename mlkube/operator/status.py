@@ -252,6 +252,19 @@ def phase_event(status: TrainingRunStatus) -> Event:
     return Event(type=kind, reason=reason, message=message)
 
 
+def rayjob_created_status(
+    previous: TrainingRunStatus, rayjob: str, num_trials: int, now: dt.datetime
+) -> TrainingRunStatus:
+    """The TrainingRun once its RayJob exists (created, or found after a restart)."""
+    status = previous.model_copy(deep=True)
+    status.ray_job_name = rayjob
+    status.trials = status.trials or TrialCounts(completed=0, total=num_trials)
+    status.conditions = set_condition(
+        status.conditions, SUCCEEDED, "Unknown", "RayJobCreated", f"RayJob {rayjob}", now
+    )
+    return status
+
+
 def refused_trainingrun_status(
     previous: TrainingRunStatus, reason: str, message: str, now: dt.datetime
 ) -> TrainingRunStatus:

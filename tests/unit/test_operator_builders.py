@@ -15,6 +15,7 @@ from mlkube.api import ModelDeployment, TrainingRun
 from mlkube.operator.inferenceservice import (
     PREDICTOR_CONTAINER,
     build_inferenceservice,
+    deployment_mode,
     inferenceservice_patch,
 )
 from mlkube.operator.names import ISVC_NAME_MAX, RAYJOB_NAME_MAX, inferenceservice_name, rayjob_name
@@ -362,3 +363,20 @@ def test_the_train_flow_learns_from_the_rayjob_whether_models_may_be_shared() ->
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[:3] == ["python", "-m", "mlkube.flows.train"]
         assert entrypoint_parser().parse_args(argv[3:]).allow_shared_models is shared
+
+
+def test_the_deployment_mode_is_the_deployments_then_its_services_then_the_operators() -> None:
+    annotated = ModelDeployment.model_validate({
+        "metadata": {"name": "ins", "namespace": "ml",
+                     "annotations": {"serving.kserve.io/deploymentMode": "Knative"}},
+        "spec": {"model": {"name": "insurance"}},
+    })  # fmt: skip
+    made_raw = build_inferenceservice(
+        deployment(), 1, tracking_uri="u", image="i", deployment_mode="Standard"
+    )
+    assert deployment_mode(annotated, made_raw, "Standard") == "Knative"
+    # An InferenceService keeps the mode it was made with when the operator's default changes.
+    assert deployment_mode(deployment(), made_raw, "Knative") == "Standard"
+    made_plain = build_inferenceservice(deployment(), 1, tracking_uri="u", image="i")
+    assert deployment_mode(deployment(), made_plain, "Knative") == "Knative"
+    assert deployment_mode(deployment(), None, None) is None

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from mlkube.api.trainingrun import TrainingRunStatus
+from mlkube.api.trainingrun import TrainingRunStatus, TrialCounts
 from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition, mlflow_answered
 from mlkube.operator.events import Event, mlflow_events
 from mlkube.operator.status import (
@@ -16,6 +16,7 @@ from mlkube.operator.status import (
     inferenceservice_view,
     one_line,
     phase_event,
+    rayjob_created_status,
     trainingrun_status,
 )
 from mlkube.training import outcome as tags
@@ -358,3 +359,14 @@ def test_mlflow_going_away_and_coming_back_are_events_once() -> None:
     assert mlflow_events(down, mlflow_answered(down, T0)) == [
         Event(reason="MlflowReachable", message="MLflow answers again")
     ]
+
+
+def test_a_trainingrun_whose_rayjob_exists_waits_for_its_trials() -> None:
+    created = rayjob_created_status(TrainingRunStatus(), "ins", 8, T0)
+    assert (created.phase, created.ray_job_name) == ("Pending", "ins")
+    assert created.trials == TrialCounts(completed=0, total=8)
+    verdict = find_condition(created.conditions, SUCCEEDED)
+    assert verdict and (verdict.status, verdict.reason) == ("Unknown", "RayJobCreated")
+    # Found again after a restart: what the status already counted stays.
+    running = created.model_copy(update={"trials": TrialCounts(completed=3, total=8)})
+    assert rayjob_created_status(running, "ins", 8, T0).trials == TrialCounts(completed=3, total=8)
