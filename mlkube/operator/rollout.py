@@ -45,7 +45,7 @@ class Rollout(BaseModel):
     """The decision: the InferenceService to have (None: none yet) and the new status."""
 
     target_version: int | None
-    canary_traffic_percent: int | None
+    canary_traffic_percent: int | None = None
     status: ModelDeploymentStatus
     events: list[Event] = []
 
@@ -60,7 +60,8 @@ def plan_rollout(
     now: dt.datetime,
     rollout_timeout_seconds: float = 600.0,
 ) -> Rollout:
-    """One reconcile step.
+    """One reconcile step: what the InferenceService says decides the case, then a new
+    desired version may start a rollout.
 
     - First deployment: the desired version, no canary (there is nothing to split with).
     - The InferenceService's revision is ready: a canary is promoted (its share removed);
@@ -69,121 +70,172 @@ def plan_rollout(
       rollout began (a pod that never becomes Ready fails nothing in raw mode: the old pods
       keep the Deployment available): back to the served version (traffic never left it),
       and the failed version is recorded so that it is not rolled out again.
+    - Otherwise it is on its way: the served version keeps serving meanwhile.
     - The desired version differs from the pinned one: a rollout starts, as a canary when
       spec.canary asks for it, an earlier version serves and the mode supports it.
     """
     status = previous.model_copy(deep=True)
-    events: list[Event] = []
     mode = (isvc.deployment_mode if isvc else None) or deployment_mode
-    raw_mode = mode in RAW_DEPLOYMENT_MODES
-    canary_spec = deployment.spec.canary
-    if canary_spec is not None and raw_mode:
-        status.conditions = set_condition(
-            status.conditions, CANARY_SUPPORTED, "False", "RawDeployment",
-            f"canaryTrafficPercent is not supported in KServe {mode} mode; "
-            "new versions take all traffic at once", now,
-        )  # fmt: skip
-    elif canary_spec is not None:
-        status.conditions = set_condition(
-            status.conditions, CANARY_SUPPORTED, "True", "Supported", "", now
-        )
-    else:
-        status.conditions = drop_condition(status.conditions, CANARY_SUPPORTED)
-
+    status.conditions = _canary_support(status.conditions, deployment, mode, now)
     if isvc is not None and _timed_out(status, isvc, rollout_timeout_seconds, now):
         isvc = isvc.model_copy(update={
             "state": "Failed", "reason": "RolloutTimedOut",
             "message": f"not ready {rollout_timeout_seconds:.0f} s after the rollout began",
         })  # fmt: skip
     if isvc is None:
-        target, canary = desired_version, None
-        if target is not None:
-            status.phase = "Progressing"
-            events.append(Event(reason="RolloutStarted", message=f"deploying version {target}"))
-            status.conditions = _rollout_condition(status, "Unknown", "Deploying", now)
+        step = _first_deployment(status, desired_version, now)
     else:
         status.url = isvc.url
-        target, canary = isvc.version, isvc.canary_traffic_percent
-        served = status.served_version
-        if isvc.state == "Ready" and target is not None and canary is not None:
-            # The canary's revision is ready: promote it (drop the split). It counts as
-            # served once the InferenceService is ready without the split.
-            canary = None
-            events.append(Event(
-                reason="CanaryPromoted",
-                message=f"version {target} is ready; it now takes all traffic",
-            ))  # fmt: skip
-            status.phase = "Progressing"
-            status.conditions = set_condition(status.conditions, READY, "True", "Ready", "", now)
-        elif isvc.state == "Ready" and target is not None:
-            if served != target:
-                status.previous_version = served
-                status.served_version = target
-                events.append(Event(reason="RolledOut", message=f"serving version {target}"))
-            status.canary = None
-            status.phase = "Ready"
-            status.conditions = set_condition(status.conditions, READY, "True", "Ready", "", now)
-            if desired_version is None or desired_version != status.failed_version:
-                status.message = None
-                status.conditions = _rollout_condition(status, "True", "RolledOut", now)
-            # else: serving the previous version after a failed one; the status keeps why.
-        elif isvc.state == "Failed" and target is not None:
-            why = f"version {target} failed ({isvc.reason}): {isvc.message}".rstrip(": ")
-            status.failed_version = target
-            status.canary = None
-            if served is not None and served != target:
-                message = f"{why}; traffic stays on version {served}"
-                events.append(Event(type="Warning", reason="RolloutFailed", message=message))
-                target, canary = served, None
-                status.phase = "Progressing"
+        if isvc.state == "Ready" and isvc.version is not None:
+            if isvc.canary_traffic_percent is not None:
+                step = _canary_ready(status, isvc.version, now)
             else:
-                message = why
-                if status.phase != "Failed":
-                    events.append(Event(type="Warning", reason="RolloutFailed", message=message))
-                status.phase = "Failed"
-                status.conditions = set_condition(
-                    status.conditions, READY, "False", isvc.reason or "Failed", message, now
-                )
-            status.message = message
-            status.conditions = _rollout_condition(status, "False", "RevisionFailed", now, message)
+                step = _revision_ready(status, isvc.version, desired_version, now)
+        elif isvc.state == "Failed" and isvc.version is not None:
+            step = _revision_failed(status, isvc, isvc.version, now)
         else:
-            # The old version keeps serving while a new one comes up.
-            status.phase = "Ready" if served is not None and served == target else "Progressing"
-            if served is None:
-                status.conditions = set_condition(
-                    status.conditions, READY, "Unknown", isvc.reason or "Progressing",
-                    isvc.message, now,
-                )  # fmt: skip
+            step = _on_its_way(status, isvc, now)
+    if desired_version is not None and _rollout_wanted(step, desired_version):
+        raw_mode = mode in RAW_DEPLOYMENT_MODES
+        step = _start_rollout(step, deployment, desired_version, raw_mode, now)
+    return step
 
-    if (
-        desired_version is not None
-        and target is not None
-        and desired_version != target
-        and desired_version != status.failed_version
-    ):
-        served = status.served_version
-        use_canary = (
-            canary_spec is not None
-            and not raw_mode
-            and served is not None
-            and deployment.spec.model.followed_alias is not None  # a pinned rollback is whole
-            and canary_spec.traffic_percent < 100
-        )
-        target = desired_version
-        canary = canary_spec.traffic_percent if use_canary and canary_spec else None
-        status.canary = (
-            CanaryStatus(version=target, traffic_percent=canary) if canary is not None else None
-        )
+
+def _canary_support(
+    conditions: list[Condition], deployment: ModelDeployment, mode: str | None, now: dt.datetime
+) -> list[Condition]:
+    """CanarySupported: False in KServe's raw modes, True otherwise; absent without a canary."""
+    if deployment.spec.canary is None:
+        return drop_condition(conditions, CANARY_SUPPORTED)
+    if mode in RAW_DEPLOYMENT_MODES:
+        return set_condition(
+            conditions, CANARY_SUPPORTED, "False", "RawDeployment",
+            f"canaryTrafficPercent is not supported in KServe {mode} mode; "
+            "new versions take all traffic at once", now,
+        )  # fmt: skip
+    return set_condition(conditions, CANARY_SUPPORTED, "True", "Supported", "", now)
+
+
+def _first_deployment(
+    status: ModelDeploymentStatus, desired: int | None, now: dt.datetime
+) -> Rollout:
+    """No InferenceService yet: the desired version, whole (None: nothing to deploy yet)."""
+    events = []
+    if desired is not None:
         status.phase = "Progressing"
-        status.message = None
-        share = f" as a canary with {canary}% of traffic" if canary is not None else ""
-        events.append(
-            Event(reason="RolloutStarted", message=f"rolling out version {target}{share}")
-        )
-        status.conditions = _rollout_condition(status, "Unknown", "RollingOut", now)
-    return Rollout(
-        target_version=target, canary_traffic_percent=canary, status=status, events=events
+        events.append(Event(reason="RolloutStarted", message=f"deploying version {desired}"))
+        status.conditions = _rollout_condition(status, "Unknown", "Deploying", now)
+    return Rollout(target_version=desired, status=status, events=events)
+
+
+def _canary_ready(status: ModelDeploymentStatus, version: int, now: dt.datetime) -> Rollout:
+    """The canary's revision is ready: promote it (drop the split). It counts as served once
+    the InferenceService is ready without the split."""
+    status.phase = "Progressing"
+    status.conditions = set_condition(status.conditions, READY, "True", "Ready", "", now)
+    promoted = Event(
+        reason="CanaryPromoted", message=f"version {version} is ready; it now takes all traffic"
     )
+    return Rollout(target_version=version, status=status, events=[promoted])
+
+
+def _revision_ready(
+    status: ModelDeploymentStatus, version: int, desired: int | None, now: dt.datetime
+) -> Rollout:
+    """The pinned version serves all traffic: recorded as served."""
+    events = []
+    if status.served_version != version:
+        status.previous_version = status.served_version
+        status.served_version = version
+        events.append(Event(reason="RolledOut", message=f"serving version {version}"))
+    status.canary = None
+    status.phase = "Ready"
+    status.conditions = set_condition(status.conditions, READY, "True", "Ready", "", now)
+    if desired is None or desired != status.failed_version:
+        status.message = None
+        status.conditions = _rollout_condition(status, "True", "RolledOut", now)
+    # else: serving the previous version after a failed one; the status keeps why.
+    return Rollout(target_version=version, status=status, events=events)
+
+
+def _revision_failed(
+    status: ModelDeploymentStatus, isvc: InferenceServiceView, version: int, now: dt.datetime
+) -> Rollout:
+    """The pinned version failed: back to the served one if there is one, else Failed."""
+    why = f"version {version} failed ({isvc.reason}): {isvc.message}".rstrip(": ")
+    status.failed_version = version
+    status.canary = None
+    served, events, target = status.served_version, [], version
+    if served is not None and served != version:
+        message = f"{why}; traffic stays on version {served}"
+        events.append(Event(type="Warning", reason="RolloutFailed", message=message))
+        target = served
+        status.phase = "Progressing"
+    else:
+        message = why
+        if status.phase != "Failed":
+            events.append(Event(type="Warning", reason="RolloutFailed", message=message))
+        status.phase = "Failed"
+        status.conditions = set_condition(
+            status.conditions, READY, "False", isvc.reason or "Failed", message, now
+        )
+    status.message = message
+    status.conditions = _rollout_condition(status, "False", "RevisionFailed", now, message)
+    return Rollout(target_version=target, status=status, events=events)
+
+
+def _on_its_way(
+    status: ModelDeploymentStatus, isvc: InferenceServiceView, now: dt.datetime
+) -> Rollout:
+    """Neither ready nor failed: the old version keeps serving while the new one comes up."""
+    served = status.served_version
+    status.phase = "Ready" if served is not None and served == isvc.version else "Progressing"
+    if served is None:
+        status.conditions = set_condition(
+            status.conditions, READY, "Unknown", isvc.reason or "Progressing", isvc.message, now
+        )
+    return Rollout(
+        target_version=isvc.version, canary_traffic_percent=isvc.canary_traffic_percent,
+        status=status,
+    )  # fmt: skip
+
+
+def _rollout_wanted(step: Rollout, desired: int) -> bool:
+    """The desired version is not the one pinned (if any is), and has not failed before."""
+    return (
+        step.target_version is not None
+        and desired != step.target_version
+        and desired != step.status.failed_version
+    )
+
+
+def _start_rollout(
+    step: Rollout, deployment: ModelDeployment, desired: int, raw_mode: bool, now: dt.datetime
+) -> Rollout:
+    """Roll `desired` out: as a canary when spec.canary asks for one, a version serves to
+    split with, the mode can split traffic and the version follows an alias (a pinned
+    rollback is whole)."""
+    status, canary_spec = step.status, deployment.spec.canary
+    use_canary = (
+        canary_spec is not None
+        and not raw_mode
+        and status.served_version is not None
+        and deployment.spec.model.followed_alias is not None
+        and canary_spec.traffic_percent < 100
+    )
+    canary = canary_spec.traffic_percent if use_canary and canary_spec else None
+    status.canary = (
+        CanaryStatus(version=desired, traffic_percent=canary) if canary is not None else None
+    )
+    status.phase = "Progressing"
+    status.message = None
+    share = f" as a canary with {canary}% of traffic" if canary is not None else ""
+    started = Event(reason="RolloutStarted", message=f"rolling out version {desired}{share}")
+    status.conditions = _rollout_condition(status, "Unknown", "RollingOut", now)
+    return Rollout(
+        target_version=desired, canary_traffic_percent=canary, status=status,
+        events=[*step.events, started],
+    )  # fmt: skip
 
 
 def refused_deployment_status(
