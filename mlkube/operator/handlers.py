@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from mlkube.api.common import GROUP, VERSION
 from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
-from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus
+from mlkube.api.trainingrun import TERMINAL_PHASES, TrainingRun, TrainingRunStatus
 from mlkube.operator import kube
 from mlkube.operator.events import Event, mlflow_events
 from mlkube.operator.inferenceservice import (
@@ -48,7 +48,6 @@ from mlkube.operator.rollout import (
 )
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
-    TERMINAL_PHASES,
     inferenceservice_view,
     phase_event,
     rayjob_created_status,

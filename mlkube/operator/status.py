@@ -12,7 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-from mlkube.api.trainingrun import BestTrial, TrainingRunStatus, TrialCounts
+from mlkube.api.trainingrun import (
+    TERMINAL_PHASES,
+    BestTrial,
+    TrainingRunPhase,
+    TrainingRunStatus,
+    TrialCounts,
+)
 from mlkube.operator.conditions import (
     ConditionStatus,
     drop_condition,
@@ -28,10 +34,10 @@ from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_V
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.training.outcome import Outcome
 
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
-
 # TrainingRun condition types.
 SUCCEEDED = "Succeeded"
+# Succeeded's status in each terminal phase (Unknown until then).
+VERDICTS: dict[TrainingRunPhase, ConditionStatus] = {"Succeeded": "True", "Failed": "False"}
 # jobStatus FAILED seen while jobDeploymentStatus still said Running; since its transition.
 JOB_FAILING = "JobFailing"
 # False while the MLflow parent run carries outcome tags that do not parse.
@@ -238,7 +244,7 @@ def _without_rayjob(status: TrainingRunStatus, outcome: Outcome | None) -> JobRe
 def _phase(
     reading: JobReading, outcome: Outcome | None, mlflow_error: str | None,
     ended_at: dt.datetime, now: dt.datetime, grace_seconds: float,
-) -> tuple[JobReading, str]:  # fmt: skip
+) -> tuple[JobReading, TrainingRunPhase]:  # fmt: skip
     """The job's verdict as a phase, with what MLflow knows of the run."""
     if reading.verdict == "failed" and outcome is not None and outcome.state == "FINISHED":
         # The train flow finished and recorded its outcome; the RayJob failed afterwards (seen
@@ -255,8 +261,8 @@ def _phase(
 
 
 def _settle(
-    status: TrainingRunStatus, reading: JobReading, phase: str, ended_at: dt.datetime,
-    now: dt.datetime,
+    status: TrainingRunStatus, reading: JobReading, phase: TrainingRunPhase,
+    ended_at: dt.datetime, now: dt.datetime,
 ) -> None:  # fmt: skip
     """The phase, its times, the Succeeded condition and the message."""
     if phase in ("Running", "Succeeded", "Failed") and not status.start_time:
@@ -264,11 +270,11 @@ def _settle(
     if phase in TERMINAL_PHASES:
         status.completion_time = timestamp(ended_at)
         status.conditions = drop_condition(status.conditions, JOB_FAILING)
-    verdict_status: ConditionStatus = {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown")  # type: ignore[assignment]
+    verdict = VERDICTS.get(phase, "Unknown")
     status.conditions = set_condition(
-        status.conditions, SUCCEEDED, verdict_status, reading.reason, reading.message, now
+        status.conditions, SUCCEEDED, verdict, reading.reason, reading.message, now
     )
-    status.phase = phase  # type: ignore[assignment]
+    status.phase = phase
     status.message = reading.message or None
 
 
@@ -320,7 +326,7 @@ def _success(
     ended_at: dt.datetime,
     now: dt.datetime,
     grace_seconds: float,
-) -> tuple[JobReading, str]:
+) -> tuple[JobReading, TrainingRunPhase]:
     """The job succeeded: Succeeded once MLflow has the finished parent run."""
     if outcome is not None and outcome.state == "FINISHED":
         reason = "Promoted" if outcome.promoted else "NotPromoted"
