@@ -63,13 +63,15 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
     tracking_uri = args.tracking_uri
     if args.file:
         from mlkube.api import ModelDeployment, load_manifest
+        from mlkube.api.registered_model import model_uri
 
         deployment = load_manifest(args.file, ModelDeployment)  # ManifestError: one line
         spec = deployment.spec
         selector = spec.model
-        ref = f"/{selector.version}" if selector.version else f"@{selector.followed_alias}"
         fields |= {
-            "model_uri": f"models:/{selector.name}{ref}",
+            "model_uri": model_uri(
+                selector.name, version=selector.version, alias=selector.followed_alias
+            ),
             "model_name": selector.name,
             "ttl_seconds": spec.ttl_seconds,
             "protocol": spec.protocol,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlkube.api.modeldeployment import ModelDeployment
+from mlkube.api.registered_model import model_uri
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
@@ -29,10 +30,6 @@ PRESTOP_SECONDS = "5"
 # The predictor's gRPC (Open Inference Protocol v2) port. KServe's raw mode puts every
 # declared container port on the Service; Knative allows one port per container.
 PREDICTOR_GRPC_PORT = 8081
-
-
-def model_uri(name: str, version: int) -> str:
-    return f"models:/{name}/{version}"
 
 
 def is_raw_mode(deployment_mode: str | None) -> bool:
@@ -57,7 +54,7 @@ def predictor_args(deployment: ModelDeployment, version: int, http_port: int) ->
     spec = deployment.spec
     args = [
         "--model-name", spec.model.name,
-        "--model-uri", model_uri(spec.model.name, version),
+        "--model-uri", model_uri(spec.model.name, version=version),
         "--ttl-seconds", str(spec.ttl_seconds),
         "--protocol", spec.protocol,
         "--http_port", str(http_port),

@@ -16,12 +16,12 @@ from pydantic import BaseModel
 
 from mlkube.api.common import Condition
 from mlkube.api.modeldeployment import (
-    DEFAULT_ALIAS,
     CanaryStatus,
     ModelDeployment,
     ModelDeploymentStatus,
     ModelSelector,
 )
+from mlkube.api.registered_model import DEFAULT_ALIAS
 from mlkube.operator.conditions import (
     drop_condition,
     held_since,
