@@ -93,7 +93,7 @@ def render_command(args: argparse.Namespace) -> int:
                     resource,
                     version,
                     settings,
-                    tracking_uri=resource.spec.mlflow.tracking_uri or settings.mlflow_tracking_uri,
+                    tracking_uri=resource.spec.mlflow.tracking_uri_or(settings.mlflow_tracking_uri),
                     canary_traffic_percent=canary.traffic_percent if canary else None,
                     deployment_mode=settings.kserve_deployment_mode,
                 )

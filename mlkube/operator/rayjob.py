@@ -29,10 +29,6 @@ SUBMITTER_RESOURCES = {
 }
 
 
-def tracking_uri_for(run: TrainingRun, default: str) -> str:
-    return run.spec.mlflow.tracking_uri or default
-
-
 def handed_over(run: TrainingRun) -> dict[str, Any]:
     """The TrainingRun as the train flow receives it: identity and spec, no status."""
     meta = run.metadata
@@ -145,7 +141,7 @@ def build_rayjob(
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(run, allow_shared_models),
         "runtimeEnvYAML": runtime_env_yaml(
-            tracking_uri_for(run, default_tracking_uri), storage_env(run)
+            run.spec.mlflow.tracking_uri_or(default_tracking_uri), storage_env(run)
         ),
         "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
         "submitterPodTemplate": submitter_template(run.spec.ray.image),

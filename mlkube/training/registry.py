@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from mlkube.api.errors import first_line
 from mlkube.api.registered_model import CHALLENGER_ALIAS, model_uri
-from mlkube.local import mlkube_home
+from mlkube.local import is_local_store, mlkube_home
 from mlkube.training import outcome
 from mlkube.training.ownership import TAG_OWNER, ModelNotOwned, ownership_refusal
 from mlkube.training.tasks.base import Mode, Task, TaskData
@@ -297,15 +297,11 @@ def _reread_and_move(
     return GateResult(decision, CHALLENGER_ALIAS, evaluation)
 
 
-def _local_store(tracking_uri: str) -> bool:
-    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
-
-
 @contextlib.contextmanager
 def gate_lock(tracking_uri: str, name: str) -> Iterator[None]:
     """In local mode, one gate per model at a time on this machine (a file lock beside the
     local store); with a tracking server, no lock (gates run in many pods)."""
-    if not _local_store(tracking_uri):
+    if not is_local_store(tracking_uri):
         yield
         return
     folder = mlkube_home() / "locks"
