@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from mlkube.api import ModelDeployment, TrainingRun
+from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.inferenceservice import (
     PREDICTOR_CONTAINER,
     build_inferenceservice,
@@ -50,14 +51,8 @@ def test_rayjob_hands_the_trainingrun_to_the_train_flow() -> None:
 def test_rayjob_runtime_env_carries_mlflow_and_no_telemetry() -> None:
     job = build_rayjob(trainingrun(mlflow={"trackingUri": "http://own:5000"}), "http://x:1")
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
-    assert env == {
-        "MLFLOW_TRACKING_URI": "http://own:5000",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
+    # The same switches as on this machine (tests/integration/test_offline.py checks them).
+    assert env == {"MLFLOW_TRACKING_URI": "http://own:5000", **TELEMETRY_OFF_ENV}
     default = build_rayjob(trainingrun(), "http://default:5000")
     assert "http://default:5000" in default["spec"]["runtimeEnvYAML"]
 
@@ -168,6 +163,8 @@ def test_inferenceservice_pins_the_version() -> None:
     assert args[args.index("--ttl-seconds") + 1] == "60"
     assert args[args.index("--protocol") + 1] == "v2"
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://m:5000"} in container["env"]
+    for name, value in TELEMETRY_OFF_ENV.items():
+        assert {"name": name, "value": value} in container["env"]
     assert isvc["metadata"]["annotations"]["mlkube.io/model-version"] == "7"
 
 
