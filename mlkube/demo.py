@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mlkube.api import TrainingRun, UserError, load_manifest
+from mlkube.api.registered_model import DEFAULT_ALIAS, model_uri
 from mlkube.local import free_port, local_tracking_uri, mlkube_home
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +59,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     name = run.spec.model.name
     port, grpc_port = free_port(), free_port()
-    print(f"\n2/3 serving models:/{name}@champion on 127.0.0.1:{port}", flush=True)
+    uri = model_uri(name, alias=DEFAULT_ALIAS)
+    print(f"\n2/3 serving {uri} on 127.0.0.1:{port}", flush=True)
     command = [
         sys.executable, "-m", "mlkube.model_servers",
-        "--model-name", name, "--model-uri", f"models:/{name}@champion",
+        "--model-name", name, "--model-uri", uri,
         "--host", "127.0.0.1", "--http_port", str(port), "--grpc_port", str(grpc_port),
         "--tracking-uri", local_tracking_uri(), "--ttl-seconds", "300",
     ]  # fmt: skip

@@ -60,6 +60,11 @@ def local_tracking_uri() -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def is_local_store(tracking_uri: str) -> bool:
+    """A tracking URI of files on this machine (sqlite, file, a path), not a server."""
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
 def local_artifact_root() -> str:
     return str(mlkube_home() / "mlartifacts")
 

@@ -6,6 +6,7 @@ from mlkube.api.manifest import ManifestError, load_manifest, parse_resource
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
 from mlkube.api.trainingrun import (
     BUILTIN_TASKS,
+    TERMINAL_PHASES,
     TrainingRun,
     TrainingRunSpec,
     TrainingRunStatus,
@@ -23,6 +24,7 @@ __all__ = [
     "ModelDeploymentSpec",
     "ModelDeploymentStatus",
     "ObjectMeta",
+    "TERMINAL_PHASES",
     "TrainingRun",
     "TrainingRunSpec",
     "TrainingRunStatus",

@@ -88,6 +88,11 @@ class MlflowSettings(CamelModel):
         default=None, description="MLflow tracking URI; the operator's default when omitted."
     )
 
+    def tracking_uri_or(self, default: str) -> str:
+        """The spec's tracking URI, else `default`: the operator's own on a cluster, local
+        mode's (MLFLOW_TRACKING_URI or the local store) on one machine."""
+        return self.tracking_uri or default
+
 
 class Condition(CamelModel):
     type: str

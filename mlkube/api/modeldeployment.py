@@ -14,9 +14,7 @@ from mlkube.api.common import (
     ObjectMeta,
     Resources,
 )
-from mlkube.api.trainingrun import MODEL_NAME_PATTERN
-
-DEFAULT_ALIAS = "champion"
+from mlkube.api.registered_model import ALIAS_PATTERN, DEFAULT_ALIAS, MODEL_NAME_PATTERN
 
 
 class ModelSelector(CamelModel):
@@ -34,7 +32,7 @@ class ModelSelector(CamelModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="MLflow registered model name.")
     alias: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        pattern=ALIAS_PATTERN,
         description="Alias to follow; champion when neither alias nor version is given.",
     )
     version: int | None = Field(default=None, ge=1, description="Pin a version (rollback).")

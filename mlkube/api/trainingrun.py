@@ -15,11 +15,15 @@ from mlkube.api.common import (
     ObjectMeta,
     Resources,
 )
+from mlkube.api.registered_model import ALIAS_PATTERN, DEFAULT_ALIAS, MODEL_NAME_PATTERN
 
 BUILTIN_TASKS = ("tabular", "insurance", "atmos-temperature", "mnist")
 # A user's own task: `package.module:function`.
 TASK_PATTERN = r"^([a-z][a-z0-9-]*|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+TrainingRunPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+# The phases a TrainingRun ends in and never leaves.
+TERMINAL_PHASES: frozenset[TrainingRunPhase] = frozenset({"Succeeded", "Failed"})
 
 Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
 IntBounds = Annotated[list[int], Field(min_length=2, max_length=2)]
@@ -123,7 +127,7 @@ class TrialResources(CamelModel):
 
 
 class Promotion(CamelModel):
-    alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    alias: str = Field(default=DEFAULT_ALIAS, pattern=ALIAS_PATTERN)
     min_improvement: float = Field(
         default=0.0, ge=0.0, description="Relative improvement needed over the champion."
     )
@@ -209,7 +213,7 @@ class BestTrial(CamelModel):
 
 
 class TrainingRunStatus(CamelModel):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    phase: TrainingRunPhase = "Pending"
     ray_job_name: str | None = None
     mlflow_run_id: str | None = None
     trials: TrialCounts | None = None

@@ -11,10 +11,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from mlkube.api.common import GROUP, VERSION
+from mlkube.api.trainingrun import TERMINAL_PHASES
 from mlkube.flows.retrain_models import ClusterSettings, RetrainFailed, TrainingOutcome
 
 PLURAL = "trainingruns"
-TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 @task(name="submit-trainingrun", cache_policy=NO_CACHE)

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mlkube.api import CommandFailed, UserError
+from mlkube.api.common import MlflowSettings
 from mlkube.local import local_tracking_uri
 from mlkube.model_servers.settings import ServerSettings
 
@@ -60,23 +61,25 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
         "http_port": args.port,
         "grpc_port": args.grpc_port,
     }
-    tracking_uri = args.tracking_uri
+    mlflow = MlflowSettings()  # without a ModelDeployment: local mode's MLflow
     if args.file:
         from mlkube.api import ModelDeployment, load_manifest
+        from mlkube.api.registered_model import model_uri
 
         deployment = load_manifest(args.file, ModelDeployment)  # ManifestError: one line
         spec = deployment.spec
         selector = spec.model
-        ref = f"/{selector.version}" if selector.version else f"@{selector.followed_alias}"
         fields |= {
-            "model_uri": f"models:/{selector.name}{ref}",
+            "model_uri": model_uri(
+                selector.name, version=selector.version, alias=selector.followed_alias
+            ),
             "model_name": selector.name,
             "ttl_seconds": spec.ttl_seconds,
             "protocol": spec.protocol,
         }
         limits = spec.limits.model_dump(exclude_none=True)  # unset: the server's defaults
         fields |= limits
-        tracking_uri = tracking_uri or spec.mlflow.tracking_uri
+        mlflow = spec.mlflow
     elif args.model_uri:
         fields["model_uri"] = args.model_uri
     else:
@@ -85,7 +88,7 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
         fields["ttl_seconds"] = args.ttl_seconds
     if args.memory_budget:
         fields["memory_budget"] = args.memory_budget
-    fields["tracking_uri"] = tracking_uri or local_tracking_uri()
+    fields["tracking_uri"] = args.tracking_uri or mlflow.tracking_uri_or(local_tracking_uri())
     try:
         return ServerSettings(**fields)
     except ValidationError as error:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from kserve.model import BaseKServeModel
 from kserve.model_repository import ModelRepository
 
-from mlkube.api.trainingrun import MODEL_NAME_PATTERN
+from mlkube.api.registered_model import DEFAULT_ALIAS, MODEL_NAME_PATTERN, model_uri
 from mlkube.model_servers.sources import UnknownModel, resolve
 
 _NAME = re.compile(MODEL_NAME_PATTERN)  # MLflow names mlkube accepts
@@ -24,7 +24,7 @@ class RegistryModelRepository(ModelRepository):
     def __init__(
         self,
         factory: Callable[[str], BaseKServeModel],
-        alias: str = "champion",
+        alias: str = DEFAULT_ALIAS,
         exists: Callable[[str], object] = resolve,
     ) -> None:
         super().__init__()
@@ -34,7 +34,7 @@ class RegistryModelRepository(ModelRepository):
         self._known: set[str] = set()
 
     def uri_for(self, name: str) -> str:
-        return f"models:/{name}@{self.alias}"
+        return model_uri(name, alias=self.alias)
 
     def get_model(self, name: str) -> BaseKServeModel | None:
         model = self.models.get(name)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlkube.api.common import BYTE_SIZE_PATTERN, quantity_value
+from mlkube.api.registered_model import DEFAULT_ALIAS
 from mlkube.local import mlkube_home
 
 _BYTE_SIZE = re.compile(BYTE_SIZE_PATTERN)
@@ -39,7 +40,7 @@ class ServerSettings(BaseModel):
     )
     model_name: str | None = Field(default=None, description="Endpoint name; from the URI if unset")
     multi_model: bool = Field(default=False, description="Serve any registered model by name")
-    alias: str = Field(default="champion", description="Alias resolved in multi-model mode")
+    alias: str = Field(default=DEFAULT_ALIAS, description="Alias resolved in multi-model mode")
     ttl_seconds: float = Field(
         default=300, ge=0, description="Idle seconds before eviction; 0 keeps"
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlkube.api.registered_model import model_uri
+
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
 _RUNS = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+)$")
 
@@ -99,7 +101,7 @@ def resolve(uri: str, client: Any | None = None) -> ModelSource:
         raise
     version = str(model_version.version)
     key = f"models-{_safe(parsed.name)}-v{version}-{_digest(parsed.name)}"
-    return ModelSource(f"models:/{parsed.name}/{version}", key, parsed.name, version)
+    return ModelSource(model_uri(parsed.name, version=version), key, parsed.name, version)
 
 
 def _safe(text: str) -> str:

@@ -68,8 +68,8 @@ def run_command(args: argparse.Namespace) -> int:
 def render_command(args: argparse.Namespace) -> int:
     from mlkube.api import ModelDeployment, TrainingRun
     from mlkube.api.manifest import parse_resource, read_documents
-    from mlkube.operator.inferenceservice import build_inferenceservice
-    from mlkube.operator.rayjob import build_rayjob
+    from mlkube.operator.inferenceservice import inferenceservice_for
+    from mlkube.operator.rayjob import rayjob_for
     from mlkube.operator.settings import get_settings
 
     settings = get_settings()
@@ -79,7 +79,7 @@ def render_command(args: argparse.Namespace) -> int:
         if resource.metadata.namespace is None:
             resource.metadata.namespace = "default"
         if isinstance(resource, TrainingRun):
-            rendered.append(build_rayjob(resource, settings.mlflow_tracking_uri))
+            rendered.append(rayjob_for(resource, settings))
         elif isinstance(resource, ModelDeployment):
             version = resource.spec.model.version or args.model_version
             if version is None:
@@ -87,18 +87,16 @@ def render_command(args: argparse.Namespace) -> int:
                     f"{args.filename}: {resource.metadata.name} follows an alias; "
                     "give --model-version"
                 )
+            canary = resource.spec.canary
             rendered.append(
-                build_inferenceservice(
+                inferenceservice_for(
                     resource,
                     version,
-                    tracking_uri=resource.spec.mlflow.tracking_uri or settings.mlflow_tracking_uri,
-                    image=settings.predictor_image,
-                    http_port=settings.predictor_http_port,
-                    canary_traffic_percent=(
-                        resource.spec.canary.traffic_percent if resource.spec.canary else None
-                    ),
+                    settings,
+                    tracking_uri=resource.spec.mlflow.tracking_uri_or(settings.mlflow_tracking_uri),
+                    canary_traffic_percent=canary.traffic_percent if canary else None,
                     deployment_mode=settings.kserve_deployment_mode,
-                )  # fmt: skip
+                )
             )
     print(yaml.safe_dump_all(rendered, sort_keys=False, width=100), end="")
     return 0

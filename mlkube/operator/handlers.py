@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import kopf
 from pydantic import BaseModel, ValidationError
@@ -21,13 +21,17 @@ from pydantic import BaseModel, ValidationError
 from mlkube.api.common import GROUP, VERSION
 from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
-from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
+from mlkube.api.trainingrun import TERMINAL_PHASES, TrainingRun, TrainingRunStatus
 from mlkube.operator import kube
-from mlkube.operator.inferenceservice import build_inferenceservice, carries
-from mlkube.operator.metrics import CHILDREN_CREATED, MLFLOW_ERRORS, TRANSITIONS, measured
+from mlkube.operator.events import Event, mlflow_events
+from mlkube.operator.inferenceservice import (
+    deployment_mode,
+    inferenceservice_for,
+    inferenceservice_patch,
+)
+from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
 from mlkube.operator.names import (
-    ANNOTATION_DEPLOYMENT_MODE,
     MANAGED_BY,
     OPERATOR_NAME,
     inferenceservice_name,
@@ -35,22 +39,19 @@ from mlkube.operator.names import (
 )
 from mlkube.operator.policy import Refusal, deployment_refusal, trainingrun_refusal
 from mlkube.operator.poller import KeyedLocks, Poller
-from mlkube.operator.rayjob import build_rayjob
+from mlkube.operator.rayjob import rayjob_for
 from mlkube.operator.rollout import (
-    MODEL_RESOLVED,
-    Event,
+    DeploymentMemo,
+    follow_model,
     plan_rollout,
     refused_deployment_status,
 )
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
-    MLFLOW_REACHABLE,
-    SUCCEEDED,
-    TERMINAL_PHASES,
-    find_condition,
     inferenceservice_view,
+    phase_event,
+    rayjob_created_status,
     refused_trainingrun_status,
-    set_condition,
     status_patch,
     trainingrun_status,
 )
@@ -60,7 +61,7 @@ from mlkube.operator.tracking import (
     TrackingUriNotAllowed,
     tracking_target,
 )
-from mlkube.training.ownership import NOT_OWNER, ownership_refusal
+from mlkube.training.ownership import NOT_OWNER
 
 TRAININGRUNS = (GROUP, VERSION, "trainingruns")
 MODELDEPLOYMENTS = (GROUP, VERSION, "modeldeployments")
@@ -79,7 +80,7 @@ class Update(BaseModel):
 
 # Per object (by uid): what the ModelDeployment reconcile remembers between runs, and one
 # lock so that a change handler and the poller never reconcile an object at once.
-_memos: dict[str, dict[str, Any]] = {}
+_memos: dict[str, DeploymentMemo] = {}
 _locks = KeyedLocks()
 _pollers: list[Poller[ObjectKey]] = []
 
@@ -204,17 +205,6 @@ def _mlflow(target: TrackingTarget) -> GuardedReader:
     )
 
 
-def _mlflow_events(before: Any, after: Any) -> list[Event]:
-    old, new = find_condition(before, MLFLOW_REACHABLE), find_condition(after, MLFLOW_REACHABLE)
-    if new is None or (old is not None and old.status == new.status):
-        return []
-    if new.status == "False":
-        return [Event(type="Warning", reason=f"Mlflow{new.reason}", message=new.message)]
-    if old is not None:
-        return [Event(reason="MlflowReachable", message="MLflow answers again")]
-    return []
-
-
 def _owner_uids(meta: kopf.Meta, kind: str) -> list[str]:
     refs = meta.get("ownerReferences") or []
     return [ref["uid"] for ref in refs if ref.get("kind") == kind and ref.get("uid")]
@@ -289,12 +279,7 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
         event = Event(type="Warning", reason=refusal.reason, message=refusal.message)
         apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
         return
-    manifest = build_rayjob(
-        run,
-        SETTINGS.mlflow_tracking_uri,
-        credentials_secret=SETTINGS.mlflow_credentials_secret,
-        allow_shared_models=SETTINGS.allow_shared_models,
-    )
+    manifest = rayjob_for(run, SETTINGS)
     kopf.adopt(manifest, owner=body)
     _, created = kube.create_or_adopt(kube.RAYJOB, manifest, meta["uid"])
     name = manifest["metadata"]["name"]
@@ -303,13 +288,8 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
         event = Event(reason="RayJobCreated", message=f"created RayJob {name}")
     else:
         event = Event(reason="RayJobAdopted", message=f"RayJob {name} already existed")
-    new = previous.model_copy(deep=True)
-    new.ray_job_name = name
+    new = rayjob_created_status(previous, name, run.spec.tuning.num_trials, _now())
     new.observed_generation = meta.get("generation")
-    new.trials = new.trials or TrialCounts(completed=0, total=run.spec.tuning.num_trials)
-    new.conditions = set_condition(
-        new.conditions, SUCCEEDED, "Unknown", "RayJobCreated", f"RayJob {name}", _now()
-    )
     apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
 
 
@@ -333,7 +313,6 @@ def sync_trainingrun(body: dict[str, Any], rayjob_status: dict[str, Any] | None)
         except TrackingUriNotAllowed as refused:  # the allow-list changed since the create
             mlflow_error, mlflow_reason = str(refused), NOT_ALLOWED
         except MlflowError as error:
-            MLFLOW_ERRORS.inc()
             mlflow_error, mlflow_reason = error.message, error.reason
     new = trainingrun_status(
         previous,
@@ -347,20 +326,10 @@ def sync_trainingrun(body: dict[str, Any], rayjob_status: dict[str, Any] | None)
         mlflow_reason=mlflow_reason or "Unreachable",
     )
     new.observed_generation = meta.get("generation")
-    events = _mlflow_events(previous.conditions, new.conditions)
+    events = mlflow_events(previous.conditions, new.conditions)
     if new.phase != previous.phase:
         TRANSITIONS.labels("trainingrun", new.phase).inc()
-        verdict = find_condition(new.conditions, SUCCEEDED)
-        reason = verdict.reason if verdict else new.phase
-        message = f"{new.phase}: {new.message}" if new.message else new.phase
-        if new.phase == "Succeeded":
-            message = (
-                f"model version {new.model_version}, "
-                f"{'promoted' if new.promoted else 'not promoted'}"
-                + (f" ({new.promotion_reason})" if new.promotion_reason else "")
-            )
-        kind: Literal["Normal", "Warning"] = "Warning" if new.phase == "Failed" else "Normal"
-        events.append(Event(type=kind, reason=reason, message=message))
+        events.append(phase_event(new))
     return Update(status=status_patch(body.get("status") or {}, new), events=events)
 
 
@@ -378,84 +347,6 @@ def poll_trainingrun(key: ObjectKey, rayjobs: kopf.Index[str, Any]) -> None:
 # --------------------------------------------------------------------------- ModelDeployment
 
 
-def _checked_recently(memo: dict[str, Any], stamp: str, now: dt.datetime) -> bool:
-    """MLflow was asked within alias_poll_seconds (the time is memo[stamp])."""
-    last = memo.get(stamp)
-    return last is not None and (now - last).total_seconds() < SETTINGS.alias_poll_seconds
-
-
-def _mlflow_answered(
-    conditions: list[Any], error: MlflowError | None, now: dt.datetime
-) -> list[Any]:
-    """MlflowReachable after a call: False with our reason and words, or True."""
-    if error is None:
-        return set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
-    MLFLOW_ERRORS.inc()
-    return set_condition(conditions, MLFLOW_REACHABLE, "False", error.reason, error.message, now)
-
-
-def _ownership(
-    selector_name: str, target: TrackingTarget, namespace: str, memo: dict[str, Any],
-    conditions: list[Any], *, force: bool,
-) -> tuple[str | None, bool, list[Any]]:  # fmt: skip
-    """Whether this namespace may serve the model: (refusal message or None, known, the
-    conditions). Checked through MLflow at most every alias_poll_seconds; unknown (MLflow
-    not answering) rolls nothing out."""
-    now = _now()
-    if SETTINGS.allow_shared_models:
-        return None, True, conditions
-    fresh = _checked_recently(memo, "owner_checked_at", now)
-    if not force and fresh and memo.get("owner_model") == selector_name:
-        return memo.get("owner_refusal"), True, conditions
-    try:
-        ownership = _mlflow(target).model_ownership(selector_name)
-    except MlflowError as error:
-        return None, False, _mlflow_answered(conditions, error, now)
-    refusal = ownership_refusal(
-        selector_name, ownership.owner, namespace, shared=False, registered=ownership.registered
-    )
-    memo.update(owner_checked_at=now, owner_model=selector_name, owner_refusal=refusal)
-    return refusal, True, _mlflow_answered(conditions, None, now)
-
-
-def _desired_version(
-    deployment: ModelDeployment,
-    target: TrackingTarget,
-    memo: dict[str, Any],
-    conditions: list[Any],
-    *,
-    force: bool,
-) -> tuple[int | None, list[Any]]:
-    """The version to serve: pinned, or the alias resolved through MLflow (at most every
-    alias_poll_seconds; None when unknown, which leaves the InferenceService as it is)."""
-    selector, now = deployment.spec.model, _now()
-    if selector.version is not None:
-        conditions = set_condition(conditions, MODEL_RESOLVED, "True", "Pinned", "", now)
-        return selector.version, conditions
-    alias = selector.followed_alias or "champion"
-    fresh = _checked_recently(memo, "alias_checked_at", now)
-    if not force and fresh and memo.get("alias") == alias:
-        return memo.get("alias_version"), conditions
-    try:
-        version = _mlflow(target).resolve_alias(selector.name, alias)
-    except MlflowError as error:
-        conditions = _mlflow_answered(conditions, error, now)
-        return memo.get("alias_version") if memo.get("alias") == alias else None, conditions
-    memo["alias"], memo["alias_checked_at"], memo["alias_version"] = alias, now, version
-    conditions = _mlflow_answered(conditions, None, now)
-    if version is None:
-        message = f"registered model {selector.name} has no alias {alias!r} (yet)"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now
-        )
-    else:
-        message = f"{alias} -> version {version}"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "True", "AliasResolved", message, now
-        )
-    return version, conditions
-
-
 def _refused_deployment(
     body: dict[str, Any], previous: ModelDeploymentStatus, refusal: Refusal
 ) -> Update:
@@ -469,7 +360,7 @@ def _refused_deployment(
 
 
 def reconcile_deployment(
-    body: dict[str, Any], memo: dict[str, Any], *, force_resolve: bool
+    body: dict[str, Any], memo: DeploymentMemo, *, force_resolve: bool
 ) -> Update:
     meta = body["metadata"]
     deployment: ModelDeployment = _parse(ModelDeployment, body)
@@ -484,28 +375,21 @@ def reconcile_deployment(
     if refusal is not None:
         return _refused_deployment(body, previous, refusal)
     working = previous.model_copy(deep=True)
-    owner_refusal, owner_known, working.conditions = _ownership(
-        deployment.spec.model.name, target, meta["namespace"], memo, working.conditions,
+    followed = follow_model(
+        deployment, _mlflow(target), memo, working.conditions, now=_now(),
+        poll_seconds=SETTINGS.alias_poll_seconds, shared=SETTINGS.allow_shared_models,
         force=force_resolve,
     )  # fmt: skip
-    if owner_refusal is not None:
-        return _refused_deployment(body, previous, Refusal(reason=NOT_OWNER, message=owner_refusal))
-    desired, working.conditions = _desired_version(
-        deployment, target, memo, working.conditions, force=force_resolve
-    )
-    if not owner_known:
-        desired = None  # nothing new is rolled out while ownership cannot be checked
+    working.conditions = followed.conditions
+    if followed.refusal is not None:
+        refusal = Refusal(reason=NOT_OWNER, message=followed.refusal)
+        return _refused_deployment(body, previous, refusal)
+    desired = followed.version
     # Read, not indexed: a promotion or rollback must see the result of the previous
     # step, never a watch that lags behind it. ModelDeployments are few.
     isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
     view = inferenceservice_view(isvc) if isvc is not None else None
-    mode = (
-        (meta.get("annotations") or {}).get(ANNOTATION_DEPLOYMENT_MODE)
-        or ((isvc or {}).get("metadata", {}).get("annotations") or {}).get(
-            ANNOTATION_DEPLOYMENT_MODE
-        )
-        or SETTINGS.kserve_deployment_mode
-    )
+    mode = deployment_mode(deployment, isvc, SETTINGS.kserve_deployment_mode)
     rollout = plan_rollout(
         deployment,
         working,
@@ -517,15 +401,13 @@ def reconcile_deployment(
     )
     new = rollout.status
     if rollout.target_version is not None:
-        manifest = build_inferenceservice(
+        manifest = inferenceservice_for(
             deployment,
             rollout.target_version,
+            SETTINGS,
             tracking_uri=target.uri,
-            image=SETTINGS.predictor_image,
-            http_port=SETTINGS.predictor_http_port,
             canary_traffic_percent=rollout.canary_traffic_percent,
             deployment_mode=mode,
-            credentials_secret=SETTINGS.mlflow_credentials_secret,
         )
         kopf.adopt(manifest, owner=kopf.Body(cast(kopf.RawBody, body)))
         new.inference_service_name = manifest["metadata"]["name"]
@@ -535,39 +417,22 @@ def reconcile_deployment(
         else:
             _update_inferenceservice(isvc, manifest)
     new.observed_generation = meta.get("generation")
-    events = _mlflow_events(previous.conditions, new.conditions) + list(rollout.events)
+    events = mlflow_events(previous.conditions, new.conditions) + list(rollout.events)
     if new.phase != previous.phase:
         TRANSITIONS.labels("modeldeployment", new.phase).inc()
     return Update(status=status_patch(body.get("status") or {}, new), events=events)
 
 
 def _update_inferenceservice(isvc: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Patch the InferenceService where it says less than the manifest."""
-    predictor = manifest["spec"]["predictor"]
-    current = (isvc.get("spec") or {}).get("predictor") or {}
-    annotations = manifest["metadata"]["annotations"]
-    current_annotations = isvc.get("metadata", {}).get("annotations") or {}
-    canary_changed = "canaryTrafficPercent" in current and "canaryTrafficPercent" not in predictor
-    if (
-        carries(current, predictor)
-        and not canary_changed
-        and carries(current_annotations, annotations)
-    ):
-        return
-    meta = manifest["metadata"]
-    kube.patch(
-        kube.INFERENCESERVICE,
-        meta["namespace"],
-        meta["name"],
-        {
-            "metadata": {"annotations": annotations},
-            "spec": {"predictor": {"canaryTrafficPercent": None, **predictor}},
-        },
-    )
+    """Patch the InferenceService where it says other than the manifest."""
+    body = inferenceservice_patch(isvc, manifest)
+    if body is not None:
+        meta = manifest["metadata"]
+        kube.patch(kube.INFERENCESERVICE, meta["namespace"], meta["name"], body)
 
 
-def _memo(uid: str) -> dict[str, Any]:
-    return _memos.setdefault(uid, {})
+def _memo(uid: str) -> DeploymentMemo:
+    return _memos.setdefault(uid, DeploymentMemo())
 
 
 @kopf.on.create(*MODELDEPLOYMENTS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlkube.api.modeldeployment import ModelDeployment
+from mlkube.api.registered_model import model_uri
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
@@ -19,7 +20,7 @@ from mlkube.operator.names import (
     inferenceservice_name,
 )
 from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
+from mlkube.operator.settings import RAW_DEPLOYMENT_MODES, OperatorSettings
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 # KServe routes to the container with this name.
@@ -31,19 +32,29 @@ PRESTOP_SECONDS = "5"
 PREDICTOR_GRPC_PORT = 8081
 
 
-def model_uri(name: str, version: int) -> str:
-    return f"models:/{name}/{version}"
-
-
 def is_raw_mode(deployment_mode: str | None) -> bool:
     return deployment_mode in RAW_DEPLOYMENT_MODES
+
+
+def deployment_mode(
+    deployment: ModelDeployment, isvc: dict[str, Any] | None, default: str | None
+) -> str | None:
+    """KServe's deployment mode for this ModelDeployment: its own annotation, else the one
+    its InferenceService was made with (a changed default moves no running service), else
+    the operator's default."""
+    isvc_annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
+    return (
+        deployment.metadata.annotations.get(ANNOTATION_DEPLOYMENT_MODE)
+        or isvc_annotations.get(ANNOTATION_DEPLOYMENT_MODE)
+        or default
+    )
 
 
 def predictor_args(deployment: ModelDeployment, version: int, http_port: int) -> list[str]:
     spec = deployment.spec
     args = [
         "--model-name", spec.model.name,
-        "--model-uri", model_uri(spec.model.name, version),
+        "--model-uri", model_uri(spec.model.name, version=version),
         "--ttl-seconds", str(spec.ttl_seconds),
         "--protocol", spec.protocol,
         "--http_port", str(http_port),
@@ -129,6 +140,29 @@ def build_inferenceservice(
     }
 
 
+def inferenceservice_for(
+    deployment: ModelDeployment,
+    version: int,
+    settings: OperatorSettings,
+    *,
+    tracking_uri: str,
+    canary_traffic_percent: int | None,
+    deployment_mode: str | None,
+) -> dict[str, Any]:
+    """The InferenceService the operator with these settings makes (the predictor's image
+    and port, the namespace's MLflow credentials), for the handlers and `operator render`."""
+    return build_inferenceservice(
+        deployment,
+        version,
+        tracking_uri=tracking_uri,
+        image=settings.predictor_image,
+        http_port=settings.predictor_http_port,
+        canary_traffic_percent=canary_traffic_percent,
+        deployment_mode=deployment_mode,
+        credentials_secret=settings.mlflow_credentials_secret,
+    )
+
+
 def carries(have: Any, want: Any) -> bool:
     """`have` (the live object) says everything `want` (ours) says; the API server may
     have added defaults, which do not count as a difference."""
@@ -141,3 +175,21 @@ def carries(have: Any, want: Any) -> bool:
             and all(carries(h, w) for h, w in zip(have, want, strict=True))
         )
     return bool(want == have)
+
+
+def inferenceservice_patch(isvc: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes the live InferenceService say what the manifest says, or
+    None when it already does. A merge patch keeps fields it does not name, so the ones the
+    manifest may leave out (a canary that ended) are removed explicitly."""
+    predictor = manifest["spec"]["predictor"]
+    current = (isvc.get("spec") or {}).get("predictor") or {}
+    annotations = manifest["metadata"]["annotations"]
+    current_annotations = isvc.get("metadata", {}).get("annotations") or {}
+    removable = ("canaryTrafficPercent",)
+    dropped = [key for key in removable if key in current and key not in predictor]
+    if carries(current, predictor) and not dropped and carries(current_annotations, annotations):
+        return None
+    return {
+        "metadata": {"annotations": annotations},
+        "spec": {"predictor": {**dict.fromkeys(removable), **predictor}},
+    }

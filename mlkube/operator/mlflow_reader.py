@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mlkube.operator.metrics import MLFLOW_ERRORS
 from mlkube.operator.tracking import TrackingTarget
 from mlkube.training.outcome import (
     MLFLOW_MISSING_CODES,
@@ -453,10 +454,12 @@ class GuardedReader:
         with self._lock:
             if not self.backoff.ready(now):
                 wait = self.backoff.next_attempt - now
+                MLFLOW_ERRORS.inc()
                 raise MlflowUnavailable(f"{self.backoff.last_error} (next attempt in {wait:.0f}s)")
         try:
             result = call(*args)
         except MlflowError as error:
+            MLFLOW_ERRORS.inc()
             with self._lock:
                 if error.backs_off:
                     self.backoff.failed(time.monotonic(), error.message)

@@ -14,6 +14,7 @@ from mlkube.api.trainingrun import TrainingRun
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
 from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
+from mlkube.operator.settings import OperatorSettings
 
 RAYJOB_API_VERSION = "ray.io/v1"
 TRAIN_MODULE = "mlkube.flows.train"
@@ -26,10 +27,6 @@ SUBMITTER_RESOURCES = {
     "requests": {"cpu": "500m", "memory": "200Mi"},
     "limits": {"cpu": "1", "memory": "1Gi"},
 }
-
-
-def tracking_uri_for(run: TrainingRun, default: str) -> str:
-    return run.spec.mlflow.tracking_uri or default
 
 
 def handed_over(run: TrainingRun) -> dict[str, Any]:
@@ -144,7 +141,7 @@ def build_rayjob(
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(run, allow_shared_models),
         "runtimeEnvYAML": runtime_env_yaml(
-            tracking_uri_for(run, default_tracking_uri), storage_env(run)
+            run.spec.mlflow.tracking_uri_or(default_tracking_uri), storage_env(run)
         ),
         "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
         "submitterPodTemplate": submitter_template(run.spec.ray.image),
@@ -168,3 +165,14 @@ def build_rayjob(
         },
         "spec": spec,
     }
+
+
+def rayjob_for(run: TrainingRun, settings: OperatorSettings) -> dict[str, Any]:
+    """The RayJob the operator with these settings makes (its MLflow, the namespace's
+    MLflow credentials, shared models or not), for the handlers and `operator render`."""
+    return build_rayjob(
+        run,
+        settings.mlflow_tracking_uri,
+        credentials_secret=settings.mlflow_credentials_secret,
+        allow_shared_models=settings.allow_shared_models,
+    )

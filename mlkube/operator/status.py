@@ -1,5 +1,6 @@
 """Foreign status -> our status: RayJob (+ the MLflow outcome) -> TrainingRun, and the
-InferenceService's conditions and url as the rollout logic needs them. Pure functions."""
+InferenceService's conditions and url as the rollout logic needs them. Pure functions; the
+conditions' own transitions are in conditions.py."""
 
 from __future__ import annotations
 
@@ -11,65 +12,36 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-from mlkube.api.common import Condition
-from mlkube.api.trainingrun import BestTrial, TrainingRunStatus, TrialCounts
+from mlkube.api.trainingrun import (
+    TERMINAL_PHASES,
+    BestTrial,
+    TrainingRunPhase,
+    TrainingRunStatus,
+    TrialCounts,
+)
+from mlkube.operator.conditions import (
+    ConditionStatus,
+    drop_condition,
+    find_condition,
+    held_since,
+    mlflow_answered,
+    parse_timestamp,
+    set_condition,
+    timestamp,
+)
+from mlkube.operator.events import Event
 from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_VERSION
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.training.outcome import Outcome
 
-ConditionStatus = Literal["True", "False", "Unknown"]
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
-
 # TrainingRun condition types.
 SUCCEEDED = "Succeeded"
-MLFLOW_REACHABLE = "MlflowReachable"
+# Succeeded's status in each terminal phase (Unknown until then).
+VERDICTS: dict[TrainingRunPhase, ConditionStatus] = {"Succeeded": "True", "Failed": "False"}
 # jobStatus FAILED seen while jobDeploymentStatus still said Running; since its transition.
 JOB_FAILING = "JobFailing"
 # False while the MLflow parent run carries outcome tags that do not parse.
 OUTCOME_READABLE = "OutcomeReadable"
-
-
-def timestamp(moment: dt.datetime) -> str:
-    """RFC 3339 UTC at second precision, as Kubernetes writes metav1.Time."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_timestamp(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def find_condition(conditions: list[Condition], kind: str) -> Condition | None:
-    return next((c for c in conditions if c.type == kind), None)
-
-
-def set_condition(
-    conditions: list[Condition],
-    kind: str,
-    status: ConditionStatus,
-    reason: str,
-    message: str,
-    now: dt.datetime,
-) -> list[Condition]:
-    """Conditions with `kind` set; lastTransitionTime moves only when the status does."""
-    old = find_condition(conditions, kind)
-    since = old.last_transition_time if old is not None and old.status == status else None
-    new = Condition(
-        type=kind,
-        status=status,
-        reason=reason,
-        message=message,
-        last_transition_time=since or timestamp(now),
-    )
-    return [*(c for c in conditions if c.type != kind), new]
-
-
-def drop_condition(conditions: list[Condition], kind: str) -> list[Condition]:
-    return [c for c in conditions if c.type != kind]
 
 
 def status_patch(stored: Mapping[str, Any], new: BaseModel) -> dict[str, Any]:
@@ -188,93 +160,149 @@ def trainingrun_status(
     """The TrainingRun's next status from its RayJob's status and its MLflow parent run.
 
     MLflow is the source of truth for what the run produced; the RayJob says whether the
-    process ran and how it ended. Terminal phases are final. `mlflow_error` and
-    `mlflow_reason` are the operator's own words, never what a server said.
+    process ran and how it ended. `mlflow_error` and `mlflow_reason` are the operator's own
+    words, never what a server said. In steps:
+
+    - a terminal phase is final;
+    - what MLflow said: whether it answered, the outcome so far, tags that do not parse;
+    - how the job stands: read off its RayJob; without one, from MLflow's finished run,
+      else still waiting for the RayJob (Pending), else deleted (failed);
+    - the phase: a job that succeeded is Succeeded once MLflow has its finished run; a
+      failed RayJob whose run MLflow saw finish succeeded all the same;
+    - the times, the Succeeded condition and the message.
     """
     if previous.phase in TERMINAL_PHASES:
         return previous
     status = previous.model_copy(deep=True)
-    conditions = status.conditions
-    if mlflow_error is not None:
-        conditions = set_condition(
-            conditions, MLFLOW_REACHABLE, "False", mlflow_reason, mlflow_error, now
-        )
-    elif mlflow_checked:
-        conditions = set_condition(conditions, MLFLOW_REACHABLE, "True", "Reachable", "", now)
-    if outcome is not None:
-        _apply_outcome(status, outcome)
-        if outcome.unreadable_tags:
-            message = "the MLflow parent run has tags that do not parse: " + ", ".join(
-                sorted(outcome.unreadable_tags)
-            )
-            conditions = set_condition(
-                conditions, OUTCOME_READABLE, "False", "UnreadableTags", message, now
-            )
-        else:
-            conditions = drop_condition(conditions, OUTCOME_READABLE)
-
+    _take_mlflow_answer(status, outcome, mlflow_error, mlflow_reason, mlflow_checked, now)
     if rayjob_exists:
-        job = RayJobStatus.model_validate(rayjob_status or {})
-        failing = find_condition(conditions, JOB_FAILING)
-        failing_since = (
-            parse_timestamp(failing.last_transition_time)
-            if failing is not None and failing.status == "True"
-            else None
+        reading, ended_at = _read_rayjob_of(status, rayjob_status, now, grace_seconds)
+    else:
+        reading, ended_at = _without_rayjob(status, outcome), now
+    reading, phase = _phase(reading, outcome, mlflow_error, ended_at, now, grace_seconds)
+    _settle(status, reading, phase, ended_at, now)
+    return status
+
+
+def _take_mlflow_answer(
+    status: TrainingRunStatus, outcome: Outcome | None, mlflow_error: str | None,
+    mlflow_reason: str, mlflow_checked: bool, now: dt.datetime,
+) -> None:  # fmt: skip
+    """MlflowReachable, the outcome so far, and OutcomeReadable."""
+    if mlflow_error is not None:
+        status.conditions = mlflow_answered(status.conditions, now, mlflow_reason, mlflow_error)
+    elif mlflow_checked:
+        status.conditions = mlflow_answered(status.conditions, now)
+    if outcome is None:
+        return
+    _apply_outcome(status, outcome)
+    if outcome.unreadable_tags:
+        message = "the MLflow parent run has tags that do not parse: " + ", ".join(
+            sorted(outcome.unreadable_tags)
         )
-        reading = read_rayjob(job, failing_since, now, grace_seconds)
-        if reading.reason == "JobFailing":
-            conditions = set_condition(
-                conditions, JOB_FAILING, "True", "JobFailing", reading.message, now
-            )
-        else:
-            conditions = drop_condition(conditions, JOB_FAILING)
-        if job.start_time and not status.start_time:
-            status.start_time = job.start_time
-        ended_at = parse_timestamp(job.end_time) or now
-    elif outcome is not None and outcome.finished:
-        # The RayJob is gone (deleted by hand?) but MLflow knows how the run ended.
+        status.conditions = set_condition(
+            status.conditions, OUTCOME_READABLE, "False", "UnreadableTags", message, now
+        )
+    else:
+        status.conditions = drop_condition(status.conditions, OUTCOME_READABLE)
+
+
+def _read_rayjob_of(
+    status: TrainingRunStatus, rayjob_status: dict[str, Any] | None, now: dt.datetime,
+    grace_seconds: float,
+) -> tuple[JobReading, dt.datetime]:  # fmt: skip
+    """How the job stands by its RayJob, and when it ended (now, if it has not)."""
+    job = RayJobStatus.model_validate(rayjob_status or {})
+    failing_since = held_since(status.conditions, JOB_FAILING, "True")
+    reading = read_rayjob(job, failing_since, now, grace_seconds)
+    if reading.reason == "JobFailing":
+        status.conditions = set_condition(
+            status.conditions, JOB_FAILING, "True", "JobFailing", reading.message, now
+        )
+    else:
+        status.conditions = drop_condition(status.conditions, JOB_FAILING)
+    if job.start_time and not status.start_time:
+        status.start_time = job.start_time
+    return reading, parse_timestamp(job.end_time) or now
+
+
+def _without_rayjob(status: TrainingRunStatus, outcome: Outcome | None) -> JobReading:
+    """No RayJob: not made yet (Pending), or gone (deleted by hand?), when MLflow may still
+    know how the run ended."""
+    if outcome is not None and outcome.finished:
         ok = outcome.state == "FINISHED"
-        reading = JobReading(
+        return JobReading(
             verdict="succeeded" if ok else "failed",
             reason="JobSucceeded" if ok else "RunFailed",
             message=outcome.error or "",
         )
-        ended_at = now
-    elif status.phase == "Pending":
-        reading = JobReading(verdict="pending", reason="WaitingForRayJob")
-        ended_at = now
-    else:
-        reading = JobReading(
-            verdict="failed", reason="RayJobDeleted", message="the RayJob was deleted"
-        )
-        ended_at = now
+    if status.phase == "Pending":
+        return JobReading(verdict="pending", reason="WaitingForRayJob")
+    return JobReading(verdict="failed", reason="RayJobDeleted", message="the RayJob was deleted")
 
+
+def _phase(
+    reading: JobReading, outcome: Outcome | None, mlflow_error: str | None,
+    ended_at: dt.datetime, now: dt.datetime, grace_seconds: float,
+) -> tuple[JobReading, TrainingRunPhase]:  # fmt: skip
+    """The job's verdict as a phase, with what MLflow knows of the run."""
     if reading.verdict == "failed" and outcome is not None and outcome.state == "FINISHED":
         # The train flow finished and recorded its outcome; the RayJob failed afterwards (seen
         # on a real node: the Ray head deleted after the job's end, so KubeRay never read
         # the job's terminal state). What the run produced is MLflow's to say.
         reading = JobReading(verdict="succeeded", reason=reading.reason)
     if reading.verdict == "succeeded":
-        reading, phase = _success(reading, outcome, mlflow_error, ended_at, now, grace_seconds)
-    elif reading.verdict == "failed":
-        phase = "Failed"
+        return _success(reading, outcome, mlflow_error, ended_at, now, grace_seconds)
+    if reading.verdict == "failed":
         if outcome is not None and outcome.error:
             reading = reading.model_copy(update={"message": outcome.error})
-    else:
-        phase = "Running" if reading.verdict == "running" else "Pending"
+        return reading, "Failed"
+    return reading, "Running" if reading.verdict == "running" else "Pending"
 
+
+def _settle(
+    status: TrainingRunStatus, reading: JobReading, phase: TrainingRunPhase,
+    ended_at: dt.datetime, now: dt.datetime,
+) -> None:  # fmt: skip
+    """The phase, its times, the Succeeded condition and the message."""
     if phase in ("Running", "Succeeded", "Failed") and not status.start_time:
         status.start_time = timestamp(now)
     if phase in TERMINAL_PHASES:
         status.completion_time = timestamp(ended_at)
-        conditions = drop_condition(conditions, JOB_FAILING)
-    verdict_status: ConditionStatus = {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown")  # type: ignore[assignment]
-    conditions = set_condition(
-        conditions, SUCCEEDED, verdict_status, reading.reason, reading.message, now
+        status.conditions = drop_condition(status.conditions, JOB_FAILING)
+    verdict = VERDICTS.get(phase, "Unknown")
+    status.conditions = set_condition(
+        status.conditions, SUCCEEDED, verdict, reading.reason, reading.message, now
     )
-    status.phase = phase  # type: ignore[assignment]
+    status.phase = phase
     status.message = reading.message or None
-    status.conditions = conditions
+
+
+def phase_event(status: TrainingRunStatus) -> Event:
+    """The Event posted when a TrainingRun enters `status.phase`: a Succeeded run's version
+    and whether it was promoted; a Failed one (a warning) or any other, its message."""
+    verdict = find_condition(status.conditions, SUCCEEDED)
+    reason = verdict.reason if verdict else status.phase
+    if status.phase == "Succeeded":
+        promoted = "promoted" if status.promoted else "not promoted"
+        why = f" ({status.promotion_reason})" if status.promotion_reason else ""
+        message = f"model version {status.model_version}, {promoted}{why}"
+    else:
+        message = f"{status.phase}: {status.message}" if status.message else status.phase
+    kind: Literal["Normal", "Warning"] = "Warning" if status.phase == "Failed" else "Normal"
+    return Event(type=kind, reason=reason, message=message)
+
+
+def rayjob_created_status(
+    previous: TrainingRunStatus, rayjob: str, num_trials: int, now: dt.datetime
+) -> TrainingRunStatus:
+    """The TrainingRun once its RayJob exists (created, or found after a restart)."""
+    status = previous.model_copy(deep=True)
+    status.ray_job_name = rayjob
+    status.trials = status.trials or TrialCounts(completed=0, total=num_trials)
+    status.conditions = set_condition(
+        status.conditions, SUCCEEDED, "Unknown", "RayJobCreated", f"RayJob {rayjob}", now
+    )
     return status
 
 
@@ -298,7 +326,7 @@ def _success(
     ended_at: dt.datetime,
     now: dt.datetime,
     grace_seconds: float,
-) -> tuple[JobReading, str]:
+) -> tuple[JobReading, TrainingRunPhase]:
     """The job succeeded: Succeeded once MLflow has the finished parent run."""
     if outcome is not None and outcome.state == "FINISHED":
         reason = "Promoted" if outcome.promoted else "NotPromoted"

@@ -18,7 +18,7 @@ from typing import Any
 
 from mlkube.api import TrainingRun, UserError
 from mlkube.api.errors import first_line
-from mlkube.training.search_space import grid_points, grid_size, merged_space
+from mlkube.training.search_space import grid_points, grid_size
 from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
 from mlkube.training.tasks.base import DataError, SearchSpace
 from mlkube.training.tasks.data import local_path
@@ -113,8 +113,9 @@ def check_search(
             f"spec.tuning.searchSpace.{unknown[0]}: task {run.spec.task} has no such "
             f"parameter (it tunes {', '.join(the_task.search_space)})"
         )
+    # The spec's ranges replace the task's of the same name.
     override = {name: d.to_k8s() for name, d in tuning.search_space.items()}
-    space = merged_space(the_task.search_space, override)
+    space = {**the_task.search_space, **override}
     grid = None
     if tuning.algorithm == "grid":
         try:

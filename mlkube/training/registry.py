@@ -22,12 +22,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlkube.api.errors import first_line
-from mlkube.local import mlkube_home
+from mlkube.api.registered_model import CHALLENGER_ALIAS, model_uri
+from mlkube.local import is_local_store, mlkube_home
 from mlkube.training import outcome
 from mlkube.training.ownership import TAG_OWNER, ModelNotOwned, ownership_refusal
 from mlkube.training.tasks.base import Mode, Task, TaskData
 
-CHALLENGER_ALIAS = "challenger"
 # How often the gate decides again when the alias keeps moving under it, before it gives up
 # and promotes nothing.
 MAX_GATE_ROUNDS = 5
@@ -133,7 +133,7 @@ def score_version(task: Task, data: TaskData, name: str, version: int) -> dict[s
     with tempfile.TemporaryDirectory(prefix="mlkube-champion-") as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=tmp
+                artifact_uri=model_uri(name, version=version), dst_path=tmp
             )
         except Exception as error:
             raise ChampionUnreadable(f"{type(error).__name__}: {first_line(error)}") from error
@@ -297,15 +297,11 @@ def _reread_and_move(
     return GateResult(decision, CHALLENGER_ALIAS, evaluation)
 
 
-def _local_store(tracking_uri: str) -> bool:
-    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
-
-
 @contextlib.contextmanager
 def gate_lock(tracking_uri: str, name: str) -> Iterator[None]:
     """In local mode, one gate per model at a time on this machine (a file lock beside the
     local store); with a tracking server, no lock (gates run in many pods)."""
-    if not _local_store(tracking_uri):
+    if not is_local_store(tracking_uri):
         yield
         return
     folder = mlkube_home() / "locks"

@@ -10,11 +10,6 @@ from typing import Any
 from mlkube.training.tasks.base import SearchSpace
 
 
-def merged_space(task_space: SearchSpace, override: SearchSpace) -> SearchSpace:
-    """The task's default space with the user's entries put over it (and added to it)."""
-    return {**task_space, **override}
-
-
 def to_tune(space: SearchSpace) -> dict[str, Any]:
     from ray import tune
 

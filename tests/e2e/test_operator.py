@@ -4,8 +4,13 @@ players, a real MLflow server, the operator under kopf's KopfRunner."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -26,6 +31,7 @@ TRAININGRUNS = (*MLKUBE, "trainingruns")
 MODELDEPLOYMENTS = (*MLKUBE, "modeldeployments")
 RAYJOBS = ("ray.io", "v1", "rayjobs")
 ISVCS = ("serving.kserve.io", "v1beta1", "inferenceservices")
+REPO = Path(__file__).resolve().parents[2]
 # The player runs entrypoints with the repo root as cwd; the data lives beside the repo.
 INSURANCE_CSV = "../shared/data/insurance.csv"
 
@@ -123,6 +129,39 @@ def test_trainingrun_spec_is_immutable_and_invalid_specs_name_the_field(
         create(kube_api, TRAININGRUNS, namespace, invalid)
     assert refused.value.status == 422
     assert "spec.tuning.numTrials" in str(refused.value.body)
+
+
+def test_the_operator_command_watches_the_namespaces_it_is_given(
+    kube_api: client.ApiClient, namespace: str, operator_env: None, tmp_path: Path
+) -> None:
+    """`python -m mlkube.operator run -n NS`, the chart's command: a TrainingRun in NS gets
+    its RayJob, one elsewhere is left alone, and SIGTERM stops the operator cleanly."""
+    core = client.CoreV1Api(kube_api)
+    elsewhere = f"elsewhere-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=elsewhere)))
+    env = {**os.environ, "MLKUBE_OPERATOR_HEALTH_PORT": "0", "MLKUBE_OPERATOR_METRICS_PORT": "0"}
+    log = tmp_path / "operator.log"
+    with open(log, "wb") as out:
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "mlkube.operator", "run", "-n", namespace,
+             "--log-format", "plain"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )  # fmt: skip
+    try:
+        # The one elsewhere first: were it watched, it would get its RayJob no later.
+        create(kube_api, TRAININGRUNS, elsewhere, trainingrun("ignored", "http://127.0.0.1:9"))
+        create(kube_api, TRAININGRUNS, namespace, trainingrun("watched", "http://127.0.0.1:9"))
+        wait(kube_api, RAYJOBS, namespace, "watched", lambda job: True, "RayJob watched")
+        assert listing(kube_api, RAYJOBS, elsewhere) == []
+        [ignored] = listing(kube_api, TRAININGRUNS, elsewhere)
+        assert not ignored.get("status")
+    finally:
+        operator.terminate()
+        code = operator.wait(timeout=90)
+        core.delete_namespace(elsewhere)
+    output = log.read_text(errors="replace")
+    assert code == 0, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
 
 
 # --------------------------------------------------------------------------- ModelDeployment

@@ -57,20 +57,30 @@ def test_ray_started_in_the_background_runs_tasks_and_leaves_nothing_behind() ->
     assert not survivors(report["children"]), "Ray processes left after exit"
 
 
-def test_a_failed_background_start_is_raised_where_ray_is_awaited(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from mlkube.training import tune
+AWAIT_A_FAILED_START = textwrap.dedent(
+    """
+    from mlkube.training.tune import ensure_ray, start_ray
+    start_ray()
+    print("start_ray returned", flush=True)
+    try:
+        ensure_ray()
+    except ValueError as error:
+        print(f"ensure_ray raised: {error}", flush=True)
+    """
+)
 
-    def refuse(num_cpus: int | None) -> None:
-        raise ConnectionError("no Ray at RAY_ADDRESS")
 
-    monkeypatch.setattr(tune, "_init_ray", refuse)
-    monkeypatch.setattr(tune, "_ray_start", None)
-    monkeypatch.setattr("ray.is_initialized", lambda: False)
-    tune.start_ray()
-    with pytest.raises(ConnectionError, match="no Ray at RAY_ADDRESS"):
-        tune.ensure_ray()
+def test_a_failed_background_start_is_raised_where_ray_is_awaited() -> None:
+    """A RAY_ADDRESS that Ray cannot parse fails the start at once (no cluster is asked)."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:no-port"}
+    done = subprocess.run(
+        [sys.executable, "-c", AWAIT_A_FAILED_START],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "start_ray returned"
+    assert lines[1].startswith("ensure_ray raised: ") and "no-port" in lines[1]
 
 
 def test_sigterm_ends_a_flow_whose_ray_started_in_the_background(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ cannot serve it; the refusal names the owner. Against the real MLflow server."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import uuid
 from typing import Any
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 
 from mlkube.api import TrainingRun
 from mlkube.operator import handlers, mlflow_reader
+from mlkube.operator.rollout import DeploymentMemo, check_ownership
 from mlkube.operator.tracking import tracking_target
 from mlkube.training import registry
 from mlkube.training.ownership import NOT_OWNER, TAG_OWNER, ModelNotOwned
@@ -155,7 +157,7 @@ def test_a_modeldeployment_of_another_namespaces_model_is_refused_naming_the_own
     (there is no API server here; a read would fail the test)."""
     name = owned_model(client, "team-a")
     body = deployment_body("team-b", {"name": name, **selector}, mlflow_server.tracking_uri)
-    update = handlers.reconcile_deployment(body, {}, force_resolve=True)
+    update = handlers.reconcile_deployment(body, DeploymentMemo(), force_resolve=True)
     status = update.status
     assert status["phase"] == "Failed" and "inferenceServiceName" not in status
     reasons = {c["type"]: c["reason"] for c in status["conditions"]}
@@ -173,21 +175,26 @@ def test_a_model_without_an_owner_is_not_served(
 ) -> None:
     name = owned_model(client, None)
     body = deployment_body("team-b", {"name": name}, mlflow_server.tracking_uri)
-    status = handlers.reconcile_deployment(body, {}, force_resolve=True).status
+    status = handlers.reconcile_deployment(body, DeploymentMemo(), force_resolve=True).status
     assert "has no owner namespace" in status["message"]
 
 
 @pytest.mark.usefixtures("allowed")
 def test_the_owner_and_shared_mode_pass_the_ownership_check(
-    mlflow_server: MlflowServer, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: MlflowServer, client: MlflowClient
 ) -> None:
     name = owned_model(client, "team-a")
     target = tracking_target(mlflow_server.tracking_uri, "http://mlflow:5000", ["127.0.0.1"])
-    refusal, known, _ = handlers._ownership(name, target, "team-a", {}, [], force=True)
-    assert (refusal, known) == (None, True)
-    refusal, known, _ = handlers._ownership(name, target, "team-b", {}, [], force=True)
+    reader = mlflow_reader.reader_for(target)
+
+    def check(namespace: str, *, shared: bool = False) -> tuple[str | None, bool]:
+        refusal, known, _ = check_ownership(
+            name, namespace, reader, DeploymentMemo(), [], now=dt.datetime.now(dt.UTC),
+            poll_seconds=30, shared=shared, force=True,
+        )  # fmt: skip
+        return refusal, known
+
+    assert check("team-a") == (None, True)
+    refusal, known = check("team-b")
     assert refusal is not None and known
-    monkeypatch.setattr(
-        handlers, "SETTINGS", handlers.SETTINGS.model_copy(update={"allow_shared_models": True})
-    )
-    assert handlers._ownership(name, target, "team-b", {}, [], force=True)[:2] == (None, True)
+    assert check("team-b", shared=True) == (None, True)

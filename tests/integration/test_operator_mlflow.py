@@ -16,19 +16,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import kopf
 import pytest
 
 from mlkube.api.modeldeployment import ModelDeployment
 from mlkube.api.trainingrun import TrainingRunStatus
-from mlkube.operator import handlers, mlflow_reader
-from mlkube.operator.rollout import MODEL_RESOLVED
-from mlkube.operator.status import (
-    MLFLOW_REACHABLE,
-    OUTCOME_READABLE,
-    find_condition,
-    trainingrun_status,
-)
+from mlkube.operator import mlflow_reader
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition
+from mlkube.operator.rollout import MODEL_RESOLVED, DeploymentMemo, follow_model
+from mlkube.operator.status import OUTCOME_READABLE, trainingrun_status
 from mlkube.operator.tracking import TrackingTarget, tracking_target
 from mlkube.training import outcome as tags
 from tests.fixtures.mlflow_server import MlflowServer
@@ -72,8 +67,13 @@ def deployment(name: str, model: str, alias: str, uri: str) -> ModelDeployment:
 
 
 def resolve(md: ModelDeployment, target: TrackingTarget) -> tuple[int | None, dict[str, Any]]:
-    version, conditions = handlers._desired_version(md, target, kopf.Memo(), [], force=True)
-    return version, {c.type: c for c in conditions}
+    """What the operator follows for `md`: the alias resolved through the real server (every
+    namespace may serve every model here: ownership is test_model_ownership's)."""
+    followed = follow_model(
+        md, mlflow_reader.reader_for(target), DeploymentMemo(), [],
+        now=dt.datetime.now(dt.UTC), poll_seconds=30, shared=True, force=True,
+    )  # fmt: skip
+    return followed.version, {c.type: c for c in followed.conditions}
 
 
 def test_a_missing_alias_is_not_found_and_mlflow_stays_up_for_the_others(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from mlkube.api.registered_model import CHALLENGER_ALIAS
 from mlkube.training import registry
 from mlkube.training.ownership import TAG_OWNER
 from tests.fixtures.mlflow_server import (
@@ -132,7 +133,7 @@ def test_two_gates_that_read_the_same_champion_end_with_the_better_model(
     assert results[better].alias == "champion" and results[better].decision.promote
     if held == "worse":
         # It read v1, but decided against v2, which had become champion meanwhile.
-        assert results[worse].alias == registry.CHALLENGER_ALIAS
+        assert results[worse].alias == CHALLENGER_ALIAS
         assert not results[worse].decision.promote
         assert results[worse].evaluation.champion_version == better
         assert "champion moved to v2" in results[worse].decision.reason
@@ -164,7 +165,7 @@ def test_a_champion_whose_files_are_gone_promotes_nothing(
         shutil.rmtree(folder)
 
     result = gate(tracking, mlflow_server.tracking_uri, name, 2)
-    assert result.alias == registry.CHALLENGER_ALIAS and not result.decision.promote
+    assert result.alias == CHALLENGER_ALIAS and not result.decision.promote
     assert result.decision.reason.startswith("champion v1 could not be read from MLflow")
     assert "no MLmodel" in result.decision.reason
     assert tracking.get_model_version_by_alias(name, "champion").version == "1"

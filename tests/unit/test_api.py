@@ -9,6 +9,7 @@ import pytest
 
 from mlkube.api import ManifestError, ModelDeployment, TrainingRun, parse_resource
 from mlkube.api.crd import render_crds
+from mlkube.api.registered_model import DEFAULT_ALIAS, model_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,3 +112,11 @@ def test_crd_schema_has_bounds_columns_and_short_names() -> None:
     assert [c["name"] for c in md["versions"][0]["additionalPrinterColumns"]] == [
         "Model", "Alias", "Version", "Ready", "URL", "Age",
     ]  # fmt: skip
+
+
+def test_model_uris_name_a_version_or_an_alias() -> None:
+    assert model_uri("insurance", version=3) == "models:/insurance/3"
+    assert model_uri("insurance", alias=DEFAULT_ALIAS) == "models:/insurance@champion"
+    for neither_or_both in ({}, {"version": 3, "alias": "champion"}):
+        with pytest.raises(ValueError, match="a version or an alias"):
+            model_uri("insurance", **neither_or_both)  # type: ignore[arg-type]

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
+from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from mlkube.api import ModelDeployment, TrainingRun
-from mlkube.operator.inferenceservice import PREDICTOR_CONTAINER, build_inferenceservice
+from mlkube.local import TELEMETRY_OFF_ENV
+from mlkube.operator.inferenceservice import (
+    PREDICTOR_CONTAINER,
+    build_inferenceservice,
+    deployment_mode,
+    inferenceservice_patch,
+)
 from mlkube.operator.names import ISVC_NAME_MAX, RAYJOB_NAME_MAX, inferenceservice_name, rayjob_name
 from mlkube.operator.rayjob import build_rayjob
 
@@ -43,14 +51,8 @@ def test_rayjob_hands_the_trainingrun_to_the_train_flow() -> None:
 def test_rayjob_runtime_env_carries_mlflow_and_no_telemetry() -> None:
     job = build_rayjob(trainingrun(mlflow={"trackingUri": "http://own:5000"}), "http://x:1")
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
-    assert env == {
-        "MLFLOW_TRACKING_URI": "http://own:5000",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
+    # The same switches as on this machine (tests/integration/test_offline.py checks them).
+    assert env == {"MLFLOW_TRACKING_URI": "http://own:5000", **TELEMETRY_OFF_ENV}
     default = build_rayjob(trainingrun(), "http://default:5000")
     assert "http://default:5000" in default["spec"]["runtimeEnvYAML"]
 
@@ -161,6 +163,8 @@ def test_inferenceservice_pins_the_version() -> None:
     assert args[args.index("--ttl-seconds") + 1] == "60"
     assert args[args.index("--protocol") + 1] == "v2"
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://m:5000"} in container["env"]
+    for name, value in TELEMETRY_OFF_ENV.items():
+        assert {"name": name, "value": value} in container["env"]
     assert isvc["metadata"]["annotations"]["mlkube.io/model-version"] == "7"
 
 
@@ -215,6 +219,60 @@ def test_inferenceservice_hands_request_limits_to_the_predictor() -> None:
     # unset: the predictor's own defaults, not a second copy of them here
     plain = build_inferenceservice(deployment(), 7, tracking_uri="http://m:5000", image="p:1")
     assert "--max-request-bytes" not in plain["spec"]["predictor"]["containers"][0]["args"]
+
+
+def merge_patched(obj: Any, patch: Any) -> Any:
+    """`obj` after a JSON merge patch (RFC 7386), as the API server applies one."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(obj) if isinstance(obj, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patched(merged.get(key), value)
+    return merged
+
+
+def live(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The InferenceService as the API server returns it: our manifest plus its defaults."""
+    stored = copy.deepcopy(manifest)
+    stored["metadata"]["annotations"]["kserve.io/added-by-webhook"] = "x"
+    stored["spec"]["predictor"]["timeout"] = 60
+    stored["spec"]["predictor"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    stored["status"] = {"url": "http://ins.ml"}
+    return stored
+
+
+def test_an_inferenceservice_that_says_what_the_manifest_says_is_not_patched() -> None:
+    manifest = build_inferenceservice(deployment(), 3, tracking_uri="u", image="i")
+    assert inferenceservice_patch(live(manifest), manifest) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"version": 3}, {"version": 4}),  # a new version
+        ({"version": 3}, {"version": 4, "canary_traffic_percent": 20}),  # a canary starts
+        ({"version": 4, "canary_traffic_percent": 20}, {"version": 4}),  # the canary ends
+        ({"version": 3}, {"version": 3, "deployment_mode": "Standard"}),  # an annotation
+    ],
+)
+def test_the_inferenceservice_patch_makes_the_live_object_say_what_the_manifest_says(
+    before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    md = deployment(canary={"trafficPercent": 20})
+    current = live(build_inferenceservice(md, tracking_uri="u", image="i", **before))
+    manifest = build_inferenceservice(md, tracking_uri="u", image="i", **after)
+    patch = inferenceservice_patch(current, manifest)
+    assert patch is not None
+    patched = merge_patched(current, patch)
+    assert inferenceservice_patch(patched, manifest) is None
+    predictor = patched["spec"]["predictor"]
+    assert predictor.get("canaryTrafficPercent") == after.get("canary_traffic_percent")
+    assert patched["metadata"]["annotations"]["mlkube.io/model-version"] == str(after["version"])
+    # What the API server added is left alone.
+    assert predictor["timeout"] == 60 and patched["status"] == {"url": "http://ins.ml"}
 
 
 RESTRICTED = {
@@ -302,3 +360,20 @@ def test_the_train_flow_learns_from_the_rayjob_whether_models_may_be_shared() ->
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[:3] == ["python", "-m", "mlkube.flows.train"]
         assert entrypoint_parser().parse_args(argv[3:]).allow_shared_models is shared
+
+
+def test_the_deployment_mode_is_the_deployments_then_its_services_then_the_operators() -> None:
+    annotated = ModelDeployment.model_validate({
+        "metadata": {"name": "ins", "namespace": "ml",
+                     "annotations": {"serving.kserve.io/deploymentMode": "Knative"}},
+        "spec": {"model": {"name": "insurance"}},
+    })  # fmt: skip
+    made_raw = build_inferenceservice(
+        deployment(), 1, tracking_uri="u", image="i", deployment_mode="Standard"
+    )
+    assert deployment_mode(annotated, made_raw, "Standard") == "Knative"
+    # An InferenceService keeps the mode it was made with when the operator's default changes.
+    assert deployment_mode(deployment(), made_raw, "Knative") == "Standard"
+    made_plain = build_inferenceservice(deployment(), 1, tracking_uri="u", image="i")
+    assert deployment_mode(deployment(), made_plain, "Knative") == "Knative"
+    assert deployment_mode(deployment(), None, None) is None

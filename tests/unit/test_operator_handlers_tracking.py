@@ -2,17 +2,16 @@
 spec.mlflow.trackingUri names a host the admin did not allow fails with a fixed reason,
 and the operator makes no request to that host (nor to the API server: none is needed).
 
-kopf's own event machinery collects the Events the handlers post."""
+kopf's own event machinery collects the Events the handlers post (the `events` fixture,
+tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 import pytest
-from kopf._core.engines import posting
 
 from mlkube.operator import handlers
 from tests.fixtures.http_server import Server, answer
@@ -25,30 +24,6 @@ def no_host_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         handlers, "SETTINGS", handlers.SETTINGS.model_copy(update={"mlflow_allowed_hosts": []})
     )
-
-
-@pytest.fixture
-def events() -> Iterator[Callable[[], list[Any]]]:
-    """kopf's event queue, as a running operator has it; returns the posted events."""
-    loop = asyncio.new_event_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    tokens = [
-        (posting.settings_var, posting.settings_var.set(kopf.OperatorSettings())),
-        (posting.event_queue_var, posting.event_queue_var.set(queue)),
-        (posting.event_queue_loop_var, posting.event_queue_loop_var.set(loop)),
-    ]
-
-    def posted() -> list[Any]:
-        loop.run_until_complete(asyncio.sleep(0))
-        found = []
-        while not queue.empty():
-            found.append(queue.get_nowait())
-        return found
-
-    yield posted
-    for var, token in reversed(tokens):
-        var.reset(token)  # type: ignore[attr-defined]
-    loop.close()
 
 
 def body(kind: str, spec: dict[str, Any]) -> kopf.Body:

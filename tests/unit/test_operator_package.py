@@ -63,9 +63,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_run_arguments() -> None:
+    """What `run` does with them: tests/e2e/test_operator.py runs the command."""
     args = parse("run", "-n", "a", "-n", "b", "--log-format", "plain")
     assert args.namespaces == ["a", "b"] and not args.all_namespaces
-    assert args.handler.__name__ == "run_command"
     assert parse("run", "-A").all_namespaces
 
 
@@ -86,3 +86,35 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert err == f"error: {manifest}: md follows an alias; give --model-version\n"
     assert cli_main(["operator", "render", "-f", str(tmp_path / "none.yaml")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'none.yaml'}: no such file\n"
+
+
+def test_render_shows_what_the_operator_with_its_settings_would_create(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlkube.operator.settings import get_settings
+
+    manifest = tmp_path / "both.yaml"
+    manifest.write_text(
+        "apiVersion: mlkube.io/v1alpha1\nkind: TrainingRun\nmetadata: {name: tr}\n"
+        "spec: {task: insurance, model: {name: ins}}\n---\n"
+        "apiVersion: mlkube.io/v1alpha1\nkind: ModelDeployment\nmetadata: {name: md}\n"
+        "spec: {model: {name: ins, version: 2}, canary: {trafficPercent: 10}}\n"
+    )
+    monkeypatch.setenv("MLKUBE_OPERATOR_MLFLOW_CREDENTIALS_SECRET", "team-mlflow")
+    monkeypatch.setenv("MLKUBE_OPERATOR_PREDICTOR_IMAGE", "registry.local/predictor:9")
+    monkeypatch.setenv("MLKUBE_OPERATOR_ALLOW_SHARED_MODELS", "true")
+    get_settings.cache_clear()
+    try:
+        assert cli_main(["operator", "render", "-f", str(manifest)]) == 0
+    finally:
+        get_settings.cache_clear()
+    rayjob, isvc = yaml.safe_load_all(capsys.readouterr().out)
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    predictor = isvc["spec"]["predictor"]
+    for container in (head, predictor["containers"][0]):
+        env = container["env"]
+        secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
+        assert secrets == {"team-mlflow"}
+    assert rayjob["spec"]["entrypoint"].endswith("--allow-shared-models")
+    assert predictor["containers"][0]["image"] == "registry.local/predictor:9"
+    assert predictor["canaryTrafficPercent"] == 10

@@ -6,6 +6,7 @@ fail the test)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -145,9 +146,8 @@ def admin_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_trainingrun_with_another_image_fails_and_creates_no_rayjob(
-    monkeypatch: pytest.MonkeyPatch,
+    events: Callable[[], list[Any]],
 ) -> None:
-    monkeypatch.setattr(handlers.kopf, "event", lambda *a, **k: None)
     attack = body("TrainingRun", {"task": "insurance", "model": {"name": "m"},
                                   "ray": {"image": "evil.io/miner:1", "workers": 1}})  # fmt: skip
     patch = kopf.Patch()
@@ -157,12 +157,12 @@ def test_a_trainingrun_with_another_image_fails_and_creates_no_rayjob(
     [succeeded] = status["conditions"]
     assert (succeeded["status"], succeeded["reason"]) == ("False", IMAGE_NOT_ALLOWED)
     assert succeeded["message"].startswith("spec.ray.image: ")
+    assert [(e.type, e.reason) for e in events()] == [("Warning", IMAGE_NOT_ALLOWED)]
 
 
 def test_a_modeldeployment_with_many_replicas_fails_and_creates_no_inferenceservice(
-    monkeypatch: pytest.MonkeyPatch,
+    events: Callable[[], list[Any]],
 ) -> None:
-    monkeypatch.setattr(handlers.kopf, "event", lambda *a, **k: None)
     attack = body("ModelDeployment", {"model": {"name": "m", "version": 1},
                                       "replicas": {"min": 1, "max": 1000}})  # fmt: skip
     patch = kopf.Patch()
@@ -172,3 +172,4 @@ def test_a_modeldeployment_with_many_replicas_fails_and_creates_no_inferenceserv
     reasons = {c["type"]: c["reason"] for c in status["conditions"]}
     assert reasons == {"ModelResolved": OVER_LIMIT, "Ready": OVER_LIMIT}
     assert status["message"].startswith("spec.replicas.max: 1000 is over the limit 3")
+    assert [(e.type, e.reason) for e in events()] == [("Warning", OVER_LIMIT)]

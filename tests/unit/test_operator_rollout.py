@@ -6,8 +6,19 @@ import datetime as dt
 
 from mlkube.api import ModelDeployment
 from mlkube.api.modeldeployment import ModelDeploymentStatus
-from mlkube.operator.rollout import CANARY_SUPPORTED, ROLLOUT, Rollout, plan_rollout
-from mlkube.operator.status import InferenceServiceView, RolloutState, find_condition
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition
+from mlkube.operator.mlflow_reader import MlflowUnavailable, ModelOwnership
+from mlkube.operator.rollout import (
+    CANARY_SUPPORTED,
+    MODEL_RESOLVED,
+    ROLLOUT,
+    DeploymentMemo,
+    Followed,
+    Rollout,
+    follow_model,
+    plan_rollout,
+)
+from mlkube.operator.status import InferenceServiceView, RolloutState
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -169,3 +180,108 @@ def test_a_rollout_not_ready_in_time_fails_and_traffic_stays() -> None:
         rollout_timeout_seconds=1,
     )
     assert steady.target_version == 1 and steady.status.failed_version is None
+
+
+# --------------------------------------------------------------------------- following the model
+
+
+class Registry:
+    """MLflow's registry as the operator reads it: aliases and owner tags; while `down`,
+    every call fails the way an unreachable server does. `asked` lists the calls made."""
+
+    tracking_uri = "http://mlflow:5000"
+
+    def __init__(self, aliases: dict[str, int], owner: str | None = "ns") -> None:
+        self.aliases, self.owner, self.down = aliases, owner, False
+        self.asked: list[str] = []
+
+    def _call(self, what: str) -> None:
+        self.asked.append(what)
+        if self.down:
+            raise MlflowUnavailable("MLflow did not answer")
+
+    def resolve_alias(self, model: str, alias: str) -> int | None:
+        self._call(f"alias {alias}")
+        return self.aliases.get(alias)
+
+    def model_ownership(self, model: str) -> ModelOwnership:
+        self._call("owner")
+        return ModelOwnership(registered=True, owner=self.owner)
+
+    def find_outcome(self, uid: str, namespace: str, run_id: str | None = None) -> None:
+        raise AssertionError("a ModelDeployment reads no TrainingRun outcome")
+
+
+def follow(
+    md: ModelDeployment, registry: Registry, memo: DeploymentMemo, seconds: float = 0,
+    *, force: bool = False, shared: bool = False,
+) -> Followed:  # fmt: skip
+    return follow_model(
+        md, registry, memo, [], now=NOW + dt.timedelta(seconds=seconds), poll_seconds=30,
+        shared=shared, force=force,
+    )  # fmt: skip
+
+
+def condition(followed: Followed, kind: str) -> tuple[str, str]:
+    found = find_condition(followed.conditions, kind)
+    assert found is not None
+    return found.status, found.reason
+
+
+def test_the_alias_is_asked_of_mlflow_at_most_once_per_poll_interval_unless_forced() -> None:
+    registry, memo = Registry({"champion": 3}), DeploymentMemo()
+    first = follow(deployment(), registry, memo)
+    assert first.version == 3 and condition(first, MODEL_RESOLVED) == ("True", "AliasResolved")
+    registry.aliases["champion"] = 4
+    registry.asked.clear()
+    assert follow(deployment(), registry, memo, 10).version == 3
+    assert registry.asked == []
+    # A spec change (forced) or the interval passed: asked again.
+    assert follow(deployment(), registry, memo, 10, force=True).version == 4
+    registry.aliases["champion"] = 5
+    assert follow(deployment(), registry, memo, 45).version == 5
+    # Another alias in the spec is looked up at once.
+    registry.aliases["blue"] = 1
+    assert follow(deployment(model={"name": "m", "alias": "blue"}), registry, memo, 46).version == 1
+
+
+def test_while_mlflow_is_down_the_last_version_stays_and_the_status_says_so() -> None:
+    """With shared models (no ownership to check): what the alias last pointed at."""
+    registry, memo = Registry({"champion": 3, "blue": 1}), DeploymentMemo()
+    follow(deployment(), registry, memo, shared=True)
+    registry.down = True
+    down = follow(deployment(), registry, memo, 60, shared=True)
+    assert down.version == 3
+    assert condition(down, MLFLOW_REACHABLE) == ("False", "Unreachable")
+    # The version of another alias is not known: nothing is rolled out for it.
+    blue = deployment(model={"name": "m", "alias": "blue"})
+    assert follow(blue, registry, memo, 61, shared=True).version is None
+
+
+def test_a_pinned_version_needs_no_alias() -> None:
+    registry = Registry({})
+    pinned = follow(deployment(model={"name": "m", "version": 2}), registry, DeploymentMemo())
+    assert pinned.version == 2 and condition(pinned, MODEL_RESOLVED) == ("True", "Pinned")
+    assert registry.asked == ["owner"]
+
+
+def test_another_namespaces_model_is_refused_and_nothing_is_resolved() -> None:
+    registry, memo = Registry({"champion": 3}, owner="team-a"), DeploymentMemo()
+    refused = follow(deployment(), registry, memo)
+    assert refused.refusal is not None and "belongs to namespace 'team-a'" in refused.refusal
+    assert refused.version is None and registry.asked == ["owner"]
+    # Remembered for the interval; shared models (the admin's choice) ask nothing.
+    assert follow(deployment(), registry, memo, 10).refusal == refused.refusal
+    assert registry.asked == ["owner"]
+    shared = follow(deployment(), registry, DeploymentMemo(), shared=True)
+    assert (shared.refusal, shared.version) == (None, 3)
+
+
+def test_an_owner_that_cannot_be_checked_rolls_nothing_out() -> None:
+    """Even the version the alias last pointed at: the owner may have changed meanwhile."""
+    registry, memo = Registry({"champion": 3}), DeploymentMemo()
+    assert follow(deployment(), registry, memo).version == 3
+    registry.down = True
+    unknown = follow(deployment(), registry, memo, 60)
+    assert (unknown.refusal, unknown.version) == (None, None)
+    assert condition(unknown, MLFLOW_REACHABLE) == ("False", "Unreachable")

@@ -6,15 +6,17 @@ import datetime as dt
 
 import pytest
 
-from mlkube.api.trainingrun import TrainingRunStatus
+from mlkube.api.trainingrun import TrainingRunStatus, TrialCounts
+from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition, mlflow_answered
+from mlkube.operator.events import Event, mlflow_events
 from mlkube.operator.status import (
     JOB_FAILING,
-    MLFLOW_REACHABLE,
     OUTCOME_READABLE,
     SUCCEEDED,
-    find_condition,
     inferenceservice_view,
     one_line,
+    phase_event,
+    rayjob_created_status,
     trainingrun_status,
 )
 from mlkube.training import outcome as tags
@@ -326,3 +328,45 @@ def test_raw_mode_is_ready_only_once_the_new_replicaset_serves() -> None:
     # Knative mode keeps reading revisions, not the Deployment's reason.
     knative = isvc(2, {"observedGeneration": 2, "conditions": conds(Ready="True")})
     assert inferenceservice_view(knative).state == "Ready"
+
+
+def test_the_events_of_a_trainingrun_entering_a_phase_say_its_outcome() -> None:
+    done = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    promoted = sync(started(), done, outcome=outcome(
+        "FINISHED", model_version=3, promoted=True, reason="beats champion by 5%"
+    ))  # fmt: skip
+    assert phase_event(promoted) == Event(
+        reason="Promoted", message="model version 3, promoted (beats champion by 5%)"
+    )
+    kept = sync(started(), done, outcome=outcome("FINISHED", model_version=4, promoted=False))
+    assert phase_event(kept) == Event(reason="NotPromoted", message="model version 4, not promoted")
+    failed = sync(started(), {"jobDeploymentStatus": "Failed", "message": "head pod evicted"})
+    assert phase_event(failed) == Event(
+        type="Warning", reason="RayJobFailed", message="Failed: head pod evicted"
+    )
+    running = sync(started(), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    assert phase_event(running) == Event(reason="Running", message="Running")
+
+
+def test_mlflow_going_away_and_coming_back_are_events_once() -> None:
+    up = mlflow_answered([], T0)
+    down = mlflow_answered(up, T0, "Unreachable", "MLflow did not answer")
+    assert mlflow_events([], up) == []  # the first answer is no news
+    assert mlflow_events(up, down) == [
+        Event(type="Warning", reason="MlflowUnreachable", message="MLflow did not answer")
+    ]
+    assert mlflow_events(down, mlflow_answered(down, T0, "Unreachable", "again")) == []
+    assert mlflow_events(down, mlflow_answered(down, T0)) == [
+        Event(reason="MlflowReachable", message="MLflow answers again")
+    ]
+
+
+def test_a_trainingrun_whose_rayjob_exists_waits_for_its_trials() -> None:
+    created = rayjob_created_status(TrainingRunStatus(), "ins", 8, T0)
+    assert (created.phase, created.ray_job_name) == ("Pending", "ins")
+    assert created.trials == TrialCounts(completed=0, total=8)
+    verdict = find_condition(created.conditions, SUCCEEDED)
+    assert verdict and (verdict.status, verdict.reason) == ("Unknown", "RayJobCreated")
+    # Found again after a restart: what the status already counted stays.
+    running = created.model_copy(update={"trials": TrialCounts(completed=3, total=8)})
+    assert rayjob_created_status(running, "ins", 8, T0).trials == TrialCounts(completed=3, total=8)

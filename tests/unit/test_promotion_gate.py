@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
+from mlkube.api.registered_model import CHALLENGER_ALIAS
 from mlkube.training.registry import (
-    CHALLENGER_ALIAS,
     ChampionUnreadable,
     Evaluation,
     champion_evaluation,

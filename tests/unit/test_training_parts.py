@@ -9,19 +9,23 @@ import pandas as pd
 import pytest
 
 from mlkube.api import TrainingRun, parse_resource
-from mlkube.training.search_space import config_key, grid_points, grid_size, merged_space
+from mlkube.training.search_space import config_key, grid_points, grid_size
 from mlkube.training.tasks import BUILTIN, TaskError, resolve_task
 from mlkube.training.tasks.atmos_temperature import HOURS_IN, HOURS_OUT, hourly_series, windows
 from mlkube.training.tasks.tabular import ROUND_ITERATIONS, is_classification
 from mlkube.training.tracking import is_better
 
 
-def test_user_search_space_overrides_and_extends_the_task_default() -> None:
-    merged = merged_space(
-        {"lr": {"loguniform": [1e-4, 1e-1]}, "epochs": {"randint": [2, 9]}},
-        {"epochs": {"choice": [3]}},
-    )
-    assert merged == {"lr": {"loguniform": [1e-4, 1e-1]}, "epochs": {"choice": [3]}}
+def test_a_trainingruns_search_space_replaces_the_tasks_ranges_it_names() -> None:
+    from mlkube.training.prepare import search_settings
+
+    task = resolve_task("insurance")
+    default = dict(task.search_space)
+    run = run_of("insurance", searchSpace={"max_iter": {"choice": [100, 200]}})
+    space = search_settings(run, task).search_space
+    assert space == {**default, "max_iter": {"choice": [100, 200]}}
+    assert space["max_iter"] != default["max_iter"]
+    assert search_settings(run_of("insurance"), task).search_space == default
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from mlkube.api import ManifestError, TrainingRun, UserError, load_manifest, par
 from mlkube.api.errors import first_line
 from mlkube.flows.logs import quiet_console
 from mlkube.flows.prefect_api import start_prefect_api, wait_for_prefect_api
-from mlkube.local import local_artifact_root, local_tracking_uri
+from mlkube.local import is_local_store, local_artifact_root, local_tracking_uri
 from mlkube.training import outcome, registry
 from mlkube.training.ownership import owner_namespace
 from mlkube.training.prepare import MISSING_EXTRA, Prepared, preflight, prepare
@@ -70,7 +70,7 @@ def experiment_for(client: Any, model_name: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(model_name)
     if found is not None:
         return str(found.experiment_id)
-    local = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    local = is_local_store(tracking_uri)
     location = f"{local_artifact_root()}/{model_name}" if local else None
     return str(client.create_experiment(model_name, artifact_location=location))
 
@@ -303,7 +303,7 @@ def train_flow(
     from mlflow.entities import Metric, Param, RunTag
 
     run, settings = prepared.run, prepared.settings
-    tracking_uri = run.spec.mlflow.tracking_uri or local_tracking_uri()
+    tracking_uri = run.spec.mlflow.tracking_uri_or(local_tracking_uri())
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
