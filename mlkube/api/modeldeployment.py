@@ -14,6 +14,7 @@ from mlkube.api.common import (
     ObjectMeta,
     Resources,
 )
+from mlkube.api.pods import PodOptions
 from mlkube.api.trainingrun import MODEL_NAME_PATTERN
 
 DEFAULT_ALIAS = "champion"
@@ -88,7 +89,9 @@ class RequestLimits(CamelModel):
     )
 
 
-class ModelDeploymentSpec(CamelModel):
+class ModelDeploymentSpec(PodOptions):
+    """The pod options (env, envFrom, nodeSelector...) go to the predictor pods."""
+
     model: ModelSelector
     protocol: Literal["v1", "v2"] = "v1"
     ttl_seconds: int = Field(default=300, ge=0, description="Evict the model after idle seconds.")

@@ -13,6 +13,7 @@ from mlkube.api.common import (
     ObjectMeta,
     Resources,
 )
+from mlkube.api.pods import PodOptions
 
 BUILTIN_TASKS = ("tabular", "insurance", "atmos-temperature", "mnist")
 # A user's own task: `package.module:function`.
@@ -85,7 +86,10 @@ class Promotion(CamelModel):
     enabled: bool = True
 
 
-class RaySettings(CamelModel):
+class RaySettings(PodOptions):
+    """The Ray cluster's pods; the pod options (env, envFrom, nodeSelector...) go to the
+    head and the workers."""
+
     image: str = "mlkube/runtime:0.1.0"
     workers: int = Field(default=1, ge=0, le=1000)
     head: Resources = Field(default_factory=Resources)

@@ -23,7 +23,7 @@ from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TrainingRun, TrainingRunStatus, TrialCounts
 from mlkube.operator import kube
-from mlkube.operator.inferenceservice import build_inferenceservice, carries
+from mlkube.operator.inferenceservice import build_inferenceservice, inferenceservice_patch
 from mlkube.operator.metrics import CHILDREN_CREATED, MLFLOW_ERRORS, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
 from mlkube.operator.names import (
@@ -542,28 +542,11 @@ def reconcile_deployment(
 
 
 def _update_inferenceservice(isvc: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Patch the InferenceService where it says less than the manifest."""
-    predictor = manifest["spec"]["predictor"]
-    current = (isvc.get("spec") or {}).get("predictor") or {}
-    annotations = manifest["metadata"]["annotations"]
-    current_annotations = isvc.get("metadata", {}).get("annotations") or {}
-    canary_changed = "canaryTrafficPercent" in current and "canaryTrafficPercent" not in predictor
-    if (
-        carries(current, predictor)
-        and not canary_changed
-        and carries(current_annotations, annotations)
-    ):
-        return
-    meta = manifest["metadata"]
-    kube.patch(
-        kube.INFERENCESERVICE,
-        meta["namespace"],
-        meta["name"],
-        {
-            "metadata": {"annotations": annotations},
-            "spec": {"predictor": {"canaryTrafficPercent": None, **predictor}},
-        },
-    )
+    """Patch the InferenceService where it says other than the manifest."""
+    body = inferenceservice_patch(isvc, manifest)
+    if body is not None:
+        meta = manifest["metadata"]
+        kube.patch(kube.INFERENCESERVICE, meta["namespace"], meta["name"], body)
 
 
 def _memo(uid: str) -> dict[str, Any]:

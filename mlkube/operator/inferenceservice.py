@@ -18,7 +18,13 @@ from mlkube.operator.names import (
     OPERATOR_NAME,
     inferenceservice_name,
 )
-from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
+from mlkube.operator.pods import (
+    MLFLOW_CLIENT_LABELS,
+    POD_OPTION_FIELDS,
+    container_env,
+    pod_option_fields,
+    restricted_pod,
+)
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
@@ -87,8 +93,7 @@ def build_inferenceservice(
         "image": spec.image or image,
         "command": ["python", "-m", PREDICTOR_MODULE],
         "args": predictor_args(deployment, version, http_port),
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())]
-        + mlflow_credentials_env(credentials_secret),
+        **container_env(spec, env, credentials_secret),
         "ports": ports,
         "resources": spec.resources.for_container(),
         # Without it a new pod takes traffic before its server listens (seen on a real
@@ -110,6 +115,7 @@ def build_inferenceservice(
         minReplicas=spec.replicas.min,
         maxReplicas=spec.replicas.max,
         labels=dict(MLFLOW_CLIENT_LABELS),
+        **pod_option_fields(spec),
     )
     if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):
         predictor["canaryTrafficPercent"] = canary_traffic_percent
@@ -141,3 +147,22 @@ def carries(have: Any, want: Any) -> bool:
             and all(carries(h, w) for h, w in zip(have, want, strict=True))
         )
     return bool(want == have)
+
+
+def inferenceservice_patch(isvc: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes the live InferenceService say what the manifest says, or
+    None when it already does. A merge patch keeps fields it does not name, so the ones the
+    manifest may leave out (a canary that ended, pod options the spec no longer gives) are
+    removed explicitly."""
+    predictor = manifest["spec"]["predictor"]
+    current = (isvc.get("spec") or {}).get("predictor") or {}
+    annotations = manifest["metadata"]["annotations"]
+    current_annotations = isvc.get("metadata", {}).get("annotations") or {}
+    removable = ("canaryTrafficPercent", *POD_OPTION_FIELDS)
+    dropped = [key for key in removable if key in current and key not in predictor]
+    if carries(current, predictor) and not dropped and carries(current_annotations, annotations):
+        return None
+    return {
+        "metadata": {"annotations": annotations},
+        "spec": {"predictor": {**dict.fromkeys(removable), **predictor}},
+    }

@@ -9,10 +9,15 @@ from typing import Any
 import yaml
 
 from mlkube.api.common import Resources
-from mlkube.api.trainingrun import TrainingRun
+from mlkube.api.trainingrun import RaySettings, TrainingRun
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
-from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
+from mlkube.operator.pods import (
+    MLFLOW_CLIENT_LABELS,
+    container_env,
+    pod_option_fields,
+    restricted_pod,
+)
 
 RAYJOB_API_VERSION = "ray.io/v1"
 TRAIN_MODULE = "mlkube.flows.train"
@@ -55,22 +60,26 @@ def runtime_env_yaml(tracking_uri: str) -> str:
 
 
 def _pod_template(
-    container_name: str, image: str, resources: Resources, credentials_secret: str
+    container_name: str, ray: RaySettings, resources: Resources, credentials_secret: str
 ) -> dict[str, Any]:
-    env = [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())]
     container = {
         "name": container_name,
-        "image": image,
+        "image": ray.image,
         "resources": resources.for_container(),
-        "env": env + mlflow_credentials_env(credentials_secret),
+        **container_env(ray, TELEMETRY_OFF_ENV, credentials_secret),
     }
-    return {"metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)}, "spec": restricted_pod([container])}
+    return {
+        "metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)},
+        "spec": restricted_pod([container], **pod_option_fields(ray)),
+    }
 
 
-def submitter_template(image: str) -> dict[str, Any]:
-    """The pod of KubeRay's submitter Job (it runs `ray job submit` against the head)."""
-    container = {"name": SUBMITTER_CONTAINER, "image": image, "resources": SUBMITTER_RESOURCES}
-    return {"spec": restricted_pod([container], restartPolicy="Never")}
+def submitter_template(ray: RaySettings) -> dict[str, Any]:
+    """The pod of KubeRay's submitter Job (it runs `ray job submit` against the head): placed
+    and pulled like the Ray pods, with neither the spec's variables nor its service account."""
+    container = {"name": SUBMITTER_CONTAINER, "image": ray.image, "resources": SUBMITTER_RESOURCES}
+    options = pod_option_fields(ray, service_account=False)
+    return {"spec": restricted_pod([container], restartPolicy="Never", **options)}
 
 
 def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str, Any]:
@@ -78,7 +87,7 @@ def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str
     cluster: dict[str, Any] = {
         "headGroupSpec": {
             "rayStartParams": {},
-            "template": _pod_template("ray-head", ray.image, ray.head, credentials_secret),
+            "template": _pod_template("ray-head", ray, ray.head, credentials_secret),
         }
     }
     if ray.workers > 0:
@@ -89,7 +98,7 @@ def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str
                 "minReplicas": ray.workers,
                 "maxReplicas": ray.workers,
                 "rayStartParams": {},
-                "template": _pod_template("ray-worker", ray.image, ray.worker, credentials_secret),
+                "template": _pod_template("ray-worker", ray, ray.worker, credentials_secret),
             }
         ]
     return cluster
@@ -109,7 +118,7 @@ def build_rayjob(
         "entrypoint": entrypoint(run, allow_shared_models),
         "runtimeEnvYAML": runtime_env_yaml(tracking_uri_for(run, default_tracking_uri)),
         "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
-        "submitterPodTemplate": submitter_template(run.spec.ray.image),
+        "submitterPodTemplate": submitter_template(run.spec.ray),
         # KubeRay's default (false) leaves the Ray cluster running after the job ends.
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": run.spec.ttl_seconds_after_finished,

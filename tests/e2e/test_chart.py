@@ -271,6 +271,7 @@ def test_operator_settings_read_the_chart_env(
         "--set", "operator.maxRayWorkers=3,operator.maxCpu=2500m,operator.maxMemory=6Gi",
         "--set", "operator.maxReplicas=4,operator.mlflowCredentialsSecret=mlflow-creds",
         "--set", "operator.allowSharedModels=true",
+        "--set", "operator.allowedServiceAccounts={ml-reader,team-a/s3-writer}",
     ).stdout  # fmt: skip
     deployment = yaml.safe_load(out)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -291,6 +292,7 @@ def test_operator_settings_read_the_chart_env(
     assert settings.max_replicas == 4
     assert settings.mlflow_credentials_secret == "mlflow-creds"
     assert settings.allow_shared_models is True
+    assert settings.allowed_service_accounts == ["ml-reader", "team-a/s3-writer"]
     assert (settings.metrics_port, settings.health_port) == (9090, 8081)
     fields = {f"MLKUBE_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
     unknown = {k for k in env if k.startswith("MLKUBE_OPERATOR_")} - fields
@@ -320,10 +322,11 @@ def test_operator_settings_read_the_chart_env(
         (["--set", "mlflow.env[0].name=AWS_SECRET_ACCESS_KEY,mlflow.env[0].value=x"], "name"),
         (["--set", "operator.maxMemory=lots"], "maxMemory"),
         (["--set", "operator.allowedImages=registry.local/"], "allowedImages"),
+        (["--set", "operator.allowedServiceAccounts={team-a/Admin}"], "allowedServiceAccounts"),
     ],
     ids=["negative-replicas", "unknown-key", "wrong-type", "list-as-string", "bool-as-string",
          "inline-database-uri", "credentials-in-uri", "secret-as-plain-env", "bound-no-quantity",
-         "images-as-string"],
+         "images-as-string", "service-account-not-a-name"],
 )  # fmt: skip
 def test_bad_values_are_refused_at_install_with_the_field_named(
     plane: ControlPlane, release: str, args: list[str], named: str
