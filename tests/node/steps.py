@@ -114,6 +114,18 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
     return manifest
 
 
+def insurance_rows(csv_path: Path, count: int) -> list[dict[str, Any]]:
+    """The first rows of the insurance CSV as a client sends them (no target column)."""
+    import csv
+
+    with csv_path.open() as f:
+        return [
+            {k: (v if k in ("sex", "smoker", "region") else (float(v) if k == "bmi" else int(v)))
+             for k, v in row.items() if k not in ("charges", "expenses")}
+            for _, row in zip(range(count), csv.DictReader(f), strict=False)
+        ]  # fmt: skip
+
+
 def wait_for(node: Node, what: str, check: Any, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None

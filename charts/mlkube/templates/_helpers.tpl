@@ -117,3 +117,16 @@ Exactly what mlkube/operator (handlers.py, kube.py) and kopf do:
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
+
+{{/* The MLflow server's database URI: from the admin's Secret, or SQLite on its volume. */}}
+{{- define "mlkube.mlflowBackendStoreEnv" -}}
+- name: MLFLOW_BACKEND_STORE_URI
+  {{- if .Values.mlflow.backendStore.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.backendStore.existingSecret }}
+      key: {{ .Values.mlflow.backendStore.key }}
+  {{- else }}
+  value: sqlite:////mlflow/mlflow.db
+  {{- end }}
+{{- end }}
