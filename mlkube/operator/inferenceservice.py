@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlkube.api.modeldeployment import ModelDeployment
+from mlkube.api.common import quantity_value
+from mlkube.api.modeldeployment import ModelCache, ModelDeployment
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
@@ -35,6 +36,12 @@ PRESTOP_SECONDS = "5"
 # The predictor's gRPC (Open Inference Protocol v2) port. KServe's raw mode puts every
 # declared container port on the Service; Knative allows one port per container.
 PREDICTOR_GRPC_PORT = 8081
+# The predictor's disk cache of model files: a volume, so that it outlives the container.
+CACHE_VOLUME = "model-cache"
+CACHE_DIR = "/var/cache/mlkube/models"
+# The share of an emptyDir's size limit the cache may fill: the rest leaves room for the
+# download in progress (the kubelet evicts a pod whose emptyDir exceeds its limit).
+CACHE_SHARE_OF_LIMIT = 0.75
 
 
 def model_uri(name: str, version: int) -> str:
@@ -55,11 +62,46 @@ def predictor_args(deployment: ModelDeployment, version: int, http_port: int) ->
         "--http_port", str(http_port),
         "--grpc_port", str(PREDICTOR_GRPC_PORT),
     ]  # fmt: skip
+    args += ["--cache-dir", CACHE_DIR, "--disk-cache-size", str(cache_bound(spec.cache))]
     if spec.limits.max_request_bytes is not None:
         args += ["--max-request-bytes", spec.limits.max_request_bytes]
     if spec.limits.max_request_rows is not None:
         args += ["--max-request-rows", str(spec.limits.max_request_rows)]
     return args
+
+
+def client_endpoints(
+    url: str | None, model: str, protocol: str, raw_mode: bool
+) -> tuple[str | None, str | None]:
+    """Where a client calls `model` in `protocol` at the InferenceService's `url`: the REST
+    predict URL, and for v2 the gRPC address (host:port), which only raw mode's Service
+    declares (Knative allows one port)."""
+    if not url:
+        return None, None
+    base = url.rstrip("/")
+    if protocol == "v1":
+        return f"{base}/v1/models/{model}:predict", None
+    host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    grpc = f"{host}:{PREDICTOR_GRPC_PORT}" if raw_mode else None
+    return f"{base}/v2/models/{model}/infer", grpc
+
+
+def cache_bound(cache: ModelCache) -> int:
+    """Bytes the predictor's disk cache may hold (its --disk-cache-size)."""
+    limit = quantity_value(cache.size_limit)
+    share = 1.0 if cache.persistent_volume_claim else CACHE_SHARE_OF_LIMIT
+    return int(limit * share)
+
+
+def cache_volume(cache: ModelCache) -> dict[str, Any]:
+    """The disk cache's volume: an emptyDir with the spec's size limit (it lives as long
+    as the pod: a restarted container finds its files), or the spec's own claim."""
+    if cache.persistent_volume_claim:
+        return {
+            "name": CACHE_VOLUME,
+            "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim},
+        }
+    return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": cache.size_limit}}
 
 
 def build_inferenceservice(
@@ -96,6 +138,7 @@ def build_inferenceservice(
         **container_env(spec, env, credentials_secret),
         "ports": ports,
         "resources": spec.resources.for_container(),
+        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_DIR}],
         # Without it a new pod takes traffic before its server listens (seen on a real
         # node: requests refused during every rollout). It answers 200 once the pinned
         # version's artifacts are verified on the pod's disk and it has not failed to load
@@ -115,6 +158,7 @@ def build_inferenceservice(
         minReplicas=spec.replicas.min,
         maxReplicas=spec.replicas.max,
         labels=dict(MLFLOW_CLIENT_LABELS),
+        volumes=[cache_volume(spec.cache)],
         **pod_option_fields(spec),
     )
     if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):

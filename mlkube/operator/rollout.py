@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from mlkube.api.common import Condition
 from mlkube.api.modeldeployment import CanaryStatus, ModelDeployment, ModelDeploymentStatus
+from mlkube.operator.inferenceservice import client_endpoints
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.operator.status import (
     InferenceServiceView,
@@ -96,6 +97,9 @@ def plan_rollout(
             status.conditions = _rollout_condition(status, "Unknown", "Deploying", now)
     else:
         status.url = isvc.url
+        status.predict_url, status.grpc_address = client_endpoints(
+            isvc.url, deployment.spec.model.name, deployment.spec.protocol, raw_mode
+        )
         target, canary = isvc.version, isvc.canary_traffic_percent
         served = status.served_version
         if isvc.state == "Ready" and target is not None and canary is not None:
