@@ -23,6 +23,8 @@ from mlkube.operator.settings import OperatorSettings
 IMAGE_NOT_ALLOWED = "ImageNotAllowed"
 OVER_LIMIT = "OverLimit"
 SERVICE_ACCOUNT_NOT_ALLOWED = "ServiceAccountNotAllowed"
+RAY_CLUSTER_NOT_FOUND = "RayClusterNotFound"
+WARM_CLUSTERS_OFF = "WarmClustersOff"
 
 
 class Refusal(BaseModel):
@@ -134,3 +136,18 @@ def deployment_refusal(deployment: ModelDeployment, settings: OperatorSettings) 
         )
         or _resources("spec.resources", spec.resources, settings)
     )
+
+
+def raycluster_refusal(
+    field: str, name: str, images: Iterable[str], settings: OperatorSettings
+) -> Refusal | None:
+    """An existing RayCluster a TrainingRun names runs the train flow's code: it must run
+    allowed images only, as the run's own cluster would."""
+    for image in images:
+        if not image_allowed(image, settings.predictor_image, settings.allowed_images):
+            return Refusal(
+                reason=IMAGE_NOT_ALLOWED,
+                message=f"{field}: RayCluster {name!r} runs image {image!r}, which is not "
+                "allowed (operator.allowedImages)",
+            )
+    return None

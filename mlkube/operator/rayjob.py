@@ -20,6 +20,8 @@ from mlkube.operator.pods import (
 )
 
 RAYJOB_API_VERSION = "ray.io/v1"
+# The one key KubeRay reads in a RayJob's clusterSelector: the RayCluster's name.
+RAY_CLUSTER_SELECTOR_KEY = "ray.io/cluster"
 TRAIN_MODULE = "mlkube.flows.train"
 # The train flow's flag that lets it register versions of a model another namespace owns.
 SHARED_MODELS_FLAG = "--allow-shared-models"
@@ -110,19 +112,25 @@ def build_rayjob(
     *,
     credentials_secret: str = "",
     allow_shared_models: bool = False,
+    cluster_name: str | None = None,
 ) -> dict[str, Any]:
     """The RayJob for a TrainingRun; the owner reference is added by the caller (kopf.adopt).
     `credentials_secret` names the Secret of the run's namespace holding its MLflow
-    credentials; `allow_shared_models` lets the train flow use models of other namespaces."""
+    credentials; `allow_shared_models` lets the train flow use models of other namespaces.
+    `cluster_name`: an existing RayCluster to run on (KubeRay's clusterSelector; the cluster
+    stays when the job ends), else a cluster of the job's own."""
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(run, allow_shared_models),
         "runtimeEnvYAML": runtime_env_yaml(tracking_uri_for(run, default_tracking_uri)),
-        "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
         "submitterPodTemplate": submitter_template(run.spec.ray),
-        # KubeRay's default (false) leaves the Ray cluster running after the job ends.
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": run.spec.ttl_seconds_after_finished,
     }
+    if cluster_name:
+        spec["clusterSelector"] = {RAY_CLUSTER_SELECTOR_KEY: cluster_name}
+    else:
+        spec["rayClusterSpec"] = ray_cluster_spec(run, credentials_secret)
+        # KubeRay's default (false) leaves the Ray cluster running after the job ends.
+        spec["shutdownAfterJobFinishes"] = True
+        spec["ttlSecondsAfterFinished"] = run.spec.ttl_seconds_after_finished
     if run.spec.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = run.spec.active_deadline_seconds
     return {

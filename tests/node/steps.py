@@ -25,11 +25,13 @@ ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
 
 
 # The operator settings the lane installs with: KServe's mode, as docs/install.md says for
-# a KServe in Standard mode; the alias polled every 5 s instead of 30, and a rollout that is
-# not Ready in 120 s (instead of 600) fails, to keep tests short.
+# a KServe in Standard mode; the alias polled every 5 s instead of 30, a rollout that is
+# not Ready in 120 s (instead of 600) fails, and a warm RayCluster goes after 30 s unused
+# (instead of 600), to keep tests short.
 LANE_VALUES = (
     "--set", "operator.kserveDeploymentMode=Standard",
     "--set", "operator.aliasPollSeconds=5", "--set", "operator.rolloutTimeoutSeconds=120",
+    "--set", "operator.warmClusterIdleSeconds=30",
 )  # fmt: skip
 
 

@@ -110,6 +110,11 @@ Exactly what mlkube/operator (handlers.py, kube.py) and kopf do:
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# RayClusters: a TrainingRun may run on one of its namespace (spec.ray.cluster); the
+# operator keeps warm ones and deletes them when idle.
+- apiGroups: ["ray.io"]
+  resources: ["rayclusters"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["get", "create", "patch"]
