@@ -38,7 +38,12 @@ PRESTOP_SECONDS = "5"
 PREDICTOR_GRPC_PORT = 8081
 # The predictor's disk cache of model files: a volume, so that it outlives the container.
 CACHE_VOLUME = "model-cache"
-CACHE_DIR = "/var/cache/mlkube/models"
+CACHE_MOUNT = "/var/cache/mlkube"
+# A folder inside the volume, which the predictor makes private to its user (a volume's own
+# root belongs to root: an emptyDir's is world-writable, but its mode cannot be changed).
+CACHE_DIR = f"{CACHE_MOUNT}/models"
+# The group of mlkube's images (Dockerfile: uid/gid 10001), given a claim's files.
+CACHE_FS_GROUP = 10001
 # The share of an emptyDir's size limit the cache may fill: the rest leaves room for the
 # download in progress (the kubelet evicts a pod whose emptyDir exceeds its limit).
 CACHE_SHARE_OF_LIMIT = 0.75
@@ -138,7 +143,7 @@ def build_inferenceservice(
         **container_env(spec, env, credentials_secret),
         "ports": ports,
         "resources": spec.resources.for_container(),
-        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_DIR}],
+        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}],
         # Without it a new pod takes traffic before its server listens (seen on a real
         # node: requests refused during every rollout). It answers 200 once the pinned
         # version's artifacts are verified on the pod's disk and it has not failed to load
@@ -161,6 +166,10 @@ def build_inferenceservice(
         volumes=[cache_volume(spec.cache)],
         **pod_option_fields(spec),
     )
+    if spec.cache.persistent_volume_claim:
+        # A claim's root usually belongs to root: fsGroup makes it writable by the
+        # predictor's group (volumes that support ownership management).
+        predictor["securityContext"] = {**predictor["securityContext"], "fsGroup": CACHE_FS_GROUP}
     if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):
         predictor["canaryTrafficPercent"] = canary_traffic_percent
     annotations = {ANNOTATION_MODEL_VERSION: str(version)}

@@ -12,6 +12,7 @@ from mlkube.api import ManifestError, ModelDeployment, parse_resource
 from mlkube.api.modeldeployment import ModelDeploymentStatus
 from mlkube.operator.inferenceservice import (
     CACHE_DIR,
+    CACHE_MOUNT,
     build_inferenceservice,
     client_endpoints,
 )
@@ -40,8 +41,11 @@ def test_the_cache_is_an_emptydir_with_the_specs_size_limit_by_default() -> None
     default = predictor()
     assert default["volumes"] == [{"name": "model-cache", "emptyDir": {"sizeLimit": "4Gi"}}]
     (container,) = default["containers"]
-    assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": CACHE_DIR}]
+    assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    # A folder in the volume: the predictor makes it private to its user (the volume's own
+    # root is root's).
     assert flag(container["args"], "--cache-dir") == CACHE_DIR
+    assert CACHE_DIR.startswith(CACHE_MOUNT + "/")
     # The cache stays within 3/4 of the limit: room for the download in progress.
     assert int(flag(container["args"], "--disk-cache-size")) == 3 * 2**30
 
@@ -55,6 +59,8 @@ def test_a_claim_when_the_spec_names_one() -> None:
     assert claimed["volumes"] == [
         {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
     ]
+    assert claimed["securityContext"]["fsGroup"] == 10001  # its root is usually root's
+    assert "fsGroup" not in predictor()["securityContext"]
     # A claim's size is its own: the cache may fill the bound the spec gives.
     assert int(flag(claimed["containers"][0]["args"], "--disk-cache-size")) == 20 * 2**30
 
