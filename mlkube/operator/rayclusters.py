@@ -17,21 +17,58 @@ from collections.abc import Iterable
 from typing import Any
 
 from mlkube.api.trainingrun import TrainingRun
+from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import MANAGED_BY, OPERATOR_NAME
+from mlkube.operator.pods import CONTAINER_SECURITY_CONTEXT
 from mlkube.operator.rayjob import RAY_CLUSTER_SELECTOR_KEY, RAYJOB_API_VERSION, ray_cluster_spec
 
 WARM_LABEL = "mlkube.io/warm-cluster"
 LAST_USED = "mlkube.io/last-used"
 WARM_PREFIX = "mlkube-warm-"
+PREFECT_API_CONTAINER = "prefect-api"
+PREFECT_API_PORT = 4200
+PREFECT_API_URL = f"http://127.0.0.1:{PREFECT_API_PORT}/api"
+PREFECT_API_RESOURCES = {
+    "requests": {"cpu": "100m", "memory": "256Mi"},
+    "limits": {"cpu": "500m", "memory": "1Gi"},
+}
 # A RayJob in these deployment states no longer uses its cluster.
 FINISHED_JOB_STATES = frozenset({"Complete", "Failed"})
 # KubeRay's RayCluster state once its head (and minimum of workers) is up.
 READY_STATE = "ready"
 
 
+def prefect_api_container(image: str) -> dict[str, Any]:
+    """Prefect's API beside the warm head, on the pod's loopback only: the train flow of
+    every run finds it running instead of starting a temporary one of its own (about 10 s
+    before each search). Its readiness keeps the head, and so the cluster, not ready until
+    it answers. Restricted like the rest of the pod."""
+    probe = f"import urllib.request; urllib.request.urlopen('{PREFECT_API_URL}/health', timeout=2)"
+    return {
+        "name": PREFECT_API_CONTAINER,
+        "image": image,
+        "command": ["prefect", "server", "start", "--host", "127.0.0.1",
+                    "--port", str(PREFECT_API_PORT), "--no-ui", "--no-services"],
+        "env": [{"name": k, "value": v} for k, v in sorted(TELEMETRY_OFF_ENV.items())],
+        "resources": PREFECT_API_RESOURCES,
+        "readinessProbe": {
+            "exec": {"command": ["python", "-c", probe]},
+            "periodSeconds": 2,
+            "timeoutSeconds": 5,
+        },
+        "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
+    }  # fmt: skip
+
+
 def warm_cluster_spec(run: TrainingRun, credentials_secret: str) -> dict[str, Any]:
-    """The spec of the warm cluster a run asks for: a run's own cluster, autoscaling off."""
-    return ray_cluster_spec(run, credentials_secret)
+    """The spec of the warm cluster a run asks for: a run's own cluster, plus Prefect's API
+    beside the head, which the head's processes (the train flow's driver) are pointed at."""
+    spec = ray_cluster_spec(run, credentials_secret)
+    pod = spec["headGroupSpec"]["template"]["spec"]
+    head = pod["containers"][0]
+    head["env"] = [*head["env"], {"name": "PREFECT_API_URL", "value": PREFECT_API_URL}]
+    pod["containers"] = [head, prefect_api_container(head["image"])]
+    return spec
 
 
 def warm_cluster_name(spec: dict[str, Any]) -> str:

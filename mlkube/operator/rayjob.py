@@ -126,6 +126,10 @@ def build_rayjob(
     }
     if cluster_name:
         spec["clusterSelector"] = {RAY_CLUSTER_SELECTOR_KEY: cluster_name}
+        # KubeRay submits through the cluster's dashboard itself: no submitter pod to
+        # start before the job (the cluster is up already; pods are the wait).
+        spec["submissionMode"] = "HTTPMode"
+        del spec["submitterPodTemplate"]
     else:
         spec["rayClusterSpec"] = ray_cluster_spec(run, credentials_secret)
         # KubeRay's default (false) leaves the Ray cluster running after the job ends.

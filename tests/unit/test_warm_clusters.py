@@ -38,6 +38,8 @@ def test_a_rayjob_on_an_existing_cluster_names_it_and_brings_no_cluster_of_its_o
     spec = job["spec"]
     assert spec["clusterSelector"] == {"ray.io/cluster": "shared"}
     assert "rayClusterSpec" not in spec and "shutdownAfterJobFinishes" not in spec
+    # KubeRay submits through the running cluster's dashboard: no submitter pod to wait for.
+    assert spec["submissionMode"] == "HTTPMode" and "submitterPodTemplate" not in spec
     assert spec["entrypoint"].startswith("python -m mlkube.flows.train")
     assert "MLFLOW_TRACKING_URI" in spec["runtimeEnvYAML"]
     own = build_rayjob(run(), "http://mlflow:5000")["spec"]
@@ -76,11 +78,25 @@ def test_one_warm_cluster_per_namespace_and_shape() -> None:
     assert first["metadata"]["name"].startswith("mlkube-warm-")
     assert first["metadata"]["labels"][WARM_LABEL] == "true"
     assert first["metadata"]["annotations"][LAST_USED] == "2026-12-01T12:00:00Z"
-    # Built like a run's own cluster: restricted pods, no token, no owner (it outlives runs).
-    assert first["spec"] == ray_cluster_spec(run(workers=0, cluster={"warm": True}))
+    # Built like a run's own cluster (restricted pods, no token), owned by nothing (it
+    # outlives runs), with Prefect's API beside the head on the pod's loopback, which the
+    # head's processes (the train flow) use instead of starting one each run.
+    own = ray_cluster_spec(run(workers=0, cluster={"warm": True}))
     assert "ownerReferences" not in first["metadata"]
     head = first["spec"]["headGroupSpec"]["template"]["spec"]
+    own_head = own["headGroupSpec"]["template"]["spec"]
+    assert {k: v for k, v in head.items() if k != "containers"} == {
+        k: v for k, v in own_head.items() if k != "containers"
+    }
     assert head["automountServiceAccountToken"] is False
+    ray_head, prefect = head["containers"]
+    assert ray_head == {**own_head["containers"][0], "env": [
+        *own_head["containers"][0]["env"],
+        {"name": "PREFECT_API_URL", "value": "http://127.0.0.1:4200/api"},
+    ]}  # fmt: skip
+    assert prefect["command"][:5] == ["prefect", "server", "start", "--host", "127.0.0.1"]
+    assert prefect["securityContext"] == ray_head["securityContext"]
+    assert prefect["image"] == ray_head["image"]
 
 
 def cluster(name: str, state: str | None = "ready", image: str = "mlkube/runtime:0.1.0",
