@@ -108,7 +108,7 @@ def list_objects(kind: Kind, namespace: str, label_selector: str = "") -> list[d
 
 
 def create(kind: Kind, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Create an object that has no owner; (the existing one, False) if its name is taken."""
+    """Create the object; (the existing one, False) if its name is taken."""
     meta = manifest["metadata"]
     try:
         created = _custom().create_namespaced_custom_object(
@@ -207,18 +207,9 @@ def create_or_adopt(
     """
     meta = manifest["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    try:
-        created = _custom().create_namespaced_custom_object(
-            kind.group, kind.version, namespace, kind.plural, manifest,
-            field_manager=FIELD_MANAGER,
-        )  # fmt: skip
-        return cast(dict[str, Any], created), True
-    except ApiException as error:
-        if error.status != 409:
-            raise
-    existing = get(kind, namespace, name)
-    if existing is None:
-        raise kopf.TemporaryError(f"{kind.kind} {name} was being deleted; retrying", delay=2)
+    existing, created = create(kind, manifest)
+    if created:
+        return existing, True
     if _owned_by(existing, owner_uid):
         return existing, False
     controllers = [

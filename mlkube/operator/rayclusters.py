@@ -21,6 +21,7 @@ from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import MANAGED_BY, OPERATOR_NAME
 from mlkube.operator.pods import CONTAINER_SECURITY_CONTEXT
 from mlkube.operator.rayjob import RAY_CLUSTER_SELECTOR_KEY, RAYJOB_API_VERSION, ray_cluster_spec
+from mlkube.operator.status import parse_timestamp, timestamp
 
 WARM_LABEL = "mlkube.io/warm-cluster"
 LAST_USED = "mlkube.io/last-used"
@@ -77,10 +78,6 @@ def warm_cluster_name(spec: dict[str, Any]) -> str:
     return WARM_PREFIX + digest[:12]
 
 
-def timestamp(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def build_warm_raycluster(
     run: TrainingRun, credentials_secret: str, now: dt.datetime
 ) -> dict[str, Any]:
@@ -126,15 +123,6 @@ def label_selector(labels: dict[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
-def _parse(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def jobs_on(name: str, rayjobs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         job
@@ -159,9 +147,9 @@ def warm_cluster_action(
         return "busy"
     meta = cluster["metadata"]
     moments = [
-        _parse((meta.get("annotations") or {}).get(LAST_USED)),
-        _parse(meta.get("creationTimestamp")),
-        *(_parse((job.get("status") or {}).get("endTime")) for job in jobs),
+        parse_timestamp((meta.get("annotations") or {}).get(LAST_USED)),
+        parse_timestamp(meta.get("creationTimestamp")),
+        *(parse_timestamp((job.get("status") or {}).get("endTime")) for job in jobs),
     ]
     last = max((m for m in moments if m is not None), default=None)
     if last is None or (now - last).total_seconds() >= idle_seconds:

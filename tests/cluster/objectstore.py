@@ -38,6 +38,17 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
+def wait_listening(process: ManagedProcess, host: str, port: int, timeout: float) -> None:
+    """Until `process` accepts connections on host:port; fails early if it exits."""
+    deadline = time.monotonic() + timeout
+    while not listening(host, port):
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{process.name} not listening on {host}:{port} in {timeout}s")
+        time.sleep(0.1)
+
+
 class ObjectStore:
     """versitygw on `host`, with one root account (its keys are `access_key`/`secret_key`).
     `spawn` starts the process (the node's, to run it in the node's cgroup)."""
@@ -80,13 +91,7 @@ class ObjectStore:
             "posix", self.data,
         ]  # fmt: skip
         self.process = self._spawn("versitygw", argv)
-        deadline = time.monotonic() + timeout
-        while not listening(self.host, self.port):
-            if not self.process.alive():
-                raise RuntimeError(f"versitygw exited:\n{self.process.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"versitygw not listening in {timeout}s")
-            time.sleep(0.1)
+        wait_listening(self.process, self.host, self.port, timeout)
         return self
 
     def alive(self) -> bool:

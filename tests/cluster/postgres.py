@@ -16,13 +16,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from mlkube.local import free_port
 from tests.cluster.controlplane import BinariesMissing, ManagedProcess, spawn
-from tests.cluster.objectstore import listening
+from tests.cluster.objectstore import wait_listening
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"  # the system account of Debian's package
@@ -94,13 +93,7 @@ class Postgres:
             "-c", "max_connections=100", "-c", "shared_buffers=32MB",
         ]  # fmt: skip
         self.process = self._spawn("postgres", argv, user=PG_USER, group=PG_USER)
-        deadline = time.monotonic() + timeout
-        while not listening(self.host, self.port):
-            if not self.process.alive():
-                raise RuntimeError(f"postgres exited:\n{self.process.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"postgres not listening in {timeout}s")
-            time.sleep(0.1)
+        wait_listening(self.process, self.host, self.port, timeout)
         self._as_postgres(
             pg / "createdb", "-h", self.root, "-p", str(self.port), "-U", self.user,
             self.database,

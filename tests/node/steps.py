@@ -260,6 +260,20 @@ def run_script_pod(
     return pod_ended(node, namespace, name, timeout)
 
 
+def register_outside_model(node: Node, namespace: str, model: str, data_uri: str) -> int:
+    """A model registered from outside mlkube (pods/register_model.py, in a pod), owned by
+    `namespace`; its version."""
+    script = Path(__file__).resolve().parent / "pods" / "register_model.py"
+    registered = run_script_pod(
+        node, namespace, "register", script,
+        [json.dumps({"model": model, "owner": namespace, "data": data_uri})],
+        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
+    )  # fmt: skip
+    assert registered["phase"] == "Succeeded", registered["logs"]
+    version: int = json.loads(registered["logs"].strip().splitlines()[-1])["version"]
+    return version
+
+
 def start_load(node: Node, namespace: str, client: dict[str, Any]) -> None:
     """A pod `load` running pods/load_client.py with `client` as its argument."""
     script = Path(__file__).resolve().parent / "pods" / "load_client.py"

@@ -10,11 +10,9 @@ from typing import Any
 
 from tests.cluster.node import Node
 from tests.node.steps import (
-    MLFLOW,
-    RUNTIME,
     example,
     get_columns,
-    run_script_pod,
+    register_outside_model,
     serve_dataset,
     small_trainingrun,
     start_load_until_told,
@@ -22,8 +20,6 @@ from tests.node.steps import (
     trainingrun_ended,
     wait_for,
 )
-
-PODS = Path(__file__).resolve().parent / "pods"
 
 
 def predictor_pods(node: Node, namespace: str) -> list[str]:
@@ -88,13 +84,7 @@ def test_a_predictor_pod_deleted_under_load_fails_requests_only_while_no_replica
     """Served: a model registered from outside mlkube (no input example). Also: a canary
     asked of KServe's Standard mode is reported as unsupported, and the model still served."""
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
-    registered = run_script_pod(
-        node, namespace, "register", PODS / "register_model.py",
-        [json.dumps({"model": model_name, "owner": namespace, "data": uri})],
-        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
-    )  # fmt: skip
-    assert registered["phase"] == "Succeeded", registered["logs"]
-    assert json.loads(registered["logs"].strip().splitlines()[-1]) == {"version": 1}
+    assert register_outside_model(node, namespace, model_name, uri) == 1
 
     def deploy(replicas: int, **changes: Any) -> dict[str, Any]:
         deployment = example(

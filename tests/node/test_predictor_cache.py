@@ -17,6 +17,7 @@ from tests.node.steps import (
     example,
     get_columns,
     insurance_rows,
+    register_outside_model,
     run_script_pod,
     serve_dataset,
     total,
@@ -57,12 +58,7 @@ def test_a_restarted_predictor_container_loads_from_its_cache_volume(
 ) -> None:
     data_csv = shared_dir / "data" / "insurance.csv"
     uri = serve_dataset(node, namespace, data_csv)
-    registered = run_script_pod(
-        node, namespace, "register", PODS / "register_model.py",
-        [json.dumps({"model": model_name, "owner": namespace, "data": uri})],
-        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
-    )  # fmt: skip
-    assert registered["phase"] == "Succeeded", registered["logs"]
+    assert register_outside_model(node, namespace, model_name, uri) == 1
 
     deployment = example("modeldeployment.yaml", **{
         "spec.model": {"name": model_name, "version": 1}, "spec.protocol": "v2",
