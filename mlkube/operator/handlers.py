@@ -49,7 +49,6 @@ from mlkube.operator.rayclusters import (
     cluster_images,
     label_selector,
     pick_cluster,
-    timestamp,
     warm_cluster_action,
 )
 from mlkube.operator.rayjob import build_rayjob
@@ -69,6 +68,7 @@ from mlkube.operator.status import (
     refused_trainingrun_status,
     set_condition,
     status_patch,
+    timestamp,
     trainingrun_status,
 )
 from mlkube.operator.tracking import (
