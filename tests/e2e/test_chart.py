@@ -592,6 +592,41 @@ def test_mlflow_is_reachable_only_by_the_operator_and_the_pods_it_makes(
         assert "kind: NetworkPolicy" not in rendered
 
 
+def test_mlflow_for_a_team_renders_replicas_a_database_and_a_schema_job(
+    plane: ControlPlane,
+) -> None:
+    """The chart's MLflow with a database: several replicas, the URI and the store's keys
+    from Secrets, artifacts straight to the store, and a hook Job migrating the schema
+    before the servers start; SQLite refuses a second replica."""
+    out = plane.helm(
+        "template", "x", str(CHART), "-n", RELEASE_NS, "--set", "mlflow.enabled=true",
+        "--set", "mlflow.replicas=2", "--set", "mlflow.backendStore.existingSecret=mlflow-db",
+        "--set", "mlflow.artifacts.destination=s3://mlflow/artifacts",
+        "--set", "mlflow.artifacts.proxied=false", "--set", "mlflow.envFromSecrets={mlflow-s3}",
+        "--show-only", "templates/mlflow.yaml", "--show-only", "templates/mlflow-db-job.yaml",
+    ).stdout  # fmt: skip
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
+    deployment, job = docs["Deployment"], docs["Job"]
+    assert deployment["spec"]["replicas"] == 2 and "strategy" not in deployment["spec"]
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--no-serve-artifacts" in server["args"]
+    assert "--default-artifact-root=s3://mlflow/artifacts" in server["args"]
+    assert server["envFrom"] == [{"secretRef": {"name": "mlflow-s3"}}]
+    uri = {"name": "MLFLOW_BACKEND_STORE_URI",
+           "valueFrom": {"secretKeyRef": {"name": "mlflow-db", "key": "uri"}}}  # fmt: skip
+    assert uri in server["env"]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    (upgrade,) = job["spec"]["template"]["spec"]["containers"]
+    assert "mlflow db upgrade" in upgrade["command"][-1] and uri in upgrade["env"]
+    assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    # SQLite: one replica, no schema job.
+    refused = plane.helm("template", "x", str(CHART), "--set", "mlflow.enabled=true",
+                         "--set", "mlflow.replicas=2", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "mlflow.replicas" in refused.stderr
+    default = plane.helm("template", "x", str(CHART), "--set", "mlflow.enabled=true").stdout
+    assert "db-upgrade" not in default and "--serve-artifacts" in default
+
+
 # --------------------------------------------------------------------------- uninstall
 
 
