@@ -2,9 +2,10 @@
 # mlkube images, built by scripts/build-images.sh (`make images`: buildah, or DOCKER=docker):
 #   --target operator      mlkube/operator       '.[operator]': kopf, kubernetes client,
 #                                                mlflow-skinny; no ray, torch or prefect
-#   --target runtime       mlkube/runtime        '.[serve,train]', scikit-learn only (no torch):
-#                                                RayJob head/workers (the train flow), the
-#                                                chart's MLflow server, KServe predictors
+#   --target runtime       mlkube/runtime        '.[serve,train,mlflow-server]', scikit-learn
+#                                                only (no torch): RayJob head/workers (the
+#                                                train flow), the chart's MLflow server
+#                                                (PostgreSQL, S3), KServe predictors
 #                                                (python -m mlkube.model_servers)
 #   --target runtime-full  mlkube/runtime-full   runtime + CPU-only torch (the torch extra) from
 #                                                PyTorch's CPU index (--build-arg TORCH_INDEX_URL)
@@ -100,7 +101,8 @@ FROM uv AS runtime-deps
 COPY pyproject.toml ./
 RUN --mount=type=cache,id=mlkube-uv,target=/root/.cache/uv,sharing=locked \
     python -m venv /opt/mlkube \
- && uv pip install --python /opt/mlkube/bin/python -r pyproject.toml --extra serve --extra train
+ && uv pip install --python /opt/mlkube/bin/python -r pyproject.toml --extra serve --extra train \
+      --extra mlflow-server
 
 # runtime-deps plus CPU-only torch. The CPU index is an extra index, which uv asks first:
 # torch==X is then met by X+cpu from there, and PyPI's CUDA build is never fetched.

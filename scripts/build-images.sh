@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the mlkube images from the repo's Dockerfile:
 #   mlkube/operator:<tag>      (--target operator: '.[operator]', no ray/torch/prefect)
-#   mlkube/runtime:<tag>       (--target runtime: '.[serve,train]', no torch)
+#   mlkube/runtime:<tag>       (--target runtime: '.[serve,train,mlflow-server]', no torch)
 #   mlkube/runtime-full:<tag>  (--target runtime-full: runtime + CPU torch; only with --only)
 #
 # Usage: scripts/build-images.sh [--tag TAG] [--registry REGISTRY/] [--push]

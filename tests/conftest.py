@@ -16,7 +16,11 @@ NETGUARD = Path(__file__).resolve().parent / "netguard"
 
 pytest_plugins = [
     name
-    for name in ["tests.fixtures.mlflow_server", "tests.fixtures.http_server"]
+    for name in [
+        "tests.fixtures.mlflow_server",
+        "tests.fixtures.http_server",
+        "tests.fixtures.services",
+    ]
     if (REPO / (name.replace(".", "/") + ".py")).exists()
 ]
 

@@ -181,6 +181,7 @@ def main() -> int:
     lines = []
     verdicts = {}
     for table in args.tables.split(","):
+
         def of(method: tuple[str, str], seed: int, table: str = table) -> Search:
             return next(s for s in searches
                         if s.table == table and s.method == method and s.seed == seed)  # fmt: skip
@@ -202,7 +203,8 @@ def main() -> int:
                          if r is not None and r <= budget_time[s])  # fmt: skip
             holdouts = " / ".join(
                 f"{statistics.median(r.holdout[n] for r in runs):.4g}"
-                if all(n in r.holdout for r in runs) else "-"
+                if all(n in r.holdout for r in runs)
+                else "-"
                 for n in (8, half, args.trials)
             )
             shown = ", ".join("never" if r is None else f"{r:.1f}" for r in reached)
@@ -217,7 +219,8 @@ def main() -> int:
             "",
             f"Random search's {half}-trial time per seed: "
             + ", ".join(f"{budget_time[s]:.1f} s" for s in seeds)
-            + f"; its {args.trials}-trial CV mae: " + ", ".join(f"{quality[s]:.4g}" for s in seeds)
+            + f"; its {args.trials}-trial CV mae: "
+            + ", ".join(f"{quality[s]:.4g}" for s in seeds)
             + ".",
             "",
         ]

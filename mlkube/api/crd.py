@@ -159,6 +159,8 @@ def generate_crds() -> dict[str, dict[str, Any]]:
             _column("Version", ".status.servedVersion", "integer"),
             _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
             _column("URL", ".status.url"),
+            _column("Protocol", ".spec.protocol", priority=1),
+            _column("Predict", ".status.predictUrl", priority=1),
             AGE,
         ],
     )

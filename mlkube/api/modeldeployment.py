@@ -8,12 +8,14 @@ from pydantic import ConfigDict, Field, model_validator
 
 from mlkube.api.common import (
     BYTE_SIZE_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
     CamelModel,
     Condition,
     MlflowSettings,
     ObjectMeta,
     Resources,
 )
+from mlkube.api.pods import PodOptions
 from mlkube.api.registered_model import ALIAS_PATTERN, DEFAULT_ALIAS, MODEL_NAME_PATTERN
 
 
@@ -86,9 +88,36 @@ class RequestLimits(CamelModel):
     )
 
 
-class ModelDeploymentSpec(CamelModel):
+class ModelCache(CamelModel):
+    """Where the predictor keeps the model files it downloads: a volume of the pod, so that a
+    restarted container loads them from disk instead of downloading them again."""
+
+    size_limit: str = Field(
+        default="4Gi",
+        pattern=BYTE_SIZE_PATTERN,
+        description="The emptyDir's size limit; the predictor keeps its cache within 3/4 of "
+        "it (room for one more download). With a claim: the cache's bound alone.",
+    )
+    persistent_volume_claim: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="An existing PersistentVolumeClaim of this namespace to keep the cache "
+        "on instead of an emptyDir (it outlives the pods; ReadWriteMany for several replicas "
+        "on several nodes).",
+    )
+
+
+class ModelDeploymentSpec(PodOptions):
+    """The pod options (env, envFrom, nodeSelector...) go to the predictor pods."""
+
     model: ModelSelector
-    protocol: Literal["v1", "v2"] = "v1"
+    protocol: Literal["v1", "v2"] = Field(
+        default="v1",
+        description="How clients call the model: v1 (TFServing-style REST) or v2 (Open "
+        "Inference Protocol, REST and gRPC). status.predictUrl (and for v2 in KServe's "
+        "Standard mode status.grpcAddress) says where; the predictor serves both.",
+    )
     ttl_seconds: int = Field(default=300, ge=0, description="Evict the model after idle seconds.")
     replicas: Replicas = Field(default_factory=Replicas)
     canary: Canary | None = None
@@ -96,6 +125,7 @@ class ModelDeploymentSpec(CamelModel):
     image: str | None = Field(default=None, description="Predictor image; operator default.")
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    cache: ModelCache = Field(default_factory=ModelCache)
 
 
 class CanaryStatus(CamelModel):
@@ -111,6 +141,10 @@ class ModelDeploymentStatus(CamelModel):
     failed_version: int | None = None
     canary: CanaryStatus | None = None
     url: str | None = None
+    # Where clients call the served model in spec.protocol: the REST predict URL, and for
+    # v2 the gRPC address (host:port) where the Service declares the h2c port.
+    predict_url: str | None = None
+    grpc_address: str | None = None
     inference_service_name: str | None = None
     message: str | None = None
     conditions: list[Condition] = Field(default_factory=list)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mlkube.api.common import (
+    DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
     CamelModel,
     Condition,
@@ -15,6 +16,7 @@ from mlkube.api.common import (
     ObjectMeta,
     Resources,
 )
+from mlkube.api.pods import PodOptions
 from mlkube.api.registered_model import ALIAS_PATTERN, DEFAULT_ALIAS, MODEL_NAME_PATTERN
 
 BUILTIN_TASKS = ("tabular", "insurance", "atmos-temperature", "mnist")
@@ -134,7 +136,41 @@ class Promotion(CamelModel):
     enabled: bool = True
 
 
-class RaySettings(CamelModel):
+class RayClusterChoice(CamelModel):
+    """Run on a RayCluster that is already up instead of a new one of the run's own: no pods
+    to start before the search, at the price of sharing the cluster. Give exactly one."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    name: str | None = Field(
+        default=None, max_length=63, pattern=DNS_LABEL_PATTERN,
+        description="A RayCluster of this namespace, by name.",
+    )  # fmt: skip
+    selector: dict[str, str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Labels: the operator picks a ready RayCluster of this namespace that "
+        "has them all (the first by name).",
+    )
+    warm: Literal[True] | None = Field(
+        default=None,
+        description="The operator's warm RayCluster of this namespace for this spec.ray "
+        "(image, sizes, workers, pod options): made on first use, kept between runs, deleted "
+        "after operator.warmClusterIdleSeconds without one.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RayClusterChoice:
+        given = [k for k in ("name", "selector", "warm") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of name, selector, warm")
+        return self
+
+
+class RaySettings(PodOptions):
+    """The Ray cluster's pods; the pod options (env, envFrom, nodeSelector...) go to the
+    head and the workers."""
+
     image: str = "mlkube/runtime:0.1.0"
     workers: int = Field(default=1, ge=0, le=1000)
     retries: int = Field(
@@ -148,6 +184,9 @@ class RaySettings(CamelModel):
     )
     head: Resources = Field(default_factory=Resources)
     worker: Resources = Field(default_factory=Resources)
+    cluster: RayClusterChoice | None = Field(
+        default=None, description="Run on an existing RayCluster; a new one when omitted."
+    )
 
 
 class TrainingRunSpec(CamelModel):

@@ -23,6 +23,7 @@ from mlkube.api.manifest import format_validation_error
 from mlkube.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from mlkube.api.trainingrun import TERMINAL_PHASES, TrainingRun, TrainingRunStatus
 from mlkube.operator import kube
+from mlkube.operator.conditions import timestamp
 from mlkube.operator.events import Event, mlflow_events
 from mlkube.operator.inferenceservice import (
     deployment_mode,
@@ -37,8 +38,24 @@ from mlkube.operator.names import (
     inferenceservice_name,
     rayjob_name,
 )
-from mlkube.operator.policy import Refusal, deployment_refusal, trainingrun_refusal
+from mlkube.operator.policy import (
+    RAY_CLUSTER_NOT_FOUND,
+    WARM_CLUSTERS_OFF,
+    Refusal,
+    deployment_refusal,
+    raycluster_refusal,
+    trainingrun_refusal,
+)
 from mlkube.operator.poller import KeyedLocks, Poller
+from mlkube.operator.rayclusters import (
+    LAST_USED,
+    WARM_LABEL,
+    build_warm_raycluster,
+    cluster_images,
+    label_selector,
+    pick_cluster,
+    warm_cluster_action,
+)
 from mlkube.operator.rayjob import rayjob_for
 from mlkube.operator.rollout import (
     DeploymentMemo,
@@ -98,6 +115,7 @@ async def configure(
     trainingruns_to_sync: kopf.Index[ObjectKey, str],
     deployments_to_sync: kopf.Index[ObjectKey, str],
     rayjobs_by_owner: kopf.Index[str, Any],
+    warm_clusters: kopf.Index[ObjectKey, str],
     **_: Any,
 ) -> None:
     kube.configure()
@@ -124,6 +142,9 @@ async def configure(
     _pollers[:] = [
         Poller("trainingrun-sync", interval, lambda: list(trainingruns_to_sync), poll_with_index),
         Poller("modeldeployment-sync", interval, deployments, poll_deployment),
+        Poller(
+            "warm-clusters", max(interval, 10.0), lambda: list(warm_clusters), reap_warm_cluster
+        ),
     ]
     for poller in _pollers:
         poller.start(settings.execution.executor)
@@ -226,6 +247,12 @@ def _trainingrun_active(status: Any) -> bool:
     )
 
 
+@kopf.index("ray.io", "v1", "rayclusters", labels={**OURS, WARM_LABEL: "true"})
+def warm_clusters(namespace: str | None, name: str, uid: str, **_: Any) -> dict[ObjectKey, str]:
+    """The operator's warm RayClusters: each is deleted once idle (reap_warm_cluster)."""
+    return {(namespace or "", name): uid}
+
+
 @kopf.index(*TRAININGRUNS)
 def trainingruns_to_sync(
     namespace: str | None, name: str, uid: str, status: kopf.Status, **_: Any
@@ -279,7 +306,13 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
         event = Event(type="Warning", reason=refusal.reason, message=refusal.message)
         apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
         return
-    manifest = rayjob_for(run, SETTINGS)
+    cluster_name, refusal = _choose_cluster(run)
+    if refusal is not None:  # nothing is created
+        new = _refusal_status(refused_trainingrun_status, previous, refusal, meta.get("generation"))
+        event = Event(type="Warning", reason=refusal.reason, message=refusal.message)
+        apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
+        return
+    manifest = rayjob_for(run, SETTINGS, cluster_name=cluster_name)
     kopf.adopt(manifest, owner=body)
     _, created = kube.create_or_adopt(kube.RAYJOB, manifest, meta["uid"])
     name = manifest["metadata"]["name"]
@@ -291,6 +324,69 @@ def create_rayjob(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any)
     new = rayjob_created_status(previous, name, run.spec.tuning.num_trials, _now())
     new.observed_generation = meta.get("generation")
     apply_in_handler(body, patch, Update(status=status_patch(body.status, new), events=[event]))
+
+
+def _choose_cluster(run: TrainingRun) -> tuple[str | None, Refusal | None]:
+    """The existing RayCluster spec.ray.cluster asks for (None: a cluster of the run's
+    own), or why not. A warm cluster is made here when missing, and marked used."""
+    choice, namespace = run.spec.ray.cluster, run.metadata.namespace or ""
+    if choice is None:
+        return None, None
+    if choice.warm:
+        if SETTINGS.warm_cluster_idle_seconds <= 0:
+            return None, Refusal(
+                reason=WARM_CLUSTERS_OFF,
+                message="spec.ray.cluster.warm: warm clusters are off "
+                "(operator.warmClusterIdleSeconds is 0)",
+            )
+        manifest = build_warm_raycluster(run, SETTINGS.mlflow_credentials_secret, _now())
+        name = manifest["metadata"]["name"]
+        found, created = kube.create(kube.RAYCLUSTER, manifest)
+        if not created:  # marked used, so that the idle reaper leaves it (or fails to delete)
+            found = kube.patch(
+                kube.RAYCLUSTER,
+                namespace,
+                name,
+                {"metadata": {"annotations": {LAST_USED: timestamp(_now())}}},
+            )
+        if found["metadata"].get("deletionTimestamp"):
+            raise kopf.TemporaryError(f"warm RayCluster {name} is being deleted", delay=5)
+        return name, None
+    if choice.name is not None:
+        field, name = "spec.ray.cluster.name", choice.name
+        cluster = kube.get(kube.RAYCLUSTER, namespace, name)
+        if cluster is None:
+            message = f"{field}: no RayCluster {name!r} in namespace {namespace!r}"
+            return None, Refusal(reason=RAY_CLUSTER_NOT_FOUND, message=message)
+    else:
+        field, labels = "spec.ray.cluster.selector", label_selector(choice.selector or {})
+        clusters = kube.list_objects(kube.RAYCLUSTER, namespace, labels)
+        picked = pick_cluster(clusters)
+        if picked is None:
+            message = f"{field}: no ready RayCluster in namespace {namespace!r} has {labels}"
+            return None, Refusal(reason=RAY_CLUSTER_NOT_FOUND, message=message)
+        name = picked
+        cluster = next(c for c in clusters if c["metadata"]["name"] == picked)
+    refusal = raycluster_refusal(field, name, cluster_images(cluster), SETTINGS)
+    return (None, refusal) if refusal else (name, None)
+
+
+def reap_warm_cluster(key: ObjectKey) -> None:
+    """A warm RayCluster with no RayJob on it for warm_cluster_idle_seconds is deleted
+    (unless it was used meanwhile: the delete is conditional on what was read)."""
+    namespace, name = key
+    cluster = kube.get(kube.RAYCLUSTER, namespace, name)
+    if cluster is None or cluster["metadata"].get("deletionTimestamp"):
+        return
+    rayjobs = kube.list_objects(kube.RAYJOB, namespace)
+    action = warm_cluster_action(cluster, rayjobs, _now(), SETTINGS.warm_cluster_idle_seconds)
+    if action == "busy":
+        kube.patch(kube.RAYCLUSTER, namespace, name,
+                   {"metadata": {"annotations": {LAST_USED: timestamp(_now())}}})  # fmt: skip
+    elif action == "idle":
+        version = cluster["metadata"].get("resourceVersion")
+        if kube.delete(kube.RAYCLUSTER, namespace, name, resource_version=version):
+            LOG.info("warm RayCluster %s/%s idle: deleted", namespace, name)
 
 
 def sync_trainingrun(body: dict[str, Any], rayjob_status: dict[str, Any] | None) -> Update:

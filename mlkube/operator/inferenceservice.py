@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlkube.api.modeldeployment import ModelDeployment
+from mlkube.api.common import quantity_value
+from mlkube.api.modeldeployment import ModelCache, ModelDeployment
 from mlkube.api.registered_model import model_uri
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import (
@@ -19,7 +20,13 @@ from mlkube.operator.names import (
     OPERATOR_NAME,
     inferenceservice_name,
 )
-from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
+from mlkube.operator.pods import (
+    MLFLOW_CLIENT_LABELS,
+    POD_OPTION_FIELDS,
+    container_env,
+    pod_option_fields,
+    restricted_pod,
+)
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES, OperatorSettings
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
@@ -30,6 +37,17 @@ PRESTOP_SECONDS = "5"
 # The predictor's gRPC (Open Inference Protocol v2) port. KServe's raw mode puts every
 # declared container port on the Service; Knative allows one port per container.
 PREDICTOR_GRPC_PORT = 8081
+# The predictor's disk cache of model files: a volume, so that it outlives the container.
+CACHE_VOLUME = "model-cache"
+CACHE_MOUNT = "/var/cache/mlkube"
+# A folder inside the volume, which the predictor makes private to its user (a volume's own
+# root belongs to root: an emptyDir's is world-writable, but its mode cannot be changed).
+CACHE_DIR = f"{CACHE_MOUNT}/models"
+# The group of mlkube's images (Dockerfile: uid/gid 10001), given a claim's files.
+CACHE_FS_GROUP = 10001
+# The share of an emptyDir's size limit the cache may fill: the rest leaves room for the
+# download in progress (the kubelet evicts a pod whose emptyDir exceeds its limit).
+CACHE_SHARE_OF_LIMIT = 0.75
 
 
 def is_raw_mode(deployment_mode: str | None) -> bool:
@@ -60,11 +78,46 @@ def predictor_args(deployment: ModelDeployment, version: int, http_port: int) ->
         "--http_port", str(http_port),
         "--grpc_port", str(PREDICTOR_GRPC_PORT),
     ]  # fmt: skip
+    args += ["--cache-dir", CACHE_DIR, "--disk-cache-size", str(cache_bound(spec.cache))]
     if spec.limits.max_request_bytes is not None:
         args += ["--max-request-bytes", spec.limits.max_request_bytes]
     if spec.limits.max_request_rows is not None:
         args += ["--max-request-rows", str(spec.limits.max_request_rows)]
     return args
+
+
+def client_endpoints(
+    url: str | None, model: str, protocol: str, raw_mode: bool
+) -> tuple[str | None, str | None]:
+    """Where a client calls `model` in `protocol` at the InferenceService's `url`: the REST
+    predict URL, and for v2 the gRPC address (host:port), which only raw mode's Service
+    declares (Knative allows one port)."""
+    if not url:
+        return None, None
+    base = url.rstrip("/")
+    if protocol == "v1":
+        return f"{base}/v1/models/{model}:predict", None
+    host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    grpc = f"{host}:{PREDICTOR_GRPC_PORT}" if raw_mode else None
+    return f"{base}/v2/models/{model}/infer", grpc
+
+
+def cache_bound(cache: ModelCache) -> int:
+    """Bytes the predictor's disk cache may hold (its --disk-cache-size)."""
+    limit = quantity_value(cache.size_limit)
+    share = 1.0 if cache.persistent_volume_claim else CACHE_SHARE_OF_LIMIT
+    return int(limit * share)
+
+
+def cache_volume(cache: ModelCache) -> dict[str, Any]:
+    """The disk cache's volume: an emptyDir with the spec's size limit (it lives as long
+    as the pod: a restarted container finds its files), or the spec's own claim."""
+    if cache.persistent_volume_claim:
+        return {
+            "name": CACHE_VOLUME,
+            "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim},
+        }
+    return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": cache.size_limit}}
 
 
 def build_inferenceservice(
@@ -98,10 +151,10 @@ def build_inferenceservice(
         "image": spec.image or image,
         "command": ["python", "-m", PREDICTOR_MODULE],
         "args": predictor_args(deployment, version, http_port),
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())]
-        + mlflow_credentials_env(credentials_secret),
+        **container_env(spec, env, credentials_secret),
         "ports": ports,
         "resources": spec.resources.for_container(),
+        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}],
         # Without it a new pod takes traffic before its server listens (seen on a real
         # node: requests refused during every rollout). It answers 200 once the pinned
         # version's artifacts are verified on the pod's disk and it has not failed to load
@@ -121,7 +174,13 @@ def build_inferenceservice(
         minReplicas=spec.replicas.min,
         maxReplicas=spec.replicas.max,
         labels=dict(MLFLOW_CLIENT_LABELS),
+        volumes=[cache_volume(spec.cache)],
+        **pod_option_fields(spec),
     )
+    if spec.cache.persistent_volume_claim:
+        # A claim's root usually belongs to root: fsGroup makes it writable by the
+        # predictor's group (volumes that support ownership management).
+        predictor["securityContext"] = {**predictor["securityContext"], "fsGroup": CACHE_FS_GROUP}
     if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):
         predictor["canaryTrafficPercent"] = canary_traffic_percent
     annotations = {ANNOTATION_MODEL_VERSION: str(version)}
@@ -180,12 +239,13 @@ def carries(have: Any, want: Any) -> bool:
 def inferenceservice_patch(isvc: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The merge patch that makes the live InferenceService say what the manifest says, or
     None when it already does. A merge patch keeps fields it does not name, so the ones the
-    manifest may leave out (a canary that ended) are removed explicitly."""
+    manifest may leave out (a canary that ended, pod options the spec no longer gives) are
+    removed explicitly."""
     predictor = manifest["spec"]["predictor"]
     current = (isvc.get("spec") or {}).get("predictor") or {}
     annotations = manifest["metadata"]["annotations"]
     current_annotations = isvc.get("metadata", {}).get("annotations") or {}
-    removable = ("canaryTrafficPercent",)
+    removable = ("canaryTrafficPercent", *POD_OPTION_FIELDS)
     dropped = [key for key in removable if key in current and key not in predictor]
     if carries(current, predictor) and not dropped and carries(current_annotations, annotations):
         return None

@@ -28,6 +28,7 @@ class Kind:
 
 
 RAYJOB = Kind("ray.io", "v1", "rayjobs", "RayJob")
+RAYCLUSTER = Kind("ray.io", "v1", "rayclusters", "RayCluster")
 INFERENCESERVICE = Kind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService")
 TRAININGRUN = Kind("mlkube.io", "v1alpha1", "trainingruns", "TrainingRun")
 MODELDEPLOYMENT = Kind("mlkube.io", "v1alpha1", "modeldeployments", "ModelDeployment")
@@ -95,6 +96,56 @@ def get(kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
+def list_objects(kind: Kind, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+    """The objects of one namespace (those with the labels, when given)."""
+    found = cast(
+        dict[str, Any],
+        _custom().list_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, label_selector=label_selector
+        ),
+    )
+    return cast(list[dict[str, Any]], found.get("items", []))
+
+
+def create(kind: Kind, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create the object; (the existing one, False) if its name is taken."""
+    meta = manifest["metadata"]
+    try:
+        created = _custom().create_namespaced_custom_object(
+            kind.group, kind.version, meta["namespace"], kind.plural, manifest,
+            field_manager=FIELD_MANAGER,
+        )  # fmt: skip
+        return cast(dict[str, Any], created), True
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    existing = get(kind, meta["namespace"], meta["name"])
+    if existing is None:
+        raise kopf.TemporaryError(f"{kind.kind} {meta['name']} was being deleted", delay=2)
+    return existing, False
+
+
+def delete(kind: Kind, namespace: str, name: str, resource_version: str | None = None) -> bool:
+    """Delete (in the background: its dependents go with it), only if it is still at
+    `resource_version` when given. False if it changed meanwhile; gone already is no error."""
+    options = client.V1DeleteOptions(
+        propagation_policy="Background",
+        preconditions=client.V1Preconditions(resource_version=resource_version)
+        if resource_version
+        else None,
+    )
+    try:
+        _custom().delete_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, name, body=options
+        )
+    except ApiException as error:
+        if error.status == 409:
+            return False
+        if error.status != 404:
+            raise
+    return True
+
+
 def patch(kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
     """JSON merge patch (a None value removes a field; lists are replaced whole)."""
     patched = _custom().patch_namespaced_custom_object(
@@ -156,18 +207,9 @@ def create_or_adopt(
     """
     meta = manifest["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    try:
-        created = _custom().create_namespaced_custom_object(
-            kind.group, kind.version, namespace, kind.plural, manifest,
-            field_manager=FIELD_MANAGER,
-        )  # fmt: skip
-        return cast(dict[str, Any], created), True
-    except ApiException as error:
-        if error.status != 409:
-            raise
-    existing = get(kind, namespace, name)
-    if existing is None:
-        raise kopf.TemporaryError(f"{kind.kind} {name} was being deleted; retrying", delay=2)
+    existing, created = create(kind, manifest)
+    if created:
+        return existing, True
     if _owned_by(existing, owner_uid):
         return existing, False
     controllers = [

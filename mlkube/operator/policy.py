@@ -1,5 +1,6 @@
-"""What a spec may ask of the cluster: the admin's image allow-list and upper bounds on Ray
-workers, container sizes and replicas (operator settings, chart values). Pure.
+"""What a spec may ask of the cluster: the admin's image allow-list, the service accounts a
+pod may run as, and upper bounds on Ray workers, container sizes and replicas (operator
+settings, chart values). Pure.
 
 Creating a TrainingRun or ModelDeployment makes pods run: without these checks it would be
 as strong as creating a pod with any image and any size. A refused resource gets a status
@@ -21,6 +22,9 @@ from mlkube.operator.settings import OperatorSettings
 # Condition/event reasons of a refusal.
 IMAGE_NOT_ALLOWED = "ImageNotAllowed"
 OVER_LIMIT = "OverLimit"
+SERVICE_ACCOUNT_NOT_ALLOWED = "ServiceAccountNotAllowed"
+RAY_CLUSTER_NOT_FOUND = "RayClusterNotFound"
+WARM_CLUSTERS_OFF = "WarmClustersOff"
 
 
 class Refusal(BaseModel):
@@ -65,6 +69,25 @@ def _image(field: str, image: str, settings: OperatorSettings) -> Refusal | None
     )
 
 
+def service_account_allowed(name: str, namespace: str, allowed: Iterable[str]) -> bool:
+    """An entry "name" allows that account in every namespace, "namespace/name" in one."""
+    return any(entry.strip() in (name, f"{namespace}/{name}") for entry in allowed)
+
+
+def _service_account(
+    field: str, name: str | None, namespace: str | None, settings: OperatorSettings
+) -> Refusal | None:
+    if name is None or service_account_allowed(
+        name, namespace or "", settings.allowed_service_accounts
+    ):
+        return None
+    return Refusal(
+        reason=SERVICE_ACCOUNT_NOT_ALLOWED,
+        message=f"{field}: service account {name!r} is not allowed "
+        "(operator.allowedServiceAccounts)",
+    )
+
+
 def _over(field: str, value: object, limit: object, setting: str) -> Refusal:
     return Refusal(
         reason=OVER_LIMIT,
@@ -87,6 +110,12 @@ def trainingrun_refusal(run: TrainingRun, settings: OperatorSettings) -> Refusal
         return _over("spec.ray.workers", ray.workers, settings.max_ray_workers, "maxRayWorkers")
     return (
         _image("spec.ray.image", ray.image, settings)
+        or _service_account(
+            "spec.ray.serviceAccountName",
+            ray.service_account_name,
+            run.metadata.namespace,
+            settings,
+        )
         or _resources("spec.ray.head", ray.head, settings)
         or (_resources("spec.ray.worker", ray.worker, settings) if ray.workers else None)
     )
@@ -97,6 +126,28 @@ def deployment_refusal(deployment: ModelDeployment, settings: OperatorSettings) 
     spec = deployment.spec
     if spec.replicas.max > settings.max_replicas:
         return _over("spec.replicas.max", spec.replicas.max, settings.max_replicas, "maxReplicas")
-    return (_image("spec.image", spec.image, settings) if spec.image else None) or _resources(
-        "spec.resources", spec.resources, settings
+    return (
+        (_image("spec.image", spec.image, settings) if spec.image else None)
+        or _service_account(
+            "spec.serviceAccountName",
+            spec.service_account_name,
+            deployment.metadata.namespace,
+            settings,
+        )
+        or _resources("spec.resources", spec.resources, settings)
     )
+
+
+def raycluster_refusal(
+    field: str, name: str, images: Iterable[str], settings: OperatorSettings
+) -> Refusal | None:
+    """An existing RayCluster a TrainingRun names runs the train flow's code: it must run
+    allowed images only, as the run's own cluster would."""
+    for image in images:
+        if not image_allowed(image, settings.predictor_image, settings.allowed_images):
+            return Refusal(
+                reason=IMAGE_NOT_ALLOWED,
+                message=f"{field}: RayCluster {name!r} runs image {image!r}, which is not "
+                "allowed (operator.allowedImages)",
+            )
+    return None

@@ -10,13 +10,20 @@ from typing import Any
 import yaml
 
 from mlkube.api.common import Resources
-from mlkube.api.trainingrun import TrainingRun
+from mlkube.api.trainingrun import RaySettings, TrainingRun
 from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import LABEL_TRAININGRUN, MANAGED_BY, OPERATOR_NAME, rayjob_name
-from mlkube.operator.pods import MLFLOW_CLIENT_LABELS, mlflow_credentials_env, restricted_pod
+from mlkube.operator.pods import (
+    MLFLOW_CLIENT_LABELS,
+    container_env,
+    pod_option_fields,
+    restricted_pod,
+)
 from mlkube.operator.settings import OperatorSettings
 
 RAYJOB_API_VERSION = "ray.io/v1"
+# The one key KubeRay reads in a RayJob's clusterSelector: the RayCluster's name.
+RAY_CLUSTER_SELECTOR_KEY = "ray.io/cluster"
 TRAIN_MODULE = "mlkube.flows.train"
 # The train flow's flag that lets it register versions of a model another namespace owns.
 SHARED_MODELS_FLAG = "--allow-shared-models"
@@ -75,28 +82,32 @@ def _pod_template(
     gpus: int,
     credentials_secret: str,
 ) -> dict[str, Any]:
-    env = {**TELEMETRY_OFF_ENV, **storage_env(run)}
+    ray = run.spec.ray
+    operator_env = {**TELEMETRY_OFF_ENV, **storage_env(run)}
     container: dict[str, Any] = {
         "name": container_name,
-        "image": run.spec.ray.image,
+        "image": ray.image,
         "resources": resources.for_container(gpu=gpus),
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())]
-        + mlflow_credentials_env(credentials_secret),
+        **container_env(ray, operator_env, credentials_secret),
     }
-    volumes = []
+    spec_fields = pod_option_fields(ray)
     storage = run.spec.tuning.storage
     if storage is not None:
         container["volumeMounts"] = [{"name": TUNE_STORAGE_VOLUME, "mountPath": TUNE_STORAGE_PATH}]
         claim = {"claimName": storage.claim_name}
-        volumes.append({"name": TUNE_STORAGE_VOLUME, "persistentVolumeClaim": claim})
-    spec = restricted_pod([container], **({"volumes": volumes} if volumes else {}))
-    return {"metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)}, "spec": spec}
+        spec_fields["volumes"] = [{"name": TUNE_STORAGE_VOLUME, "persistentVolumeClaim": claim}]
+    return {
+        "metadata": {"labels": dict(MLFLOW_CLIENT_LABELS)},
+        "spec": restricted_pod([container], **spec_fields),
+    }
 
 
-def submitter_template(image: str) -> dict[str, Any]:
-    """The pod of KubeRay's submitter Job (it runs `ray job submit` against the head)."""
-    container = {"name": SUBMITTER_CONTAINER, "image": image, "resources": SUBMITTER_RESOURCES}
-    return {"spec": restricted_pod([container], restartPolicy="Never")}
+def submitter_template(ray: RaySettings) -> dict[str, Any]:
+    """The pod of KubeRay's submitter Job (it runs `ray job submit` against the head): placed
+    and pulled like the Ray pods, with neither the spec's variables nor its service account."""
+    container = {"name": SUBMITTER_CONTAINER, "image": ray.image, "resources": SUBMITTER_RESOURCES}
+    options = pod_option_fields(ray, service_account=False)
+    return {"spec": restricted_pod([container], restartPolicy="Never", **options)}
 
 
 def ray_cluster_spec(run: TrainingRun, credentials_secret: str = "") -> dict[str, Any]:
@@ -134,21 +145,31 @@ def build_rayjob(
     *,
     credentials_secret: str = "",
     allow_shared_models: bool = False,
+    cluster_name: str | None = None,
 ) -> dict[str, Any]:
     """The RayJob for a TrainingRun; the owner reference is added by the caller (kopf.adopt).
     `credentials_secret` names the Secret of the run's namespace holding its MLflow
-    credentials; `allow_shared_models` lets the train flow use models of other namespaces."""
+    credentials; `allow_shared_models` lets the train flow use models of other namespaces.
+    `cluster_name`: an existing RayCluster to run on (KubeRay's clusterSelector; the cluster
+    stays when the job ends), else a cluster of the job's own."""
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(run, allow_shared_models),
         "runtimeEnvYAML": runtime_env_yaml(
             run.spec.mlflow.tracking_uri_or(default_tracking_uri), storage_env(run)
         ),
-        "rayClusterSpec": ray_cluster_spec(run, credentials_secret),
-        "submitterPodTemplate": submitter_template(run.spec.ray.image),
-        # KubeRay's default (false) leaves the Ray cluster running after the job ends.
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": run.spec.ttl_seconds_after_finished,
+        "submitterPodTemplate": submitter_template(run.spec.ray),
     }
+    if cluster_name:
+        spec["clusterSelector"] = {RAY_CLUSTER_SELECTOR_KEY: cluster_name}
+        # KubeRay submits through the cluster's dashboard itself: no submitter pod to
+        # start before the job (the cluster is up already; pods are the wait).
+        spec["submissionMode"] = "HTTPMode"
+        del spec["submitterPodTemplate"]
+    else:
+        spec["rayClusterSpec"] = ray_cluster_spec(run, credentials_secret)
+        # KubeRay's default (false) leaves the Ray cluster running after the job ends.
+        spec["shutdownAfterJobFinishes"] = True
+        spec["ttlSecondsAfterFinished"] = run.spec.ttl_seconds_after_finished
     if run.spec.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = run.spec.active_deadline_seconds
     if run.spec.ray.retries:
@@ -167,12 +188,16 @@ def build_rayjob(
     }
 
 
-def rayjob_for(run: TrainingRun, settings: OperatorSettings) -> dict[str, Any]:
+def rayjob_for(
+    run: TrainingRun, settings: OperatorSettings, cluster_name: str | None = None
+) -> dict[str, Any]:
     """The RayJob the operator with these settings makes (its MLflow, the namespace's
-    MLflow credentials, shared models or not), for the handlers and `operator render`."""
+    MLflow credentials, shared models or not), for the handlers and `operator render`;
+    `cluster_name` as in build_rayjob."""
     return build_rayjob(
         run,
         settings.mlflow_tracking_uri,
         credentials_secret=settings.mlflow_credentials_secret,
         allow_shared_models=settings.allow_shared_models,
+        cluster_name=cluster_name,
     )

@@ -29,6 +29,7 @@ from mlkube.operator.conditions import (
     set_condition,
 )
 from mlkube.operator.events import Event
+from mlkube.operator.inferenceservice import client_endpoints
 from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.operator.status import InferenceServiceView
@@ -86,6 +87,10 @@ def plan_rollout(
         step = _first_deployment(status, desired_version, now)
     else:
         status.url = isvc.url
+        status.predict_url, status.grpc_address = client_endpoints(
+            isvc.url, deployment.spec.model.name, deployment.spec.protocol,
+            mode in RAW_DEPLOYMENT_MODES,
+        )  # fmt: skip
         if isvc.state == "Ready" and isvc.version is not None:
             if isvc.canary_traffic_percent is not None:
                 step = _canary_ready(status, isvc.version, now)

@@ -36,6 +36,12 @@ class OperatorSettings(BaseSettings):
     max_cpu: str = "8"
     max_memory: str = "32Gi"
     max_replicas: int = Field(default=10, ge=1)
+    # ServiceAccounts a spec's serviceAccountName may name: "name" (in any namespace) or
+    # "namespace/name". Empty: none, so every pod runs as its namespace's default account.
+    allowed_service_accounts: list[str] = Field(default_factory=list)
+    # A warm RayCluster (spec.ray.cluster.warm) is deleted after this long with no RayJob on
+    # it; 0: TrainingRuns may not ask for warm clusters.
+    warm_cluster_idle_seconds: float = Field(default=600.0, ge=0)
     # A Secret, in the namespace of each TrainingRun and ModelDeployment, whose keys
     # username/password or token become MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN in the
     # Ray and predictor pods (each namespace its own MLflow identity). Empty: none.

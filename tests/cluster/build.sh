@@ -4,7 +4,8 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy (tests/cluster/k8s),
 #   etcd (tests/cluster/etcd), helm (tests/cluster/helm), coredns (tests/cluster/coredns),
 #   the KubeRay operator (tests/cluster/kuberay) and the KServe controller (tests/cluster/kserve),
-#   plus the CRDs and config those two controllers ship in their modules.
+#   plus the CRDs and config those two controllers ship in their modules, and versitygw
+#   (tests/cluster/versitygw), the S3-compatible object store of the tests.
 # A binary is rebuilt only when it is missing or was built from another pinned version, so a
 # warm call returns at once. Each binary is linked under a temp name and renamed into place,
 # so an interrupted build never leaves a half binary behind.
@@ -23,7 +24,8 @@ helm_version="$(pinned "$here/helm/go.mod" helm.sh/helm/v3)"
 coredns_version="$(pinned "$here/coredns/go.mod" github.com/coredns/coredns)"
 kuberay_version="$(pinned "$here/kuberay/go.mod" github.com/ray-project/kuberay/ray-operator)"
 kserve_version="$(pinned "$here/kserve/go.mod" github.com/kserve/kserve)"
-for v in k8s etcd helm coredns kuberay kserve; do
+versitygw_version="$(pinned "$here/versitygw/go.mod" github.com/versity/versitygw)"
+for v in k8s etcd helm coredns kuberay kserve versitygw; do
   version_var="${v}_version"
   if [[ -z "${!version_var}" ]]; then
     log "cannot read the pinned version from $here/$v/go.mod"
@@ -53,6 +55,7 @@ targets=(
   "kuberay-operator|kuberay|github.com/ray-project/kuberay/ray-operator|$kuberay_version|"
   "kserve-manager|kserve|github.com/kserve/kserve/cmd/manager|$kserve_version|"
   "pause|pause|mlkube.io/tests/cluster/pause|v1|"
+  "versitygw|versitygw|github.com/versity/versitygw/cmd/versitygw|$versitygw_version|-X main.Version=$versitygw_version"
 )
 # Manifests that come with a controller's module and must match its version: name|module dir|module|version|folders
 manifests=(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the real test node runs on (containerd, runc, the CNI
-# plugins, nftables, conntrack) when any is missing; a warm call returns at once.
+# plugins, nftables, conntrack), and PostgreSQL 15 (the MLflow database of the integration
+# and node tests, run by a fixture), when any is missing; a warm call returns at once.
 set -euo pipefail
 
 log() { printf '[node-deps] %s\n' "$*" >&2; }
@@ -15,6 +16,7 @@ needs=(
   "nft|nftables"
   "ip|iproute2"
   "conntrack|conntrack"
+  "/usr/lib/postgresql/15/bin/postgres|postgresql-15"
 )
 missing=()
 for n in "${needs[@]}"; do

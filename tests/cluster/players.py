@@ -944,9 +944,7 @@ class InferenceServicePlayer(_Player):
             else ("False" if "False" in (pred[0], ingress[0]) else "Unknown")
         )
         ready_reason = "" if ready == "True" else (pred[1] or ingress[1])
-        conds.append(
-            self._condition(state, "Ready", ready, ready_reason, pred[2] or ingress[2])
-        )
+        conds.append(self._condition(state, "Ready", ready, ready_reason, pred[2] or ingress[2]))
         conds.sort(key=lambda c: c["type"])
 
         component: Obj = {}

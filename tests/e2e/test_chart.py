@@ -271,6 +271,7 @@ def test_operator_settings_read_the_chart_env(
         "--set", "operator.maxRayWorkers=3,operator.maxCpu=2500m,operator.maxMemory=6Gi",
         "--set", "operator.maxReplicas=4,operator.mlflowCredentialsSecret=mlflow-creds",
         "--set", "operator.allowSharedModels=true",
+        "--set", "operator.allowedServiceAccounts={ml-reader,team-a/s3-writer}",
     ).stdout  # fmt: skip
     deployment = yaml.safe_load(out)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -291,6 +292,7 @@ def test_operator_settings_read_the_chart_env(
     assert settings.max_replicas == 4
     assert settings.mlflow_credentials_secret == "mlflow-creds"
     assert settings.allow_shared_models is True
+    assert settings.allowed_service_accounts == ["ml-reader", "team-a/s3-writer"]
     assert (settings.metrics_port, settings.health_port) == (9090, 8081)
     fields = {f"MLKUBE_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
     unknown = {k for k in env if k.startswith("MLKUBE_OPERATOR_")} - fields
@@ -320,10 +322,11 @@ def test_operator_settings_read_the_chart_env(
         (["--set", "mlflow.env[0].name=AWS_SECRET_ACCESS_KEY,mlflow.env[0].value=x"], "name"),
         (["--set", "operator.maxMemory=lots"], "maxMemory"),
         (["--set", "operator.allowedImages=registry.local/"], "allowedImages"),
+        (["--set", "operator.allowedServiceAccounts={team-a/Admin}"], "allowedServiceAccounts"),
     ],
     ids=["negative-replicas", "unknown-key", "wrong-type", "list-as-string", "bool-as-string",
          "inline-database-uri", "credentials-in-uri", "secret-as-plain-env", "bound-no-quantity",
-         "images-as-string"],
+         "images-as-string", "service-account-not-a-name"],
 )  # fmt: skip
 def test_bad_values_are_refused_at_install_with_the_field_named(
     plane: ControlPlane, release: str, args: list[str], named: str
@@ -587,6 +590,41 @@ def test_mlflow_is_reachable_only_by_the_operator_and_the_pods_it_makes(
                  ["--set", "mlflow.enabled=true,mlflow.networkPolicy.enabled=false"]):  # fmt: skip
         rendered = plane.helm("template", "x", str(CHART), *args).stdout
         assert "kind: NetworkPolicy" not in rendered
+
+
+def test_mlflow_for_a_team_renders_replicas_a_database_and_a_schema_job(
+    plane: ControlPlane,
+) -> None:
+    """The chart's MLflow with a database: several replicas, the URI and the store's keys
+    from Secrets, artifacts straight to the store, and a hook Job migrating the schema
+    before the servers start; SQLite refuses a second replica."""
+    out = plane.helm(
+        "template", "x", str(CHART), "-n", RELEASE_NS, "--set", "mlflow.enabled=true",
+        "--set", "mlflow.replicas=2", "--set", "mlflow.backendStore.existingSecret=mlflow-db",
+        "--set", "mlflow.artifacts.destination=s3://mlflow/artifacts",
+        "--set", "mlflow.artifacts.proxied=false", "--set", "mlflow.envFromSecrets={mlflow-s3}",
+        "--show-only", "templates/mlflow.yaml", "--show-only", "templates/mlflow-db-job.yaml",
+    ).stdout  # fmt: skip
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
+    deployment, job = docs["Deployment"], docs["Job"]
+    assert deployment["spec"]["replicas"] == 2 and "strategy" not in deployment["spec"]
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--no-serve-artifacts" in server["args"]
+    assert "--default-artifact-root=s3://mlflow/artifacts" in server["args"]
+    assert server["envFrom"] == [{"secretRef": {"name": "mlflow-s3"}}]
+    uri = {"name": "MLFLOW_BACKEND_STORE_URI",
+           "valueFrom": {"secretKeyRef": {"name": "mlflow-db", "key": "uri"}}}  # fmt: skip
+    assert uri in server["env"]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    (upgrade,) = job["spec"]["template"]["spec"]["containers"]
+    assert "mlflow db upgrade" in upgrade["command"][-1] and uri in upgrade["env"]
+    assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    # SQLite: one replica, no schema job.
+    refused = plane.helm("template", "x", str(CHART), "--set", "mlflow.enabled=true",
+                         "--set", "mlflow.replicas=2", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "mlflow.replicas" in refused.stderr
+    default = plane.helm("template", "x", str(CHART), "--set", "mlflow.enabled=true").stdout
+    assert "db-upgrade" not in default and "--serve-artifacts" in default
 
 
 # --------------------------------------------------------------------------- uninstall

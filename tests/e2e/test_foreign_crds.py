@@ -213,37 +213,53 @@ def test_wrong_type_is_rejected_with_the_field_named(
 
 def _built() -> list[dict[str, Any]]:
     """What the operator builds, with every optional part on: workers, the submitter's pod,
-    restricted pods without a token, MLflow credentials from a Secret, pod labels."""
+    restricted pods without a token, MLflow credentials from a Secret, pod labels, the
+    spec's pod options, the predictor's cache on a claim; a RayJob on an existing cluster
+    and a warm cluster (Prefect's API beside its head)."""
+    import datetime as dt
+
     from mlkube.api import ModelDeployment, TrainingRun
     from mlkube.operator.inferenceservice import build_inferenceservice
+    from mlkube.operator.rayclusters import build_warm_raycluster
     from mlkube.operator.rayjob import build_rayjob
+    from tests.unit.test_pod_options import OPTIONS
 
     run = TrainingRun.model_validate({
         "metadata": {"name": "built", "uid": "u"},
-        "spec": {"task": "insurance", "model": {"name": "m"}, "ray": {"workers": 2}},
+        "spec": {"task": "insurance", "model": {"name": "m"},
+                 "ray": {"workers": 2, **OPTIONS}},
     })  # fmt: skip
     deployment = ModelDeployment.model_validate({
         "metadata": {"name": "built", "uid": "u"},
-        "spec": {"model": {"name": "m"}, "canary": {"trafficPercent": 10}},
+        "spec": {"model": {"name": "m"}, "canary": {"trafficPercent": 10},
+                 "cache": {"persistentVolumeClaim": "models"}, **OPTIONS},
     })  # fmt: skip
+    warm = build_warm_raycluster(run, "mlflow-creds", dt.datetime.now(dt.UTC))
+    warm["metadata"]["name"] = "built"
     return [
         build_rayjob(run, "http://mlflow:5000", credentials_secret="mlflow-creds",
                      allow_shared_models=True),
         build_inferenceservice(deployment, 3, tracking_uri="http://mlflow:5000", image="i:1",
                                canary_traffic_percent=10, credentials_secret="mlflow-creds"),
+        build_rayjob(run, "http://mlflow:5000", cluster_name="warm"),
+        warm,
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["rayjob", "inferenceservice"])
+@pytest.mark.parametrize(
+    "index", [0, 1, 2, 3], ids=["rayjob", "inferenceservice", "rayjob-on-a-cluster", "raycluster"]
+)
 def test_what_the_operator_builds_is_accepted_whole(
     control_plane: ControlPlane, foreign_crds: list[str], namespace: str, index: int
 ) -> None:
     """Strict validation, and nothing pruned: the securityContext, the token switch, the
-    submitter's template and the Secret references all reach KubeRay and KServe."""
+    submitter's template, the Secret references and the pod options all reach KubeRay and
+    KServe."""
     manifest = _built()[index]
     manifest["metadata"].pop("namespace", None)
     apply_manifest(control_plane, namespace, manifest)
-    plural = {"RayJob": "rayjob", "InferenceService": "inferenceservice"}[manifest["kind"]]
+    plural = {"RayJob": "rayjob", "InferenceService": "inferenceservice",
+              "RayCluster": "raycluster"}[manifest["kind"]]  # fmt: skip
     stored = yaml.safe_load(
         control_plane.kubectl("get", plural, "built", "-n", namespace, "-o", "yaml").stdout
     )

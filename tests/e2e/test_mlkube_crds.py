@@ -144,3 +144,39 @@ def test_crd_files_are_found_or_the_skip_says_why() -> None:
         assert "make crds" in SKIP_REASON
     else:
         assert all(Path(f).suffix in (".yaml", ".yml") for f in mlkube_crd_files())
+
+
+def _with_pod_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = (
+        {"task": "insurance", "model": {"name": "m"}, "ray": options}
+        if kind == "TrainingRun"
+        else {"model": {"name": "m"}, **options}
+    )
+    return {"apiVersion": "mlkube.io/v1alpha1", "kind": kind, "metadata": {"name": "opts"},
+            "spec": spec}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["TrainingRun", "ModelDeployment"])
+def test_pod_options_are_checked_by_the_api_server_naming_the_field(
+    control_plane: ControlPlane, mlkube_crds: list[str], namespace: str, kind: str
+) -> None:
+    from tests.unit.test_pod_options import OPTIONS
+
+    where = "spec.ray" if kind == "TrainingRun" else "spec"
+    accepted = _apply(control_plane, namespace, _with_pod_options(kind, OPTIONS))
+    assert accepted.returncode == 0, accepted.stderr
+    refused = {
+        "reserved": ({"env": [{"name": "MLFLOW_TRACKING_URI", "value": "http://evil:5000"}]},
+                     f"{where}.env[0].name", "MLFLOW_TRACKING_URI is set by the operator"),
+        "telemetry": ({"env": [{"name": "DO_NOT_TRACK", "value": "0"}]},
+                      f"{where}.env[0].name", "DO_NOT_TRACK is set by the operator"),
+        "both": ({"envFrom": [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]},
+                 f"{where}.envFrom[0]", "give secretRef or configMapRef"),
+        "effect": ({"tolerations": [{"key": "gpu", "effect": "Sometimes"}]},
+                   f"{where}.tolerations[0].effect", "Unsupported value"),
+        "account": ({"serviceAccountName": "Admin"}, f"{where}.serviceAccountName", "should match"),
+    }  # fmt: skip
+    for name, (options, field, words) in refused.items():
+        result = _apply(control_plane, namespace, _with_pod_options(kind, options))
+        assert result.returncode != 0, name
+        assert field in result.stderr and words in result.stderr, (name, result.stderr)

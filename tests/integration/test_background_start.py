@@ -4,6 +4,7 @@ they work, stay up while needed, and leave no process behind."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap

@@ -96,9 +96,7 @@ CASES = {
         "tests.fixtures.user_task:diabetes_ridge reports once per trial (use fifo)",
     ),
     "a grid larger than numTrials": (
-        lambda d, csv: d["spec"].update(
-            task="mnist", tuning={"algorithm": "grid", "numTrials": 3}
-        ),
+        lambda d, csv: d["spec"].update(task="mnist", tuning={"algorithm": "grid", "numTrials": 3}),
         "spec.tuning.numTrials: a grid over the choices of channels, hidden has 4 points, "
         "more than 3 trials",
     ),

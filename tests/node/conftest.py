@@ -7,15 +7,19 @@ unless the test is marked `expects_escape` (it then checks the record and clears
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.cluster.addresses import HOST_IP, POD_CIDR
 from tests.cluster.controllers import start_kserve, start_kuberay
 from tests.cluster.controlplane import BinariesMissing, namespace_for_test
 from tests.cluster.images import image_archives
 from tests.cluster.node import Node, machine_state
+from tests.cluster.objectstore import ObjectStore
+from tests.cluster.postgres import Postgres
 
 NODE_DIR = Path(__file__).resolve().parent
 
@@ -37,6 +41,8 @@ class NodeSession:
             pytest.fail(str(e), pytrace=False)
         self.before = machine_state()
         self.node: Node | None = None
+        # Servers on the host beside the node (object store, database), by name.
+        self.services: dict[str, Any] = {}
 
     def start(self) -> Node:
         """The node with the real KubeRay operator and KServe controller."""
@@ -52,7 +58,28 @@ class NodeSession:
             raise
         return self.node
 
+    def service(self, name: str, make: Callable[[Node], Any]) -> Any:
+        """A server on the host, started once for the current node (again after a test
+        restarted the node), stopped with the session."""
+        assert self.node is not None
+        found = self.services.get(name)
+        if found is None or not found.alive():
+            if found is not None:
+                found.stop()
+            found = make(self.node)
+            self.services[name] = found
+            try:
+                found.start()
+            except BaseException:
+                found.stop()
+                del self.services[name]
+                raise
+        return found
+
     def stop(self) -> None:
+        for found in self.services.values():
+            found.stop()
+        self.services.clear()
         if self.node:
             self.node.stop()
             self.node = None
@@ -116,3 +143,22 @@ def release(node: Node) -> str:
 def model_name(namespace: str) -> str:
     """A registered-model name of this test's own on the lane's shared MLflow."""
     return f"insurance-{namespace.rsplit('-', 1)[-1]}"
+
+
+@pytest.fixture
+def object_store(node: Node, node_session: NodeSession) -> ObjectStore:
+    """versitygw on the host, bound to the bridge address (pods reach it there, as they
+    reach the API server), in the node's cgroup (the guard sees what it sends)."""
+    store: ObjectStore = node_session.service(
+        "object-store", lambda n: ObjectStore(HOST_IP, spawn_with=n.spawn)
+    )
+    return store
+
+
+@pytest.fixture
+def postgres(node: Node, node_session: NodeSession) -> Postgres:
+    """PostgreSQL on the host, bound to the bridge address, letting the pod range in."""
+    server: Postgres = node_session.service(
+        "postgres", lambda n: Postgres(HOST_IP, clients=(POD_CIDR,), spawn_with=n.spawn)
+    )
+    return server

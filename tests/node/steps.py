@@ -25,11 +25,13 @@ ROW = {"age": 40, "sex": "female", "bmi": 27.5, "children": 1, "smoker": "no",
 
 
 # The operator settings the lane installs with: KServe's mode, as docs/install.md says for
-# a KServe in Standard mode; the alias polled every 5 s instead of 30, and a rollout that is
-# not Ready in 120 s (instead of 600) fails, to keep tests short.
+# a KServe in Standard mode; the alias polled every 5 s instead of 30, a rollout that is
+# not Ready in 120 s (instead of 600) fails, and a warm RayCluster goes after 30 s unused
+# (instead of 600), to keep tests short.
 LANE_VALUES = (
     "--set", "operator.kserveDeploymentMode=Standard",
     "--set", "operator.aliasPollSeconds=5", "--set", "operator.rolloutTimeoutSeconds=120",
+    "--set", "operator.warmClusterIdleSeconds=30",
 )  # fmt: skip
 
 
@@ -112,6 +114,18 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
             target = target.setdefault(key, {})
         target[leaf] = value
     return manifest
+
+
+def insurance_rows(csv_path: Path, count: int) -> list[dict[str, Any]]:
+    """The first rows of the insurance CSV as a client sends them (no target column)."""
+    import csv
+
+    with csv_path.open() as f:
+        return [
+            {k: (v if k in ("sex", "smoker", "region") else (float(v) if k == "bmi" else int(v)))
+             for k, v in row.items() if k not in ("charges", "expenses")}
+            for _, row in zip(range(count), csv.DictReader(f), strict=False)
+        ]  # fmt: skip
 
 
 def wait_for(node: Node, what: str, check: Any, timeout: float) -> Any:
@@ -244,6 +258,20 @@ def run_script_pod(
     manifest = pod_manifest(namespace, name, image, command, script=script, env=env)
     node.kubectl("apply", "-f", "-", input=json.dumps(manifest))
     return pod_ended(node, namespace, name, timeout)
+
+
+def register_outside_model(node: Node, namespace: str, model: str, data_uri: str) -> int:
+    """A model registered from outside mlkube (pods/register_model.py, in a pod), owned by
+    `namespace`; its version."""
+    script = Path(__file__).resolve().parent / "pods" / "register_model.py"
+    registered = run_script_pod(
+        node, namespace, "register", script,
+        [json.dumps({"model": model, "owner": namespace, "data": data_uri})],
+        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
+    )  # fmt: skip
+    assert registered["phase"] == "Succeeded", registered["logs"]
+    version: int = json.loads(registered["logs"].strip().splitlines()[-1])["version"]
+    return version
 
 
 def start_load(node: Node, namespace: str, client: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from tests.node.steps import (
     RUNTIME,
     example,
     get_columns,
+    register_outside_model,
     run_script_pod,
     serve_dataset,
     small_trainingrun,
@@ -88,13 +89,7 @@ def test_a_predictor_pod_deleted_under_load_fails_requests_only_while_no_replica
     """Served: a model registered from outside mlkube (no input example). Also: a canary
     asked of KServe's Standard mode is reported as unsupported, and the model still served."""
     uri = serve_dataset(node, namespace, shared_dir / "data" / "insurance.csv")
-    registered = run_script_pod(
-        node, namespace, "register", PODS / "register_model.py",
-        [json.dumps({"model": model_name, "owner": namespace, "data": uri})],
-        image=RUNTIME, env={"MLFLOW_TRACKING_URI": MLFLOW},
-    )  # fmt: skip
-    assert registered["phase"] == "Succeeded", registered["logs"]
-    assert json.loads(registered["logs"].strip().splitlines()[-1]) == {"version": 1}
+    assert register_outside_model(node, namespace, model_name, uri) == 1
 
     def deploy(replicas: int, **changes: Any) -> dict[str, Any]:
         deployment = example(

@@ -5,7 +5,6 @@ ModelDeployment served by KServe, predictions through the Service's cluster DNS 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.node.steps import (
     get_columns,
     helm,
     install_chart,
+    insurance_rows,
     namespaced_leftovers,
     release_installed,
     run_script_pod,
@@ -67,12 +67,7 @@ def test_install_train_serve_predict_uninstall(
     url = md["URL"]
     assert url == f"http://insurance-predictor.{namespace}.svc.cluster.local", md
 
-    with data_csv.open() as f:
-        rows = [
-            {k: (v if k in ("sex", "smoker", "region") else (float(v) if k == "bmi" else int(v)))
-             for k, v in row.items() if k != "charges"}
-            for _, row in zip(range(5), csv.DictReader(f), strict=False)
-        ]  # fmt: skip
+    rows = insurance_rows(data_csv, 5)
     result = run_script_pod(
         node, namespace, "client", PODS / "predict_client.py",
         [json.dumps({"url": url, "model": "insurance", "rows": rows,

@@ -109,9 +109,12 @@ def test_crd_schema_has_bounds_columns_and_short_names() -> None:
     percent = md_spec["properties"]["canary"]["properties"]["trafficPercent"]
     assert (percent["minimum"], percent["maximum"]) == (0, 100)
     assert md["names"]["shortNames"] == ["md"]
-    assert [c["name"] for c in md["versions"][0]["additionalPrinterColumns"]] == [
+    columns = md["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == [
         "Model", "Alias", "Version", "Ready", "URL", "Age",
     ]  # fmt: skip
+    # `kubectl get md -o wide` adds where to call the model, in its protocol.
+    assert [c["name"] for c in columns if c.get("priority")] == ["Protocol", "Predict"]
 
 
 def test_model_uris_name_a_version_or_an_alias() -> None:

@@ -124,6 +124,8 @@ def test_default_values_meet_the_schema() -> None:
          ["mlflow", "env", 0, "name"]),
         ({"operator": {"mlflowTrackingUri": "https://me:pw@mlflow.example"}},
          ["operator", "mlflowTrackingUri"]),
+        ({"operator": {"allowedServiceAccounts": ["team-a/Admin"]}},
+         ["operator", "allowedServiceAccounts", 0]),
     ],
 )  # fmt: skip
 def test_schema_refuses(change: dict[str, Any], path: list[Any]) -> None:

@@ -110,10 +110,28 @@ Exactly what mlkube/operator (handlers.py, kube.py) and kopf do:
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# RayClusters: a TrainingRun may run on one of its namespace (spec.ray.cluster); the
+# operator keeps warm ones and deletes them when idle.
+- apiGroups: ["ray.io"]
+  resources: ["rayclusters"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end }}
+
+{{/* The MLflow server's database URI: from the admin's Secret, or SQLite on its volume. */}}
+{{- define "mlkube.mlflowBackendStoreEnv" -}}
+- name: MLFLOW_BACKEND_STORE_URI
+  {{- if .Values.mlflow.backendStore.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.backendStore.existingSecret }}
+      key: {{ .Values.mlflow.backendStore.key }}
+  {{- else }}
+  value: sqlite:////mlflow/mlflow.db
+  {{- end }}
 {{- end }}

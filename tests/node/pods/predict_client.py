@@ -62,7 +62,7 @@ def metrics(url: str) -> dict[str, float]:
         text = response.read().decode()
     found: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("mlkube_model_") and not line.startswith("#"):
+        if line.startswith(("mlkube_model_", "mlkube_artifact_")):
             name, _, value = line.rpartition(" ")
             found[name] = float(value)
     return found

@@ -1,0 +1,149 @@
+"""TrainingRuns on a RayCluster that is already up (spec.ray.cluster): the RayJob that names
+it, the operator's warm cluster per namespace and shape, which cluster a selector picks,
+the policy on the cluster's images, and when an idle warm cluster goes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from mlkube.api import ManifestError, TrainingRun, parse_resource
+from mlkube.operator.policy import IMAGE_NOT_ALLOWED, raycluster_refusal
+from mlkube.operator.rayclusters import (
+    LAST_USED,
+    WARM_LABEL,
+    build_warm_raycluster,
+    cluster_images,
+    pick_cluster,
+    warm_cluster_action,
+)
+from mlkube.operator.rayjob import build_rayjob, ray_cluster_spec
+from mlkube.operator.settings import OperatorSettings
+
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def run(namespace: str = "ml", **ray: Any) -> TrainingRun:
+    return TrainingRun.model_validate({
+        "metadata": {"name": "ins", "namespace": namespace, "uid": "u-1"},
+        "spec": {"task": "insurance", "model": {"name": "insurance"}, "ray": ray},
+    })  # fmt: skip
+
+
+def test_a_rayjob_on_an_existing_cluster_names_it_and_brings_no_cluster_of_its_own() -> None:
+    job = build_rayjob(run(cluster={"name": "shared"}), "http://mlflow:5000",
+                       cluster_name="shared")  # fmt: skip
+    spec = job["spec"]
+    assert spec["clusterSelector"] == {"ray.io/cluster": "shared"}
+    assert "rayClusterSpec" not in spec and "shutdownAfterJobFinishes" not in spec
+    # KubeRay submits through the running cluster's dashboard: no submitter pod to wait for.
+    assert spec["submissionMode"] == "HTTPMode" and "submitterPodTemplate" not in spec
+    assert spec["entrypoint"].startswith("python -m mlkube.flows.train")
+    assert "MLFLOW_TRACKING_URI" in spec["runtimeEnvYAML"]
+    own = build_rayjob(run(), "http://mlflow:5000")["spec"]
+    assert "clusterSelector" not in own and own["shutdownAfterJobFinishes"] is True
+
+
+@pytest.mark.parametrize(
+    ("cluster", "message"),
+    [
+        ({}, "spec.ray.cluster: give exactly one of name, selector, warm"),
+        ({"name": "a", "warm": True}, "spec.ray.cluster: give exactly one of name, selector"),
+        ({"warm": False}, "spec.ray.cluster.warm: Input should be True"),
+        ({"name": "Not_A_Name"}, "spec.ray.cluster.name: String should match pattern"),
+        ({"selector": {}}, "spec.ray.cluster.selector: Dictionary should have at least 1 item"),
+    ],
+)
+def test_bad_cluster_choices_name_the_field(cluster: dict[str, Any], message: str) -> None:
+    document = {
+        "apiVersion": "mlkube.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "x"},
+        "spec": {"task": "insurance", "model": {"name": "m"}, "ray": {"cluster": cluster}},
+    }
+    with pytest.raises(ManifestError) as raised:  # fmt: skip
+        parse_resource(document)
+    assert message in str(raised.value)
+
+
+def test_one_warm_cluster_per_namespace_and_shape() -> None:
+    first = build_warm_raycluster(run(workers=0, cluster={"warm": True}), "", NOW)
+    same = build_warm_raycluster(run(workers=0, cluster={"warm": True}), "", NOW)
+    bigger = build_warm_raycluster(run(workers=1, cluster={"warm": True}), "", NOW)
+    elsewhere = build_warm_raycluster(run("other", workers=0, cluster={"warm": True}), "", NOW)
+    assert first["metadata"]["name"] == same["metadata"]["name"] != bigger["metadata"]["name"]
+    assert elsewhere["metadata"]["namespace"] == "other"
+    assert first["metadata"]["name"].startswith("mlkube-warm-")
+    assert first["metadata"]["labels"][WARM_LABEL] == "true"
+    assert first["metadata"]["annotations"][LAST_USED] == "2026-12-01T12:00:00Z"
+    # Built like a run's own cluster (restricted pods, no token), owned by nothing (it
+    # outlives runs), with Prefect's API beside the head on the pod's loopback, which the
+    # head's processes (the train flow) use instead of starting one each run.
+    own = ray_cluster_spec(run(workers=0, cluster={"warm": True}))
+    assert "ownerReferences" not in first["metadata"]
+    head = first["spec"]["headGroupSpec"]["template"]["spec"]
+    own_head = own["headGroupSpec"]["template"]["spec"]
+    assert {k: v for k, v in head.items() if k != "containers"} == {
+        k: v for k, v in own_head.items() if k != "containers"
+    }
+    assert head["automountServiceAccountToken"] is False
+    ray_head, prefect = head["containers"]
+    assert ray_head == {**own_head["containers"][0], "env": [
+        *own_head["containers"][0]["env"],
+        {"name": "PREFECT_API_URL", "value": "http://127.0.0.1:4200/api"},
+    ]}  # fmt: skip
+    assert prefect["command"][:5] == ["prefect", "server", "start", "--host", "127.0.0.1"]
+    assert prefect["securityContext"] == ray_head["securityContext"]
+    assert prefect["image"] == ray_head["image"]
+
+
+def cluster(name: str, state: str | None = "ready", image: str = "mlkube/runtime:0.1.0",
+            **meta: Any) -> dict[str, Any]:  # fmt: skip
+    return {
+        "metadata": {"name": name, "creationTimestamp": "2026-12-01T11:00:00Z", **meta},
+        "spec": {"headGroupSpec": {"template": {"spec": {"containers": [{"image": image}]}}},
+                 "workerGroupSpecs": [{"template": {"spec": {"containers": [
+                     {"image": image + "-w"}]}}}]},
+        "status": {"state": state} if state else {},
+    }  # fmt: skip
+
+
+def test_a_selector_picks_the_first_ready_cluster_by_name() -> None:
+    assert pick_cluster([cluster("b"), cluster("a", state=None), cluster("c")]) == "b"
+    assert pick_cluster([cluster("a", state="suspended")]) is None
+    deleting = cluster("a", deletionTimestamp="2026-12-01T11:59:00Z")
+    assert pick_cluster([deleting]) is None
+
+
+def test_a_named_cluster_must_run_allowed_images_only() -> None:
+    settings = OperatorSettings(allowed_images=["registry.local/team"])
+    assert cluster_images(cluster("x")) == ["mlkube/runtime:0.1.0", "mlkube/runtime:0.1.0-w"]
+    refusal = raycluster_refusal("spec.ray.cluster.name", "x", cluster_images(cluster("x")),
+                                 settings)  # fmt: skip
+    assert refusal is not None and refusal.reason == IMAGE_NOT_ALLOWED
+    assert refusal.message.startswith("spec.ray.cluster.name: RayCluster 'x' runs image")
+    ok = cluster("y", image="registry.local/team/ray:1")
+    assert raycluster_refusal("f", "y", cluster_images(ok), settings) is None
+
+
+def job_on(name: str, state: str, end: str | None = None) -> dict[str, Any]:
+    return {
+        "spec": {"clusterSelector": {"ray.io/cluster": name}},
+        "status": {"jobDeploymentStatus": state, **({"endTime": end} if end else {})},
+    }
+
+
+def test_a_warm_cluster_goes_after_the_idle_time_since_its_last_use() -> None:
+    warm = cluster("w", annotations={LAST_USED: "2026-12-01T11:50:00Z"})
+    # Used 10 minutes ago: kept with 15 minutes' idle time, deleted with 5.
+    assert warm_cluster_action(warm, [], NOW, idle_seconds=900) == "keep"
+    assert warm_cluster_action(warm, [], NOW, idle_seconds=300) == "idle"
+    # A job running on it: busy, whatever the time; one on another cluster does not count.
+    assert warm_cluster_action(warm, [job_on("w", "Running")], NOW, 300) == "busy"
+    assert warm_cluster_action(warm, [job_on("x", "Running")], NOW, 300) == "idle"
+    # A job that ended 2 minutes ago is its last use.
+    ended = job_on("w", "Complete", end="2026-12-01T11:58:00Z")
+    assert warm_cluster_action(warm, [ended], NOW, idle_seconds=300) == "keep"
+    assert warm_cluster_action(warm, [ended], NOW, idle_seconds=60) == "idle"
