@@ -157,11 +157,46 @@ def round_trip(shared: Path) -> dict[str, float]:
             raise RuntimeError(f"no prediction: {err.strip()[-500:]}")
         times["ModelDeployment: apply -> first prediction"] = time.monotonic() - started
         times["  of which the first request (loads the model)"] = float(out.strip())
+        times.update(container_restart(node, namespace, url))
         escaped = node.escaped()
         if escaped:
             raise RuntimeError(f"traffic beyond the machine: {escaped}")
     finally:
         node.stop()
+    return times
+
+
+def container_restart(node: Any, namespace: str, url: str) -> dict[str, float]:
+    """The predictor container killed from the host, as a crash would: the kubelet restarts
+    it in the same pod, whose cache volume still holds the model's files (no download)."""
+    pods = json.loads(node.kubectl(
+        "get", "pods", "-n", namespace, "-l", "serving.kserve.io/inferenceservice=insurance",
+        "-o", "json").stdout)["items"]  # fmt: skip
+    status = pods[0]["status"]["containerStatuses"][0]
+    node.ctr("tasks", "kill", "-s", "SIGKILL", status["containerID"].split("://", 1)[1])
+    started = time.monotonic()
+    poll = subprocess.Popen(
+        [str(node.control_plane.binaries.kubectl), f"--kubeconfig={node.kubeconfig}",
+         "exec", "-n", namespace, "poller", "--", "python", "-c", POLL, url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def restarted_and_ready() -> bool:
+        pod = json.loads(
+            node.kubectl(
+                "get", "pod", pods[0]["metadata"]["name"], "-n", namespace, "-o", "json"
+            ).stdout
+        )
+        now = pod["status"]["containerStatuses"][0]
+        return bool(now["restartCount"] > status["restartCount"] and now["ready"])
+
+    times = {"predictor container killed -> Ready again": seconds_until(restarted_and_ready, 300)}
+    out, err = poll.communicate(timeout=300)
+    if poll.returncode != 0:
+        raise RuntimeError(f"no prediction after the restart: {err.strip()[-500:]}")
+    times["predictor container killed -> first prediction (model from the cache volume)"] = (
+        time.monotonic() - started
+    )
     return times
 
 
