@@ -129,13 +129,20 @@ def test_listed_by_short_name_with_printer_columns(
         ).stdout
     )
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
-    columns = [c["name"].upper() for c in version.get("additionalPrinterColumns", [])]
+    printer_columns = version.get("additionalPrinterColumns", [])
+    # Columns of priority 0 show in `kubectl get`; the others only with `-o wide`.
+    plain = [c["name"].upper() for c in printer_columns if not c.get("priority")]
+    wide = [c["name"].upper() for c in printer_columns if c.get("priority")]
     for short in names["shortNames"] or [names["plural"]]:
-        out = control_plane.kubectl("get", short, "-n", namespace).stdout
-        header, row = out.splitlines()[0], out.splitlines()[1]
-        assert row.split()[0] == doc["metadata"]["name"]
-        for column in columns:
-            assert column in header, f"column {column} missing from `kubectl get {short}`"
+        for args, shown, hidden in (([], plain, wide), (["-o", "wide"], plain + wide, [])):
+            out = control_plane.kubectl("get", short, "-n", namespace, *args).stdout
+            header, row = out.splitlines()[0], out.splitlines()[1]
+            assert row.split()[0] == doc["metadata"]["name"]
+            command = " ".join(["kubectl get", short, *args])
+            for column in shown:
+                assert column in header.split(), f"column {column} missing from `{command}`"
+            for column in hidden:
+                assert column not in header.split(), f"column {column} shown by `{command}`"
 
 
 def test_crd_files_are_found_or_the_skip_says_why() -> None:
