@@ -137,11 +137,7 @@ def round_trip(shared: Path) -> dict[str, float]:
         )
         node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
         started = time.monotonic()
-        poll = subprocess.Popen(
-            [str(node.control_plane.binaries.kubectl), f"--kubeconfig={node.kubeconfig}",
-             "exec", "-n", namespace, "poller", "--", "python", "-c", POLL, url],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        poll = start_poll(node, namespace, url)
 
         def md_ready() -> bool:
             out = node.kubectl(
@@ -166,6 +162,15 @@ def round_trip(shared: Path) -> dict[str, float]:
     return times
 
 
+def start_poll(node: Any, namespace: str, url: str) -> subprocess.Popen[str]:
+    """POLL in the running `poller` pod: it prints the seconds of its first answered request."""
+    return subprocess.Popen(
+        [str(node.control_plane.binaries.kubectl), f"--kubeconfig={node.kubeconfig}",
+         "exec", "-n", namespace, "poller", "--", "python", "-c", POLL, url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def container_restart(node: Any, namespace: str, url: str) -> dict[str, float]:
     """The predictor container killed from the host, as a crash would: the kubelet restarts
     it in the same pod, whose cache volume still holds the model's files (no download)."""
@@ -175,11 +180,7 @@ def container_restart(node: Any, namespace: str, url: str) -> dict[str, float]:
     status = pods[0]["status"]["containerStatuses"][0]
     node.ctr("tasks", "kill", "-s", "SIGKILL", status["containerID"].split("://", 1)[1])
     started = time.monotonic()
-    poll = subprocess.Popen(
-        [str(node.control_plane.binaries.kubectl), f"--kubeconfig={node.kubeconfig}",
-         "exec", "-n", namespace, "poller", "--", "python", "-c", POLL, url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    poll = start_poll(node, namespace, url)
 
     def restarted_and_ready() -> bool:
         pod = json.loads(
