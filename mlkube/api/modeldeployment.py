@@ -16,6 +16,7 @@ from mlkube.api.common import (
     MlflowSettings,
     ObjectMeta,
     Resources,
+    quantity_value,
 )
 from mlkube.api.pods import PodOptions
 from mlkube.api.registered_model import ALIAS_PATTERN, DEFAULT_ALIAS, MODEL_NAME_PATTERN
@@ -155,14 +156,9 @@ class ModelDeploymentSpec(PodOptions):
         max_length=MAX_MODELS,
         description="Several registered models served by one predictor, each following its "
         "own alias (or pinned to a version); clients call each by its name.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.all(m, self.exists_one(n, n.name == m.name))",
-                    "message": "each model is listed once",
-                }
-            ]
-        },
+        # a list keyed by name: the API server refuses a name listed twice (a CEL rule
+        # comparing every pair costs more than a CRD may)
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     any_model: AnyModel | None = Field(
         default=None,
@@ -201,6 +197,13 @@ class ModelDeploymentSpec(PodOptions):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"models: {twice[0]!r} is listed more than once")
+        if self.memory_budget is not None and quantity_value(self.memory_budget) >= quantity_value(
+            self.resources.memory
+        ):
+            raise ValueError(
+                f"memoryBudget: {self.memory_budget} leaves no room in the predictor's "
+                f"{self.resources.memory} (resources.memory) for the server itself"
+            )
         if self.canary is not None and self.model is None:
             raise ValueError(
                 "canary: a canary splits traffic between versions of one model; it needs spec.model"

@@ -283,3 +283,12 @@ def test_nothing_new_rolls_out_while_owners_are_unknown() -> None:
     registry.down = True
     followed = follow(deployment(models=[{"name": "fraud"}]), registry)
     assert followed.refusal is None and followed.desired == {"fraud": None}
+
+
+def test_the_budget_leaves_room_for_the_server() -> None:
+    over = error_of(models=TWO, memoryBudget="2Gi")  # resources.memory defaults to 2Gi
+    assert over == (
+        "spec: memoryBudget: 2Gi leaves no room in the predictor's 2Gi (resources.memory) "
+        "for the server itself"
+    )
+    assert deployment(models=TWO, memoryBudget="3Gi", resources={"memory": "4Gi"}).spec
