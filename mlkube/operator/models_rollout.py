@@ -23,7 +23,6 @@ from mlkube.operator.conditions import held_since, set_condition
 from mlkube.operator.events import Event
 from mlkube.operator.mlflow_reader import MlflowReader
 from mlkube.operator.rollout import (
-    MODEL_RESOLVED,
     READY,
     ROLLOUT,
     DeploymentMemo,
@@ -32,6 +31,7 @@ from mlkube.operator.rollout import (
     desired_version,
     endpoints,
     follow_model,
+    model_resolved,
     plan_rollout,
 )
 from mlkube.operator.status import InferenceServiceView
@@ -256,14 +256,9 @@ def follow_models(
     if deployment.spec.models:
         if unresolved:
             message = f"no version yet for {', '.join(unresolved)}"
-            conditions = set_condition(
-                conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now
-            )
         else:
             message = f"{len(versions)} models resolved: {describe(_known(versions))}"
-            conditions = set_condition(
-                conditions, MODEL_RESOLVED, "True", "AliasesResolved", message, now
-            )
+        conditions = model_resolved(conditions, not unresolved, message, now, "AliasesResolved")
     return FollowedModels(versions=versions, owners_known=owners_known, conditions=conditions)
 
 

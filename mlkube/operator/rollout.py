@@ -76,6 +76,9 @@ def plan_rollout(
       spec.canary asks for it, an earlier version serves and the mode supports it.
     """
     status = previous.model_copy(deep=True)
+    status.models, status.models_ready = [], None  # what spec.models said, if it did
+    if isvc is not None and isvc.version is None and isvc.model_versions is not None:
+        isvc = None  # it served several models (the spec changed): deploy this one afresh
     mode = (isvc.deployment_mode if isvc else None) or deployment_mode
     status.conditions = _canary_support(status.conditions, deployment, mode, now)
     if isvc is not None and _timed_out(status, isvc, rollout_timeout_seconds, now):
@@ -368,15 +371,19 @@ def desired_version(
     conditions = mlflow_answered(conditions, now)
     if version is None:
         message = f"registered model {selector.name} has no alias {alias!r} (yet)"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now
-        )
     else:
         message = f"{alias} -> version {version}"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "True", "AliasResolved", message, now
-        )
-    return version, conditions
+    return version, model_resolved(conditions, version is not None, message, now)
+
+
+def model_resolved(
+    conditions: list[Condition], found: bool, message: str, now: dt.datetime,
+    reason: str = "AliasResolved",
+) -> list[Condition]:  # fmt: skip
+    """ModelResolved: True with `reason` when the alias (every alias) names a version."""
+    if found:
+        return set_condition(conditions, MODEL_RESOLVED, "True", reason, message, now)
+    return set_condition(conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now)
 
 
 def follow_model(

@@ -80,7 +80,6 @@ def _insurance_frame() -> pd.DataFrame:
 
 
 def _log_sklearn(name: str) -> None:
-    import mlflow
     from sklearn.compose import make_column_transformer
     from sklearn.linear_model import LinearRegression
     from sklearn.pipeline import make_pipeline
@@ -95,20 +94,28 @@ def _log_sklearn(name: str) -> None:
         ),
         LinearRegression(),
     ).fit(features, frame["expenses"])
+    _register_sklearn(pipeline, name, features.head(3))
+
+
+def _register_sklearn(model: Any, name: str, example: pd.DataFrame, *trusted: str) -> None:
+    """Log a scikit-learn model (skops format; `trusted`: the types skops must be told of)
+    and register it as `name`."""
+    import mlflow
+
     with mlflow.start_run():
         mlflow.sklearn.log_model(
-            pipeline,
+            model,
             name="model",
-            input_example=features.head(3),
+            input_example=example,
             pip_requirements=["scikit-learn", "skops"],
+            skops_trusted_types=list(trusted) or None,
             registered_model_name=name,
         )
 
 
 def _log_forest(name: str, seed: int) -> int:
-    """A random forest on 5 numeric features, about 20 MiB of tree arrays; returns their
+    """A random forest on 5 numeric features, about 14 MiB of tree arrays; returns their
     bytes (what the model must at least hold in memory)."""
-    import mlflow
     from sklearn.ensemble import RandomForestRegressor
 
     rng = np.random.default_rng(seed)
@@ -118,15 +125,7 @@ def _log_forest(name: str, seed: int) -> int:
     forest.fit(features, target)
     states = [tree.tree_.__getstate__() for tree in forest.estimators_]
     arrays = sum(state["nodes"].nbytes + state["values"].nbytes for state in states)
-    with mlflow.start_run():
-        mlflow.sklearn.log_model(
-            forest,
-            name="model",
-            input_example=features.head(3),
-            pip_requirements=["scikit-learn", "skops"],
-            skops_trusted_types=["sklearn.tree._tree.Tree"],
-            registered_model_name=name,
-        )
+    _register_sklearn(forest, name, features.head(3), "sklearn.tree._tree.Tree")
     return int(arrays)
 
 

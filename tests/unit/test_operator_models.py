@@ -150,6 +150,13 @@ def step(
     )
 
 
+def serving(md: ModelDeployment, versions: dict[str, int]) -> ModelDeploymentStatus:
+    """The status once `versions` were deployed and became ready."""
+    desired: dict[str, int | None] = dict(versions)
+    first = step(md, ModelDeploymentStatus(), desired, None).status
+    return step(md, first, desired, view(versions, "Ready")).status
+
+
 def served(rollout: ModelsRollout) -> dict[str, int | None]:
     return {m.name: m.served_version for m in rollout.status.models}
 
@@ -185,10 +192,7 @@ def test_a_model_without_a_version_yet_waits_while_the_others_serve() -> None:
 
 def test_one_alias_moves_and_only_that_pin_changes() -> None:
     md = deployment(models=TWO)
-    status = step(md, ModelDeploymentStatus(), {"fraud": 3, "churn": 7}, None).status
-    status = step(
-        md, status, {"fraud": 3, "churn": 7}, view({"fraud": 3, "churn": 7}, "Ready")
-    ).status
+    status = serving(md, {"fraud": 3, "churn": 7})
     moved = step(md, status, {"fraud": 4, "churn": 7}, view({"fraud": 3, "churn": 7}, "Ready"))
     assert moved.target == {"fraud": 4, "churn": 7} and moved.status.phase == "Progressing"
     assert served(moved) == {"fraud": 3, "churn": 7}  # the old set serves meanwhile
@@ -197,10 +201,7 @@ def test_one_alias_moves_and_only_that_pin_changes() -> None:
 
 def test_a_failed_set_goes_back_and_the_failed_version_is_not_tried_again() -> None:
     md = deployment(models=TWO)
-    status = step(md, ModelDeploymentStatus(), {"fraud": 3, "churn": 7}, None).status
-    status = step(
-        md, status, {"fraud": 3, "churn": 7}, view({"fraud": 3, "churn": 7}, "Ready")
-    ).status
+    status = serving(md, {"fraud": 3, "churn": 7})
     failed = step(md, status, {"fraud": 4, "churn": 7}, view({"fraud": 4, "churn": 7}, "Failed"))
     assert failed.target == {"fraud": 3, "churn": 7}
     assert [e.reason for e in failed.events] == ["RolloutFailed"]
@@ -292,3 +293,14 @@ def test_the_budget_leaves_room_for_the_server() -> None:
         "for the server itself"
     )
     assert deployment(models=TWO, memoryBudget="3Gi", resources={"memory": "4Gi"}).spec
+
+
+def test_from_several_models_back_to_one_the_one_is_rolled_out() -> None:
+    from mlkube.operator.rollout import plan_rollout
+
+    one = deployment(model={"name": "fraud"})
+    rollout = plan_rollout(
+        one, ModelDeploymentStatus(phase="Ready"), desired_version=3,
+        isvc=view({"fraud": 3, "churn": 7}, "Ready"), deployment_mode=None, now=NOW,
+    )  # fmt: skip
+    assert rollout.target_version == 3 and rollout.status.phase == "Progressing"
