@@ -62,7 +62,7 @@ def test_two_models_share_one_predictor_and_its_memory_budget(
     base = md["status"]["predictUrl"].split("/v1/", 1)[0]
     rows = insurance_rows(data_csv, 3)
     asked = run_script_pod(
-        node, namespace, "client", PODS / "many_client.py",
+        node, namespace, "client", PODS / "predict_client.py",
         [json.dumps({"url": base, "order": [first, second, first], "rows": rows})],
         image=RUNTIME,
     )  # fmt: skip
