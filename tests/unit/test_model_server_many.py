@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 
+from mlkube.model_servers.commands import CommandError, cmd_predict, settings_for_serve
 from mlkube.model_servers.entrypoint import main, served_models
 from mlkube.model_servers.settings import ServerSettings
 from mlkube.model_servers.sources import ModelSource, UnknownModel, owned_by
@@ -62,3 +66,37 @@ def test_a_namespace_server_finds_only_its_own_models() -> None:
     for path in ("runs:/abc/model", "/etc/models/x", "s3://bucket/model"):
         with pytest.raises(UnknownModel, match="is not a registered model"):
             resolve(path)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "many-models"
+
+
+def serve_args(file: Path) -> argparse.Namespace:
+    return argparse.Namespace(
+        file=str(file), model_uri=None, multi_model=False, host="127.0.0.1", port=9000,
+        grpc_port=9001, ttl_seconds=None, memory_budget=None, tracking_uri="sqlite:///x.db",
+    )  # fmt: skip
+
+
+def test_mlkube_serve_of_the_examples() -> None:
+    listed = settings_for_serve(serve_args(EXAMPLES / "modeldeployment.yaml"))
+    assert listed.models == {
+        "insurance": "models:/insurance@champion",
+        "wine-quality": "models:/wine-quality@prod",
+        "churn": "models:/churn/4",
+    }
+    assert listed.memory_budget == 2**30 and listed.owner_namespace is None
+    anything = settings_for_serve(serve_args(EXAMPLES / "any-model.yaml"))
+    assert anything.multi_model and anything.alias == "champion"
+    assert anything.memory_budget == 2 * 2**30
+
+
+def test_mlkube_predict_of_several_models_wants_a_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = argparse.Namespace(
+        file=str(EXAMPLES / "modeldeployment.yaml"), model=None, protocol=None, data="{}",
+        input=None, explain=False, url="http://127.0.0.1:1", timeout=1.0,
+    )  # fmt: skip
+    with pytest.raises(CommandError, match="serves several models by name; give --model NAME"):
+        cmd_predict(args)
