@@ -100,7 +100,7 @@ def plan_models_rollout(
         began = held_since(status.conditions, ROLLOUT, "Unknown")
         if (
             state == "Progressing"
-            and pinned != served
+            and (pinned != served or not desired)  # anyModel: nothing pinned to compare
             and began is not None
             and (now - began).total_seconds() > rollout_timeout_seconds
         ):

@@ -304,3 +304,32 @@ def test_from_several_models_back_to_one_the_one_is_rolled_out() -> None:
         isvc=view({"fraud": 3, "churn": 7}, "Ready"), deployment_mode=None, now=NOW,
     )  # fmt: skip
     assert rollout.target_version == 3 and rollout.status.phase == "Progressing"
+
+
+def test_a_predictor_that_never_gets_ready_times_out_for_any_model_too() -> None:
+    md = deployment(anyModel={})
+    first = step(md, ModelDeploymentStatus(), {}, None)
+    late = plan_models_rollout(
+        md, first.status, desired={}, isvc=view({}, "Progressing"), deployment_mode=None,
+        now=NOW + dt.timedelta(seconds=601), rollout_timeout_seconds=600,
+    )  # fmt: skip
+    assert late.status.phase == "Failed" and "not ready 600 s" in (late.status.message or "")
+    early = plan_models_rollout(
+        md, first.status, desired={}, isvc=view({}, "Progressing"), deployment_mode=None,
+        now=NOW + dt.timedelta(seconds=10), rollout_timeout_seconds=600,
+    )  # fmt: skip
+    assert early.status.phase == "Progressing"
+
+
+def test_a_new_set_not_ready_in_time_goes_back() -> None:
+    md = deployment(models=TWO)
+    status = serving(md, {"fraud": 3, "churn": 7})
+    moved = step(md, status, {"fraud": 4, "churn": 7}, view({"fraud": 3, "churn": 7}, "Ready"))
+    late = plan_models_rollout(
+        md, moved.status, desired={"fraud": 4, "churn": 7},
+        isvc=view({"fraud": 4, "churn": 7}, "Progressing"), deployment_mode=None,
+        now=NOW + dt.timedelta(seconds=601), rollout_timeout_seconds=600,
+    )  # fmt: skip
+    assert late.target == {"fraud": 3, "churn": 7}
+    assert "RolloutTimedOut" in (late.status.message or "")
+    assert late.status.models[0].failed_version == 4
