@@ -140,6 +140,15 @@ class ModelDeploymentSpec(PodOptions):
                     "message": "give exactly one of model, models, anyModel",
                 },
                 {
+                    "rule": "!has(self.memoryBudget) || !isQuantity(self.memoryBudget) || "
+                    "quantity(self.memoryBudget).isLessThan(quantity("
+                    "has(self.resources) && has(self.resources.memory) ? self.resources.memory"
+                    f" : '{Resources.model_fields['memory'].default}'))",
+                    "message": "memoryBudget must be below resources.memory: the server "
+                    "itself needs room",
+                    "fieldPath": ".memoryBudget",
+                },
+                {
                     "rule": "!has(self.canary) || has(self.model)",
                     "message": "canary: a canary splits traffic between versions of one "
                     "model; it needs spec.model",

@@ -196,7 +196,10 @@ def test_several_models_are_checked_by_the_api_server_naming_the_field(
     control_plane: ControlPlane, mlkube_crds: list[str], namespace: str
 ) -> None:
     two = [{"name": "a"}, {"name": "b", "version": 2}]
-    for accepted in ({"models": two, "memoryBudget": "1Gi"}, {"anyModel": {}}):
+    for accepted in (
+        {"models": two, "memoryBudget": "1Gi"},
+        {"anyModel": {}, "memoryBudget": "3Gi", "resources": {"memory": "4Gi"}},
+    ):
         result = _apply(control_plane, namespace, _deployment(accepted))
         assert result.returncode == 0, result.stderr
     refused = {
@@ -208,6 +211,11 @@ def test_several_models_are_checked_by_the_api_server_naming_the_field(
         "canary": ({"anyModel": {}, "canary": {"trafficPercent": 10}}, "spec.canary",
                    "it needs spec.model"),
         "budget": ({"models": two, "memoryBudget": "lots"}, "spec.memoryBudget", "should match"),
+        "no room": ({"models": two, "memoryBudget": "2Gi"}, "spec.memoryBudget",
+                    "must be below resources.memory"),
+        "no room either": ({"models": two, "memoryBudget": "3Gi",
+                            "resources": {"memory": "3Gi"}}, "spec.memoryBudget",
+                           "must be below resources.memory"),
         "empty": ({"models": []}, "spec.models", "should have at least 1 items"),
     }  # fmt: skip
     for name, (spec, field, words) in refused.items():
