@@ -18,6 +18,7 @@ _KEPT_KEYWORDS = {
     "enum", "default", "minimum", "maximum", "minLength", "maxLength", "pattern",
     "minItems", "maxItems", "minProperties", "maxProperties", "format", "nullable",
     "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
 }  # fmt: skip
 
 
@@ -156,6 +157,7 @@ def generate_crds() -> dict[str, dict[str, Any]]:
         [
             _column("Model", ".spec.model.name"),
             _column("Alias", ".spec.model.alias"),
+            _column("Models", ".status.modelsReady"),
             _column("Version", ".status.servedVersion", "integer"),
             _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
             _column("URL", ".status.url"),

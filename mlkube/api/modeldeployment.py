@@ -1,4 +1,6 @@
-"""ModelDeployment: serve the version an MLflow alias points at, as a KServe InferenceService."""
+"""ModelDeployment: serve the version an MLflow alias points at, as a KServe InferenceService;
+or several registered models (`models`), or any model of the namespace by name (`anyModel`),
+from one InferenceService."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from mlkube.api.common import (
     MlflowSettings,
     ObjectMeta,
     Resources,
+    quantity_value,
 )
 from mlkube.api.pods import PodOptions
 from mlkube.api.registered_model import ALIAS_PATTERN, DEFAULT_ALIAS, MODEL_NAME_PATTERN
@@ -50,6 +53,19 @@ class ModelSelector(CamelModel):
         if self.version is not None:
             return None
         return self.alias or DEFAULT_ALIAS
+
+
+# Models one ModelDeployment may list (spec.models): one predictor process holds them all.
+MAX_MODELS = 64
+
+
+class AnyModel(CamelModel):
+    """Any registered model of the deployment's namespace, by the name in the request URL,
+    at this alias (resolved when a model loads)."""
+
+    alias: str = Field(
+        default=DEFAULT_ALIAS, pattern=ALIAS_PATTERN, description="Alias every model serves."
+    )
 
 
 class Replicas(CamelModel):
@@ -108,10 +124,64 @@ class ModelCache(CamelModel):
     )
 
 
+_ONE_SOURCE = (
+    "(has(self.model) ? 1 : 0) + (has(self.models) ? 1 : 0) + (has(self.anyModel) ? 1 : 0)"
+)
+
+
 class ModelDeploymentSpec(PodOptions):
     """The pod options (env, envFrom, nodeSelector...) go to the predictor pods."""
 
-    model: ModelSelector
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"{_ONE_SOURCE} == 1",
+                    "message": "give exactly one of model, models, anyModel",
+                },
+                {
+                    "rule": "!has(self.memoryBudget) || !isQuantity(self.memoryBudget) || "
+                    "quantity(self.memoryBudget).isLessThan(quantity("
+                    "has(self.resources) && has(self.resources.memory) ? self.resources.memory"
+                    f" : '{Resources.model_fields['memory'].default}'))",
+                    "message": "memoryBudget must be below resources.memory: the server "
+                    "itself needs room",
+                    "fieldPath": ".memoryBudget",
+                },
+                {
+                    "rule": "!has(self.canary) || has(self.model)",
+                    "message": "canary: a canary splits traffic between versions of one "
+                    "model; it needs spec.model",
+                    "fieldPath": ".canary",
+                },
+            ]
+        }
+    )
+
+    model: ModelSelector | None = Field(default=None, description="The one model to serve.")
+    models: list[ModelSelector] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MODELS,
+        description="Several registered models served by one predictor, each following its "
+        "own alias (or pinned to a version); clients call each by its name.",
+        # a list keyed by name: the API server refuses a name listed twice (a CEL rule
+        # comparing every pair costs more than a CRD may)
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    any_model: AnyModel | None = Field(
+        default=None,
+        description="Serve any registered model of this namespace by the name in the "
+        "request URL, loaded on demand; a model owned by another namespace is not found.",
+    )
+    memory_budget: str | None = Field(
+        default=None,
+        pattern=BYTE_SIZE_PATTERN,
+        description="Resident memory the loaded models may take in one predictor, e.g. "
+        "2Gi: beyond it the least recently used model is evicted (it loads again on its "
+        "next request). Counted as the growth of the process's resident memory across "
+        "each load. No budget when omitted (the TTL alone evicts).",
+    )
     protocol: Literal["v1", "v2"] = Field(
         default="v1",
         description="How clients call the model: v1 (TFServing-style REST) or v2 (Open "
@@ -127,15 +197,66 @@ class ModelDeploymentSpec(PodOptions):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     cache: ModelCache = Field(default_factory=ModelCache)
 
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelDeploymentSpec:
+        given = [self.model, self.models, self.any_model]
+        if sum(item is not None for item in given) != 1:
+            raise ValueError("give exactly one of model, models, anyModel")
+        names = [selector.name for selector in self.models or []]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"models: {twice[0]!r} is listed more than once")
+        if self.memory_budget is not None and quantity_value(self.memory_budget) >= quantity_value(
+            self.resources.memory
+        ):
+            raise ValueError(
+                f"memoryBudget: {self.memory_budget} leaves no room in the predictor's "
+                f"{self.resources.memory} (resources.memory) for the server itself"
+            )
+        if self.canary is not None and self.model is None:
+            raise ValueError(
+                "canary: a canary splits traffic between versions of one model; it needs spec.model"
+            )
+        return self
+
+    @property
+    def selectors(self) -> list[ModelSelector]:
+        """The models this deployment names (none with anyModel)."""
+        if self.model is not None:
+            return [self.model]
+        return list(self.models or [])
+
+    @property
+    def serves_many(self) -> bool:
+        """One predictor serves several models by name (spec.models or spec.anyModel)."""
+        return self.model is None
+
 
 class CanaryStatus(CamelModel):
     version: int
     traffic_percent: int
 
 
+class ModelStatus(CamelModel):
+    """One model of spec.models: the version its pods serve and whether they are ready."""
+
+    name: str
+    alias: str | None = None
+    # The version the alias (or the pin) says now; the pods serve it once ready.
+    desired_version: int | None = None
+    served_version: int | None = None
+    # A version whose revision failed: not rolled out again until the alias moves on.
+    failed_version: int | None = None
+    ready: bool = False
+    message: str | None = None
+
+
 class ModelDeploymentStatus(CamelModel):
     phase: Literal["Pending", "Progressing", "Ready", "Failed"] = "Pending"
     served_version: int | None = None
+    # spec.models: one entry per model; `modelsReady` says "ready/listed" for kubectl get.
+    models: list[ModelStatus] = Field(default_factory=list)
+    models_ready: str | None = None
     previous_version: int | None = None
     # A version whose revision failed: not rolled out again until the alias moves on.
     failed_version: int | None = None

@@ -68,15 +68,22 @@ def settings_for_serve(args: argparse.Namespace) -> ServerSettings:
 
         deployment = load_manifest(args.file, ModelDeployment)  # ManifestError: one line
         spec = deployment.spec
-        selector = spec.model
-        fields |= {
-            "model_uri": model_uri(
+        # Locally every model is the user's own: no owner namespace is checked.
+        uris = {
+            selector.name: model_uri(
                 selector.name, version=selector.version, alias=selector.followed_alias
-            ),
-            "model_name": selector.name,
-            "ttl_seconds": spec.ttl_seconds,
-            "protocol": spec.protocol,
+            )
+            for selector in spec.selectors
         }
+        if spec.model is not None:
+            fields |= {"model_uri": uris[spec.model.name], "model_name": spec.model.name}
+        elif spec.models is not None:
+            fields["models"] = uris
+        elif spec.any_model is not None:
+            fields |= {"multi_model": True, "alias": spec.any_model.alias}
+        fields |= {"ttl_seconds": spec.ttl_seconds, "protocol": spec.protocol}
+        if spec.memory_budget is not None:
+            fields["memory_budget"] = spec.memory_budget
         limits = spec.limits.model_dump(exclude_none=True)  # unset: the server's defaults
         fields |= limits
         mlflow = spec.mlflow
@@ -115,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mlkube.model_servers.server import run
 
     print(
-        f"serving {settings.model_uri or 'registered models by name'} as "
+        f"serving {settings.model_uri or ', '.join(settings.models) or 'registered models'} as "
         f"{settings.model_name or '<name>'} on http://{settings.host}:{settings.http_port} "
         f"(gRPC {settings.grpc_port}); MLflow at {settings.tracking_uri}",
         file=sys.stderr,
@@ -235,6 +242,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from mlkube.api import ModelDeployment, load_manifest
 
         deployment = load_manifest(args.file, ModelDeployment)
+        if deployment.spec.model is None:
+            raise CommandError(
+                f"{args.file}: serves several models by name; give --model NAME instead of -f"
+            )
         name = deployment.spec.model.name
         protocol = protocol or deployment.spec.protocol
     protocol = protocol or "v1"

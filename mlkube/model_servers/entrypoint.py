@@ -39,6 +39,19 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alias", help="alias for --multi-model")
     parser.add_argument(
+        "--serve-model",
+        dest="serve_model",
+        action="append",
+        metavar="NAME=URI",
+        help="serve the model at URI as NAME; repeat for several models in one server",
+    )
+    parser.add_argument(
+        "--owner-namespace",
+        dest="owner_namespace",
+        help="serve only registered models owned by this namespace (tag "
+        "mlkube.owner.namespace); others are not found",
+    )
+    parser.add_argument(
         "--ttl-seconds",
         "--ttl_seconds",
         dest="ttl_seconds",
@@ -112,6 +125,19 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def served_models(pairs: list[str]) -> dict[str, str]:
+    """`NAME=URI` arguments as {name: uri}; a malformed or repeated one is a ValueError."""
+    models: dict[str, str] = {}
+    for pair in pairs:
+        name, equals, uri = pair.partition("=")
+        if not equals or not name or not uri:
+            raise ValueError(f"--serve-model: expected NAME=URI, got {pair!r}")
+        if name in models:
+            raise ValueError(f"--serve-model: {name!r} is given twice")
+        models[name] = uri
+    return models
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields: dict[str, Any] = {
         key: value
@@ -120,6 +146,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     }
     if fields.get("protocol") == "grpc-v2":
         fields["protocol"] = "v2"
+    if args.serve_model:
+        fields["models"] = served_models(args.serve_model)
     if "enable_grpc" in fields:
         fields["enable_grpc"] = fields["enable_grpc"] == "true"
     return ServerSettings(**fields)
@@ -137,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         # Settings are this command's arguments: reported as argparse reports a bad one.
         parser.error(format_validation_error(error, whole="arguments"))
+    except ValueError as error:
+        parser.error(str(error))
     from mlkube.model_servers.server import run
 
     run(settings)

@@ -16,6 +16,7 @@ import yaml
 from mlkube.model_servers.artifacts import ArtifactCache, tree_bytes
 from mlkube.model_servers.batching import MicroBatcher, Trust, judge_batching
 from mlkube.model_servers.codec import Codec, Rows, codec_for_schema, describe_outputs
+from mlkube.model_servers.memory import PAGE_BYTES, ResidentMeter
 from mlkube.model_servers.sources import ModelSource, resolve
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,10 @@ class ModelLoader:
         max_batch_rows: int = 256,
         on_batch: Callable[[str, int, int], None] | None = None,
         resolver: Callable[[str], ModelSource] = resolve,
+        meter: ResidentMeter | None = None,
     ) -> None:
         self.artifacts = artifacts
+        self._meter = meter or ResidentMeter()
         self.max_batch_rows = max_batch_rows
         self._on_batch = on_batch
         self._resolve = resolver
@@ -221,11 +224,34 @@ class ModelLoader:
         return known
 
     def load(self, name: str, uri: str) -> tuple[LoadedModel, int]:
-        """Blocking: run it in a thread. Returns the model and its size in bytes."""
-        import mlflow.pyfunc
-
+        """Blocking: run it in a thread. Returns the model and the resident bytes it added.
+        Loads are measured one at a time (memory.ResidentMeter)."""
         source = self.source(uri)
         path = self.artifacts.fetch(source)
+        for flavour in flavours(path):  # an import is the process's, not this model's memory
+            import_modules(FLAVOUR_IMPORTS.get(flavour, ()))
+        modules = len(sys.modules)
+        with self._meter.measure() as growth:
+            loaded = self._load_measured(name, source, path)
+        if len(sys.modules) > modules:
+            # Unpickling imported the estimator's modules (sklearn.linear_model...): code the
+            # process keeps for every model, 4 MiB for a first linear model. Measured again
+            # now that they are imported, the load counts the model alone (once per new kind).
+            del loaded
+            with self._meter.measure() as growth:
+                loaded = self._load_measured(name, source, path)
+        # The budget counts resident memory (memory.py); bytes on disk only where the
+        # process's RSS cannot be read.
+        # At least a page: a model under the measure's resolution (a few kilobytes of
+        # objects in memory the process already had) still shows as loaded in /metrics.
+        size = max(growth.bytes, PAGE_BYTES) if growth.bytes is not None else tree_bytes(path)
+        loaded.size = size
+        log.info("loaded %s (%s) from %s, %d resident bytes", name, source.label, path, size)
+        return loaded, size
+
+    def _load_measured(self, name: str, source: ModelSource, path: Path) -> LoadedModel:
+        import mlflow.pyfunc
+
         try:
             pyfunc = mlflow.pyfunc.load_model(str(path))
         except Exception as error:
@@ -264,6 +290,4 @@ class ModelLoader:
             trust=self._trust[key],
             on_verdict=remember,
         )
-        size = tree_bytes(path)
-        log.info("loaded %s (%s) from %s, %d bytes", name, source.label, path, size)
-        return LoadedModel(source, pyfunc, codec, batcher, find_explainer(pyfunc), size), size
+        return LoadedModel(source, pyfunc, codec, batcher, find_explainer(pyfunc), 0)

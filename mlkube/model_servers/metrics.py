@@ -43,7 +43,7 @@ class ServerMetrics:
         )
         self.bytes = Gauge(
             "mlkube_model_cache_bytes",
-            "Bytes held by loaded models (artifact size)",
+            "Resident bytes each loaded model added to the process (what --memory-budget counts)",
             ["model"],
             registry=registry,
         )

@@ -465,7 +465,7 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
     from mlkube.model_servers.metrics import ServerMetrics
     from mlkube.model_servers.model import LazyModel
     from mlkube.model_servers.repository import RegistryModelRepository
-    from mlkube.model_servers.sources import UnknownModel
+    from mlkube.model_servers.sources import UnknownModel, owned_by, resolve
 
     configure_logging()
     prepare_environment(settings)
@@ -477,10 +477,13 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
         on_download=metrics.downloaded,
         on_hit=metrics.disk_hit,
     )
+    # A server of one namespace's models: every name is checked against its owner tag.
+    resolver = owned_by(settings.owner_namespace) if settings.owner_namespace else resolve
     loader = ModelLoader(
         artifacts,
         settings.max_batch_rows,
         on_batch=metrics.batch,
+        resolver=resolver,
     )
     limit_threads(settings.predict_threads)
     policy = CachePolicy(
@@ -503,19 +506,22 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
                 max_request_rows=settings.max_request_rows,
             )
 
-        repository = RegistryModelRepository(factory, settings.alias)
+        repository = RegistryModelRepository(factory, settings.alias, exists=resolver)
         # no model to register up front: KServe starts with an empty list (models come by name)
         return make_model_server(settings, repository, []), [], loader
-    assert settings.model_uri and settings.model_name
-    model = LazyModel(
-        settings.model_name,
-        settings.model_uri,
-        cache,
-        loader,
-        max_request_rows=settings.max_request_rows,
-    )
-    server = make_model_server(settings, ModelRepository(), [model.name])
-    return server, [model], loader
+    if settings.models:
+        served = settings.models
+    else:
+        assert settings.model_uri and settings.model_name
+        served = {settings.model_name: settings.model_uri}
+    # Each model has its own readiness (/v2/models/{name}/ready) and metrics (label
+    # model); the server is ready when all of them are (their versions are pinned).
+    models = [
+        LazyModel(name, uri, cache, loader, max_request_rows=settings.max_request_rows)
+        for name, uri in served.items()
+    ]
+    server = make_model_server(settings, ModelRepository(), [model.name for model in models])
+    return server, models, loader
 
 
 def run(settings: ServerSettings) -> None:
@@ -531,7 +537,7 @@ def run(settings: ServerSettings) -> None:
             model.prepare_soon()
     log.info(
         "serving %s on %s:%d",
-        settings.model_uri or "registered models by name",
+        settings.model_uri or ", ".join(settings.models) or "registered models by name",
         settings.host,
         settings.http_port,
     )

@@ -9,10 +9,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlkube.api.common import BYTE_SIZE_PATTERN, quantity_value
-from mlkube.api.registered_model import DEFAULT_ALIAS
+from mlkube.api.registered_model import DEFAULT_ALIAS, MODEL_NAME_PATTERN
 from mlkube.local import mlkube_home
 
 _BYTE_SIZE = re.compile(BYTE_SIZE_PATTERN)
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 def parse_quantity(text: str | int) -> int:
@@ -40,11 +41,22 @@ class ServerSettings(BaseModel):
     )
     model_name: str | None = Field(default=None, description="Endpoint name; from the URI if unset")
     multi_model: bool = Field(default=False, description="Serve any registered model by name")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Several models by endpoint name -> model URI (--serve-model NAME=URI)",
+    )
+    owner_namespace: str | None = Field(
+        default=None,
+        description="Serve only registered models whose owner tag is this namespace; "
+        "others are not found (404)",
+    )
     alias: str = Field(default=DEFAULT_ALIAS, description="Alias resolved in multi-model mode")
     ttl_seconds: float = Field(
         default=300, ge=0, description="Idle seconds before eviction; 0 keeps"
     )
-    memory_budget: int | None = Field(default=None, description="Bytes of loaded models (LRU)")
+    memory_budget: int | None = Field(
+        default=None, description="Resident bytes of loaded models (LRU beyond it)"
+    )
     protocol: Literal["v1", "v2"] = "v1"
     host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
@@ -88,10 +100,14 @@ class ServerSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_mode(self) -> ServerSettings:
-        if self.multi_model and self.model_uri:
-            raise ValueError("give --model-uri or --multi-model, not both")
-        if not self.multi_model and not self.model_uri:
-            raise ValueError("model_uri: required unless --multi-model is given")
+        modes = [bool(self.model_uri), self.multi_model, bool(self.models)]
+        if sum(modes) > 1:
+            raise ValueError("give only one of --model-uri, --multi-model, --serve-model")
+        if not any(modes):
+            raise ValueError("model_uri: required unless --multi-model or --serve-model is given")
+        for name in self.models:
+            if not _MODEL_NAME.match(name):
+                raise ValueError(f"models: {name!r} is not a model name")
         if self.model_name is None and self.model_uri:
             self.model_name = name_from_uri(self.model_uri)
         return self

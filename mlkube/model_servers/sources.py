@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,44 @@ def resolve(uri: str, client: Any | None = None) -> ModelSource:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:64]
+
+
+def registered_owner(name: str, client: Any | None = None) -> str | None:
+    """The owner namespace tag of registered model `name` (UnknownModel if not registered)."""
+    from mlflow.exceptions import MlflowException
+
+    from mlkube.training.ownership import TAG_OWNER
+
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UnknownModel(f"model {name!r} is not in the registry") from None
+        raise
+    owner = (model.tags or {}).get(TAG_OWNER)
+    return str(owner) if owner is not None else None
+
+
+def owned_by(
+    namespace: str,
+    resolver: Callable[[str], ModelSource] = resolve,
+    owner_of: Callable[[str], str | None] = registered_owner,
+) -> Callable[[str], ModelSource]:
+    """`resolver` for a server that serves one namespace: a registered model whose owner
+    tag names another namespace (or none) is unknown, with the same answer as a name the
+    registry lacks, so that a tenant learns nothing of another's models. Anything but a
+    registry URI is unknown too (a tenant names models, never paths)."""
+
+    def resolve_owned(uri: str) -> ModelSource:
+        parsed = parse_uri(uri)
+        if parsed.kind not in ("version", "alias"):
+            raise UnknownModel(f"{uri!r} is not a registered model")
+        if owner_of(parsed.name) != namespace:
+            raise UnknownModel(f"model {parsed.name!r} is not in the registry")
+        return resolver(uri)
+
+    return resolve_owned

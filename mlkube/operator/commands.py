@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from mlkube.api import UserError
+from mlkube.api.modeldeployment import ModelDeployment
 
 
 def add_operator_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> int:
-    from mlkube.api import ModelDeployment, TrainingRun
+    from mlkube.api import TrainingRun
     from mlkube.api.manifest import parse_resource, read_documents
     from mlkube.operator.inferenceservice import inferenceservice_for
     from mlkube.operator.rayjob import rayjob_for
@@ -81,17 +82,12 @@ def render_command(args: argparse.Namespace) -> int:
         if isinstance(resource, TrainingRun):
             rendered.append(rayjob_for(resource, settings))
         elif isinstance(resource, ModelDeployment):
-            version = resource.spec.model.version or args.model_version
-            if version is None:
-                raise UserError(
-                    f"{args.filename}: {resource.metadata.name} follows an alias; "
-                    "give --model-version"
-                )
+            pinned = render_versions(resource, args.model_version, args.filename)
             canary = resource.spec.canary
             rendered.append(
                 inferenceservice_for(
                     resource,
-                    version,
+                    pinned,
                     settings,
                     tracking_uri=resource.spec.mlflow.tracking_uri_or(settings.mlflow_tracking_uri),
                     canary_traffic_percent=canary.traffic_percent if canary else None,
@@ -100,6 +96,26 @@ def render_command(args: argparse.Namespace) -> int:
             )
     print(yaml.safe_dump_all(rendered, sort_keys=False, width=100), end="")
     return 0
+
+
+def render_versions(
+    deployment: ModelDeployment, given: int | None, filename: str
+) -> int | dict[str, int]:
+    """The version(s) `operator render` pins: each model's own pin, else --model-version
+    for a model that follows an alias (the operator would ask MLflow); {} for anyModel."""
+    pinned: dict[str, int] = {}
+    for selector in deployment.spec.selectors:
+        version = selector.version or given
+        if version is None:
+            which = "" if deployment.spec.model is not None else f" of {selector.name}"
+            raise UserError(
+                f"{filename}: {deployment.metadata.name} follows an alias{which}; "
+                "give --model-version"
+            )
+        pinned[selector.name] = version
+    if deployment.spec.model is not None:
+        return pinned[deployment.spec.model.name]
+    return pinned
 
 
 def module_argv(given: Sequence[str] | None = None) -> list[str]:

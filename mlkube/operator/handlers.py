@@ -32,6 +32,7 @@ from mlkube.operator.inferenceservice import (
 )
 from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
+from mlkube.operator.models_rollout import follow_deployment, plan_deployment
 from mlkube.operator.names import (
     MANAGED_BY,
     OPERATOR_NAME,
@@ -59,8 +60,6 @@ from mlkube.operator.rayclusters import (
 from mlkube.operator.rayjob import rayjob_for
 from mlkube.operator.rollout import (
     DeploymentMemo,
-    follow_model,
-    plan_rollout,
     refused_deployment_status,
 )
 from mlkube.operator.settings import get_settings
@@ -471,7 +470,7 @@ def reconcile_deployment(
     if refusal is not None:
         return _refused_deployment(body, previous, refusal)
     working = previous.model_copy(deep=True)
-    followed = follow_model(
+    followed = follow_deployment(
         deployment, _mlflow(target), memo, working.conditions, now=_now(),
         poll_seconds=SETTINGS.alias_poll_seconds, shared=SETTINGS.allow_shared_models,
         force=force_resolve,
@@ -480,29 +479,28 @@ def reconcile_deployment(
     if followed.refusal is not None:
         refusal = Refusal(reason=NOT_OWNER, message=followed.refusal)
         return _refused_deployment(body, previous, refusal)
-    desired = followed.version
     # Read, not indexed: a promotion or rollback must see the result of the previous
     # step, never a watch that lags behind it. ModelDeployments are few.
     isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
     view = inferenceservice_view(isvc) if isvc is not None else None
     mode = deployment_mode(deployment, isvc, SETTINGS.kserve_deployment_mode)
-    rollout = plan_rollout(
+    plan = plan_deployment(
         deployment,
         working,
-        desired_version=desired,
+        followed,
         isvc=view,
         deployment_mode=mode,
         now=_now(),
         rollout_timeout_seconds=SETTINGS.rollout_timeout_seconds,
     )
-    new = rollout.status
-    if rollout.target_version is not None:
+    new, pinned = plan.status, plan.pinned
+    if pinned is not None:
         manifest = inferenceservice_for(
             deployment,
-            rollout.target_version,
+            pinned,
             SETTINGS,
             tracking_uri=target.uri,
-            canary_traffic_percent=rollout.canary_traffic_percent,
+            canary_traffic_percent=plan.canary_traffic_percent,
             deployment_mode=mode,
         )
         kopf.adopt(manifest, owner=kopf.Body(cast(kopf.RawBody, body)))
@@ -513,7 +511,7 @@ def reconcile_deployment(
         else:
             _update_inferenceservice(isvc, manifest)
     new.observed_generation = meta.get("generation")
-    events = mlflow_events(previous.conditions, new.conditions) + list(rollout.events)
+    events = mlflow_events(previous.conditions, new.conditions) + list(plan.events)
     if new.phase != previous.phase:
         TRANSITIONS.labels("modeldeployment", new.phase).inc()
     return Update(status=status_patch(body.get("status") or {}, new), events=events)

@@ -1,11 +1,14 @@
 """ModelDeployment -> KServe InferenceService (serving.kserve.io/v1beta1), built as plain data.
 
 The model version is pinned in the predictor's arguments (never an alias): pods are
-immutable, following the alias is the operator's job.
+immutable, following the alias is the operator's job. With spec.models every model's version
+is pinned (`--serve-model name=models:/name/3`, one per model); with spec.anyModel the
+predictor resolves `name@alias` per request (`--multi-model`), and nothing is pinned.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from mlkube.api.common import quantity_value
@@ -15,6 +18,7 @@ from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
     ANNOTATION_MODEL_VERSION,
+    ANNOTATION_MODEL_VERSIONS,
     LABEL_MODELDEPLOYMENT,
     MANAGED_BY,
     OPERATOR_NAME,
@@ -68,11 +72,44 @@ def deployment_mode(
     )
 
 
-def predictor_args(deployment: ModelDeployment, version: int, http_port: int) -> list[str]:
+# spec.models: the version each model's pods serve, by name ({} for spec.anyModel).
+ModelVersions = dict[str, int]
+
+
+def model_args(
+    deployment: ModelDeployment, pinned: int | ModelVersions, owner_namespace: str | None
+) -> list[str]:
+    """What the predictor serves: one pinned version, several pinned versions by name, or
+    any model of the namespace at the alias. A server of several models answers only for
+    models owned by `owner_namespace` (None: the admin allows shared models)."""
+    spec = deployment.spec
+    if spec.model is not None:
+        assert isinstance(pinned, int), "one model pins one version"
+        return [
+            "--model-name", spec.model.name,
+            "--model-uri", model_uri(spec.model.name, version=pinned),
+        ]  # fmt: skip
+    assert isinstance(pinned, dict), "several models pin a version each"
+    if spec.any_model is not None:
+        args = ["--multi-model", "--alias", spec.any_model.alias]
+    else:
+        args = []
+        for name, version in sorted(pinned.items()):
+            args += ["--serve-model", f"{name}={model_uri(name, version=version)}"]
+    if owner_namespace is not None:
+        args += ["--owner-namespace", owner_namespace]
+    return args
+
+
+def predictor_args(
+    deployment: ModelDeployment,
+    version: int | ModelVersions,
+    http_port: int,
+    owner_namespace: str | None = None,
+) -> list[str]:
     spec = deployment.spec
     args = [
-        "--model-name", spec.model.name,
-        "--model-uri", model_uri(spec.model.name, version=version),
+        *model_args(deployment, version, owner_namespace),
         "--ttl-seconds", str(spec.ttl_seconds),
         "--protocol", spec.protocol,
         "--http_port", str(http_port),
@@ -83,7 +120,20 @@ def predictor_args(deployment: ModelDeployment, version: int, http_port: int) ->
         args += ["--max-request-bytes", spec.limits.max_request_bytes]
     if spec.limits.max_request_rows is not None:
         args += ["--max-request-rows", str(spec.limits.max_request_rows)]
+    if spec.memory_budget is not None:
+        args += ["--memory-budget", spec.memory_budget]
     return args
+
+
+def version_annotations(version: int | ModelVersions) -> dict[str, str]:
+    """What the InferenceService says it pins, for the next reconcile to read back."""
+    if isinstance(version, int):
+        return {ANNOTATION_MODEL_VERSION: str(version)}
+    return {ANNOTATION_MODEL_VERSIONS: json.dumps(version, sort_keys=True, separators=(",", ":"))}
+
+
+# The predict URL of a deployment of several models: the client puts the model's name here.
+MODEL_PLACEHOLDER = "{model}"
 
 
 def client_endpoints(
@@ -91,7 +141,7 @@ def client_endpoints(
 ) -> tuple[str | None, str | None]:
     """Where a client calls `model` in `protocol` at the InferenceService's `url`: the REST
     predict URL, and for v2 the gRPC address (host:port), which only raw mode's Service
-    declares (Knative allows one port)."""
+    declares (Knative allows one port). `model` is MODEL_PLACEHOLDER for several models."""
     if not url:
         return None, None
     base = url.rstrip("/")
@@ -122,7 +172,7 @@ def cache_volume(cache: ModelCache) -> dict[str, Any]:
 
 def build_inferenceservice(
     deployment: ModelDeployment,
-    version: int,
+    version: int | ModelVersions,
     *,
     tracking_uri: str,
     image: str,
@@ -130,8 +180,10 @@ def build_inferenceservice(
     canary_traffic_percent: int | None = None,
     deployment_mode: str | None = None,
     credentials_secret: str = "",
+    owner_namespace: str | None = None,
 ) -> dict[str, Any]:
-    """The InferenceService serving `version`; the owner reference is added by the caller.
+    """The InferenceService serving `version` (spec.models: a version per model; anyModel:
+    {}); the owner reference is added by the caller.
     `credentials_secret` names the Secret of the deployment's namespace holding its MLflow
     credentials.
 
@@ -150,7 +202,7 @@ def build_inferenceservice(
         "name": PREDICTOR_CONTAINER,
         "image": spec.image or image,
         "command": ["python", "-m", PREDICTOR_MODULE],
-        "args": predictor_args(deployment, version, http_port),
+        "args": predictor_args(deployment, version, http_port, owner_namespace),
         **container_env(spec, env, credentials_secret),
         "ports": ports,
         "resources": spec.resources.for_container(),
@@ -183,7 +235,7 @@ def build_inferenceservice(
         predictor["securityContext"] = {**predictor["securityContext"], "fsGroup": CACHE_FS_GROUP}
     if canary_traffic_percent is not None and not is_raw_mode(deployment_mode):
         predictor["canaryTrafficPercent"] = canary_traffic_percent
-    annotations = {ANNOTATION_MODEL_VERSION: str(version)}
+    annotations = version_annotations(version)
     if deployment_mode:
         annotations[ANNOTATION_DEPLOYMENT_MODE] = deployment_mode
     return {
@@ -201,7 +253,7 @@ def build_inferenceservice(
 
 def inferenceservice_for(
     deployment: ModelDeployment,
-    version: int,
+    version: int | ModelVersions,
     settings: OperatorSettings,
     *,
     tracking_uri: str,
@@ -219,6 +271,7 @@ def inferenceservice_for(
         canary_traffic_percent=canary_traffic_percent,
         deployment_mode=deployment_mode,
         credentials_secret=settings.mlflow_credentials_secret,
+        owner_namespace=None if settings.allow_shared_models else deployment.metadata.namespace,
     )
 
 
@@ -247,9 +300,20 @@ def inferenceservice_patch(isvc: dict[str, Any], manifest: dict[str, Any]) -> di
     current_annotations = isvc.get("metadata", {}).get("annotations") or {}
     removable = ("canaryTrafficPercent", *POD_OPTION_FIELDS)
     dropped = [key for key in removable if key in current and key not in predictor]
-    if carries(current, predictor) and not dropped and carries(current_annotations, annotations):
+    # a deployment that went from one model to several (or back) pins the other way
+    stale = {
+        key: None
+        for key in (ANNOTATION_MODEL_VERSION, ANNOTATION_MODEL_VERSIONS)
+        if key in current_annotations and key not in annotations
+    }
+    if (
+        carries(current, predictor)
+        and not dropped
+        and not stale
+        and carries(current_annotations, annotations)
+    ):
         return None
     return {
-        "metadata": {"annotations": annotations},
+        "metadata": {"annotations": {**stale, **annotations}},
         "spec": {"predictor": {**dict.fromkeys(removable), **predictor}},
     }

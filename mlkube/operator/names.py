@@ -10,6 +10,8 @@ OPERATOR_NAME = "mlkube-operator"
 LABEL_TRAININGRUN = "mlkube.io/trainingrun"
 LABEL_MODELDEPLOYMENT = "mlkube.io/modeldeployment"
 ANNOTATION_MODEL_VERSION = "mlkube.io/model-version"
+# spec.models: the pinned versions, a JSON object {name: version}.
+ANNOTATION_MODEL_VERSIONS = "mlkube.io/model-versions"
 ANNOTATION_DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 
 # KubeRay names the RayCluster `<rayjob>-<5 chars>` and refuses RayJob names over 47.

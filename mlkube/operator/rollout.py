@@ -9,7 +9,7 @@ model's owner checked through MLflow, at most every poll interval, remembered in
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel
@@ -29,11 +29,11 @@ from mlkube.operator.conditions import (
     set_condition,
 )
 from mlkube.operator.events import Event
-from mlkube.operator.inferenceservice import client_endpoints
+from mlkube.operator.inferenceservice import MODEL_PLACEHOLDER, client_endpoints
 from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.operator.status import InferenceServiceView
-from mlkube.training.ownership import ownership_refusal
+from mlkube.training.ownership import FIELD, ownership_refusal
 
 # ModelDeployment condition types.
 READY = "Ready"
@@ -76,6 +76,9 @@ def plan_rollout(
       spec.canary asks for it, an earlier version serves and the mode supports it.
     """
     status = previous.model_copy(deep=True)
+    status.models, status.models_ready = [], None  # what spec.models said, if it did
+    if isvc is not None and isvc.version is None and isvc.model_versions is not None:
+        isvc = None  # it served several models (the spec changed): deploy this one afresh
     mode = (isvc.deployment_mode if isvc else None) or deployment_mode
     status.conditions = _canary_support(status.conditions, deployment, mode, now)
     if isvc is not None and _timed_out(status, isvc, rollout_timeout_seconds, now):
@@ -87,10 +90,7 @@ def plan_rollout(
         step = _first_deployment(status, desired_version, now)
     else:
         status.url = isvc.url
-        status.predict_url, status.grpc_address = client_endpoints(
-            isvc.url, deployment.spec.model.name, deployment.spec.protocol,
-            mode in RAW_DEPLOYMENT_MODES,
-        )  # fmt: skip
+        status.predict_url, status.grpc_address = endpoints(deployment, isvc.url, mode)
         if isvc.state == "Ready" and isvc.version is not None:
             if isvc.canary_traffic_percent is not None:
                 step = _canary_ready(status, isvc.version, now)
@@ -104,6 +104,16 @@ def plan_rollout(
         raw_mode = mode in RAW_DEPLOYMENT_MODES
         step = _start_rollout(step, deployment, desired_version, raw_mode, now)
     return step
+
+
+def endpoints(
+    deployment: ModelDeployment, url: str | None, mode: str | None
+) -> tuple[str | None, str | None]:
+    """status.predictUrl and grpcAddress; with several models the URL has a placeholder
+    for the model's name."""
+    model = deployment.spec.model
+    name = model.name if model is not None else MODEL_PLACEHOLDER
+    return client_endpoints(url, name, deployment.spec.protocol, mode in RAW_DEPLOYMENT_MODES)
 
 
 def _canary_support(
@@ -225,6 +235,7 @@ def _start_rollout(
         canary_spec is not None
         and not raw_mode
         and status.served_version is not None
+        and deployment.spec.model is not None
         and deployment.spec.model.followed_alias is not None
         and canary_spec.traffic_percent < 100
     )
@@ -296,6 +307,8 @@ class DeploymentMemo:
     owner_model: str | None = None
     owner_refusal: str | None = None
     owner_checked_at: dt.datetime | None = None
+    # spec.models: the same, per model name
+    models: dict[str, DeploymentMemo] = field(default_factory=dict)
 
 
 class Followed(BaseModel):
@@ -314,7 +327,7 @@ def _checked_recently(at: dt.datetime | None, now: dt.datetime, poll_seconds: fl
 def check_ownership(
     model: str, namespace: str, reader: MlflowReader, memo: DeploymentMemo,
     conditions: list[Condition], *, now: dt.datetime, poll_seconds: float, shared: bool,
-    force: bool,
+    force: bool, where: str = FIELD,
 ) -> tuple[str | None, bool, list[Condition]]:  # fmt: skip
     """Whether `namespace` may serve the model: (refusal message or None, known, the
     conditions). Unknown (MLflow not answering) rolls nothing out; with `shared` (the
@@ -329,8 +342,9 @@ def check_ownership(
     except MlflowError as error:
         return None, False, mlflow_answered(conditions, now, error.reason, error.message)
     refusal = ownership_refusal(
-        model, ownership.owner, namespace, shared=False, registered=ownership.registered
-    )
+        model, ownership.owner, namespace, shared=False, registered=ownership.registered,
+        field=where,
+    )  # fmt: skip
     memo.owner_checked_at, memo.owner_model, memo.owner_refusal = now, model, refusal
     return refusal, True, mlflow_answered(conditions, now)
 
@@ -357,15 +371,19 @@ def desired_version(
     conditions = mlflow_answered(conditions, now)
     if version is None:
         message = f"registered model {selector.name} has no alias {alias!r} (yet)"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now
-        )
     else:
         message = f"{alias} -> version {version}"
-        conditions = set_condition(
-            conditions, MODEL_RESOLVED, "True", "AliasResolved", message, now
-        )
-    return version, conditions
+    return version, model_resolved(conditions, version is not None, message, now)
+
+
+def model_resolved(
+    conditions: list[Condition], found: bool, message: str, now: dt.datetime,
+    reason: str = "AliasResolved",
+) -> list[Condition]:  # fmt: skip
+    """ModelResolved: True with `reason` when the alias (every alias) names a version."""
+    if found:
+        return set_condition(conditions, MODEL_RESOLVED, "True", reason, message, now)
+    return set_condition(conditions, MODEL_RESOLVED, "False", "AliasNotFound", message, now)
 
 
 def follow_model(
@@ -376,6 +394,7 @@ def follow_model(
     """The ownership check, then the version to serve. Nothing new is rolled out while
     the ownership cannot be checked."""
     model = deployment.spec.model
+    assert model is not None, "spec.models and spec.anyModel: follow_models"
     refusal, owner_known, conditions = check_ownership(
         model.name, deployment.metadata.namespace or "", reader, memo, conditions,
         now=now, poll_seconds=poll_seconds, shared=shared, force=force,

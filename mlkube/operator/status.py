@@ -5,6 +5,7 @@ conditions' own transitions are in conditions.py."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -30,7 +31,11 @@ from mlkube.operator.conditions import (
     timestamp,
 )
 from mlkube.operator.events import Event
-from mlkube.operator.names import ANNOTATION_DEPLOYMENT_MODE, ANNOTATION_MODEL_VERSION
+from mlkube.operator.names import (
+    ANNOTATION_DEPLOYMENT_MODE,
+    ANNOTATION_MODEL_VERSION,
+    ANNOTATION_MODEL_VERSIONS,
+)
 from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
 from mlkube.training.outcome import Outcome
 
@@ -367,6 +372,8 @@ class InferenceServiceView(BaseModel):
     """What the rollout logic reads off an InferenceService."""
 
     version: int | None
+    # spec.models and spec.anyModel: the versions pinned by name ({} for anyModel)
+    model_versions: dict[str, int] | None = None
     canary_traffic_percent: int | None
     deployment_mode: str | None
     state: RolloutState
@@ -379,6 +386,25 @@ def _conditions_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(c.get("type")): c for c in status.get("conditions") or [] if isinstance(c, dict)}
 
 
+def pinned_versions(text: str | None) -> dict[str, int] | None:
+    """The model-versions annotation ({"name": version, ...}); None when absent or not
+    what the operator writes (then nothing counts as pinned)."""
+    if not text:
+        return None
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(found, dict):
+        return None
+    pinned = {
+        str(name): version
+        for name, version in found.items()
+        if isinstance(version, int) and not isinstance(version, bool)
+    }
+    return pinned if len(pinned) == len(found) else None
+
+
 def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
     meta = isvc.get("metadata") or {}
     annotations = meta.get("annotations") or {}
@@ -386,6 +412,7 @@ def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
     status = isvc.get("status") or {}
     version_text = annotations.get(ANNOTATION_MODEL_VERSION, "")
     version = int(version_text) if version_text.isdigit() else None
+    model_versions = pinned_versions(annotations.get(ANNOTATION_MODEL_VERSIONS))
     canary = predictor.get("canaryTrafficPercent")
 
     conditions = _conditions_of(status)
@@ -429,6 +456,7 @@ def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
         message = conditions["Ready"].get("message", "")
     return InferenceServiceView(
         version=version,
+        model_versions=model_versions,
         canary_traffic_percent=int(canary) if canary is not None else None,
         deployment_mode=mode,
         state=state,

@@ -30,7 +30,13 @@ def owner_namespace(namespace: str | None) -> str:
 
 
 def ownership_refusal(
-    model: str, owner: str | None, namespace: str, *, shared: bool, registered: bool = True
+    model: str,
+    owner: str | None,
+    namespace: str,
+    *,
+    shared: bool,
+    registered: bool = True,
+    field: str = FIELD,
 ) -> str | None:
     """None when `namespace` may register, promote or serve versions of `model`, else why
     not (one line). `owner` is the model's owner tag, None when it has none; a model that is
@@ -39,10 +45,10 @@ def ownership_refusal(
         return None
     if owner is None:
         return (
-            f"{FIELD}: registered model {model!r} has no owner namespace (tag {TAG_OWNER}); "
+            f"{field}: registered model {model!r} has no owner namespace (tag {TAG_OWNER}); "
             "it belongs to whoever registers a version of it with mlkube first"
         )
     return (
-        f"{FIELD}: registered model {model!r} belongs to namespace {owner!r}, not "
+        f"{field}: registered model {model!r} belongs to namespace {owner!r}, not "
         f"{namespace!r} (operator.allowSharedModels is off)"
     )

@@ -187,3 +187,40 @@ def test_pod_options_are_checked_by_the_api_server_naming_the_field(
         result = _apply(control_plane, namespace, _with_pod_options(kind, options))
         assert result.returncode != 0, name
         assert field in result.stderr and words in result.stderr, (name, result.stderr)
+
+
+def _deployment(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "mlkube.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "many"}, "spec": spec}  # fmt: skip
+
+
+def test_several_models_are_checked_by_the_api_server_naming_the_field(
+    control_plane: ControlPlane, mlkube_crds: list[str], namespace: str
+) -> None:
+    two = [{"name": "a"}, {"name": "b", "version": 2}]
+    for accepted in (
+        {"models": two, "memoryBudget": "1Gi"},
+        {"anyModel": {}, "memoryBudget": "3Gi", "resources": {"memory": "4Gi"}},
+    ):
+        result = _apply(control_plane, namespace, _deployment(accepted))
+        assert result.returncode == 0, result.stderr
+    refused = {
+        "both": ({"model": {"name": "a"}, "models": two}, "spec",
+                 "give exactly one of model, models, anyModel"),
+        "none": ({"ttlSeconds": 60}, "spec", "give exactly one of model, models, anyModel"),
+        "twice": ({"models": [{"name": "a"}, {"name": "a"}]}, "spec.models",
+                  'duplicate entries for key [name="a"]'),
+        "canary": ({"anyModel": {}, "canary": {"trafficPercent": 10}}, "spec.canary",
+                   "it needs spec.model"),
+        "budget": ({"models": two, "memoryBudget": "lots"}, "spec.memoryBudget", "should match"),
+        "no room": ({"models": two, "memoryBudget": "2Gi"}, "spec.memoryBudget",
+                    "must be below resources.memory"),
+        "no room either": ({"models": two, "memoryBudget": "3Gi",
+                            "resources": {"memory": "3Gi"}}, "spec.memoryBudget",
+                           "must be below resources.memory"),
+        "empty": ({"models": []}, "spec.models", "should have at least 1 items"),
+    }  # fmt: skip
+    for name, (spec, field, words) in refused.items():
+        result = _apply(control_plane, namespace, _deployment(spec))
+        assert result.returncode != 0, name
+        assert field in result.stderr and words in result.stderr, (name, result.stderr)

@@ -289,6 +289,82 @@ def test_modeldeployment_follows_champion_with_a_canary(
         gone(kube_api, ISVCS, namespace, isvc["metadata"]["name"])
 
 
+def models_served(versions: dict[str, int]) -> Callable[[Obj], bool]:
+    """Ready, every listed model served at these versions and ready."""
+
+    def check(obj: Obj) -> bool:
+        status = obj.get("status") or {}
+        models = {m["name"]: m for m in status.get("models") or []}
+        return (
+            status.get("phase") == "Ready"
+            and set(models) == set(versions)
+            and all(
+                models[name].get("servedVersion") == version and models[name].get("ready")
+                for name, version in versions.items()
+            )
+        )
+
+    return check
+
+
+def test_modeldeployment_of_several_models_follows_each_alias(
+    kube_api: client.ApiClient,
+    namespace: str,
+    isvc_player: InferenceServicePlayer,
+    mlflow_server: Any,
+    operator_env: None,
+) -> None:
+    """spec.models: one InferenceService, a real predictor serving both models by name;
+    one alias moves and only that model's version changes; a model of another namespace in
+    the list fails the deployment, naming it."""
+    uri = mlflow_server.tracking_uri
+    double, fives, foreign = f"two-{namespace}", f"five-{namespace}", f"theirs-{namespace}"
+    register_versions(uri, double, [2.0, 3.0], owner=namespace)
+    register_versions(uri, fives, [5.0], owner=namespace)
+    register_versions(uri, foreign, [7.0], owner="someone-else")
+    for name in (double, fives, foreign):
+        set_alias(uri, name, "champion", 1)
+    body = modeldeployment("many", double, uri, memoryBudget="1Gi")
+    body["spec"]["models"] = [{"name": double}, {"name": fives}]
+    del body["spec"]["model"]
+    with running_operator(namespace):
+        create(kube_api, MODELDEPLOYMENTS, namespace, body)
+        first = wait(
+            kube_api, MODELDEPLOYMENTS, namespace, "many",
+            models_served({double: 1, fives: 1}), "both models served", 180,
+        )  # fmt: skip
+        assert first["status"]["modelsReady"] == "2/2"
+        url = first["status"]["url"]
+        assert first["status"]["predictUrl"] == f"{url}/v1/models/{{model}}:predict"
+        assert predict(url, double, 2.0) == pytest.approx(4.0)
+        assert predict(url, fives, 2.0) == pytest.approx(10.0)
+        (isvc,) = listing(kube_api, ISVCS, namespace)
+        args = isvc["spec"]["predictor"]["containers"][0]["args"]
+        assert f"{double}=models:/{double}/1" in args and f"{fives}=models:/{fives}/1" in args
+        assert args[args.index("--owner-namespace") + 1] == namespace
+        assert args[args.index("--memory-budget") + 1] == "1Gi"
+
+        set_alias(uri, double, "champion", 2)
+        moved = wait(
+            kube_api, MODELDEPLOYMENTS, namespace, "many",
+            models_served({double: 2, fives: 1}), "the moved alias served", 180,
+        )  # fmt: skip
+        assert predict(moved["status"]["url"], double, 2.0) == pytest.approx(6.0)
+        assert predict(moved["status"]["url"], fives, 2.0) == pytest.approx(10.0)
+
+        theirs = modeldeployment("theirs", double, uri)
+        theirs["spec"]["models"] = [{"name": double}, {"name": foreign}]
+        del theirs["spec"]["model"]
+        create(kube_api, MODELDEPLOYMENTS, namespace, theirs)
+        refused = wait(
+            kube_api, MODELDEPLOYMENTS, namespace, "theirs", phase_is("Failed"), "refused"
+        )
+        assert refused["status"]["message"].startswith(
+            f"spec.models[1].name: registered model {foreign!r} belongs to namespace 'someone-else'"
+        )
+        assert [i["metadata"]["name"] for i in listing(kube_api, ISVCS, namespace)] == ["many"]
+
+
 def test_mlflow_unreachable_is_a_condition_not_a_crash(
     kube_api: client.ApiClient, namespace: str, operator_env: None
 ) -> None:

@@ -62,7 +62,10 @@ class Models:
     torch_name: str = "tnet"
     explainable_name: str = "explainable"
     broken_name: str = "broken"
-    lru_names: tuple[str, str] = ("lru-a", "lru-b")
+    # C: a linear model (kilobytes in memory) and two random forests (megabytes)
+    small_name: str = "lru-linear"
+    forest_names: tuple[str, str] = ("lru-forest-a", "lru-forest-b")
+    forest_bytes: int = 0  # the node and value arrays of one forest: a floor of its memory
 
 
 def _insurance_frame() -> pd.DataFrame:
@@ -77,7 +80,6 @@ def _insurance_frame() -> pd.DataFrame:
 
 
 def _log_sklearn(name: str) -> None:
-    import mlflow
     from sklearn.compose import make_column_transformer
     from sklearn.linear_model import LinearRegression
     from sklearn.pipeline import make_pipeline
@@ -92,14 +94,39 @@ def _log_sklearn(name: str) -> None:
         ),
         LinearRegression(),
     ).fit(features, frame["expenses"])
+    _register_sklearn(pipeline, name, features.head(3))
+
+
+def _register_sklearn(model: Any, name: str, example: pd.DataFrame, *trusted: str) -> None:
+    """Log a scikit-learn model (skops format; `trusted`: the types skops must be told of)
+    and register it as `name`."""
+    import mlflow
+
     with mlflow.start_run():
         mlflow.sklearn.log_model(
-            pipeline,
+            model,
             name="model",
-            input_example=features.head(3),
+            input_example=example,
             pip_requirements=["scikit-learn", "skops"],
+            skops_trusted_types=list(trusted) or None,
             registered_model_name=name,
         )
+
+
+def _log_forest(name: str, seed: int) -> int:
+    """A random forest on 5 numeric features, about 14 MiB of tree arrays; returns their
+    bytes (what the model must at least hold in memory)."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(seed)
+    features = pd.DataFrame(rng.random((10_000, 5)), columns=[f"x{i}" for i in range(5)])
+    target = rng.random(10_000)
+    forest = RandomForestRegressor(n_estimators=15, random_state=seed, n_jobs=1)
+    forest.fit(features, target)
+    states = [tree.tree_.__getstate__() for tree in forest.estimators_]
+    arrays = sum(state["nodes"].nbytes + state["values"].nbytes for state in states)
+    _register_sklearn(forest, name, features.head(3), "sklearn.tree._tree.Tree")
+    return int(arrays)
 
 
 def _log_torch(name: str, net: Any = None, example: np.ndarray | None = None) -> None:
@@ -180,10 +207,13 @@ def models(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
         (found.torch_name, _log_torch),
         (found.explainable_name, partial(_log_explainable, where=tmp_path_factory.mktemp("code"))),
         (found.broken_name, _log_sklearn),
-        (found.lru_names[0], _log_sklearn),
-        (found.lru_names[1], _log_sklearn),
+        (found.small_name, _log_sklearn),
+        (found.forest_names[0], partial(_log_forest, seed=1)),
+        (found.forest_names[1], partial(_log_forest, seed=2)),
     ):
-        log(name)
+        logged = log(name)
+        if name == found.forest_names[0]:
+            found.forest_bytes = logged
         client.set_registered_model_alias(name, "champion", "1")
     _break_latest(mlflow_server, found.broken_name)
     return found
@@ -268,24 +298,16 @@ def servers(
     models: Models, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, ModelServerProcess]]:
     root = tmp_path_factory.mktemp("model-servers")
-    lru_size = _artifact_bytes(models.lru_names[0], root / "measure")
     started = {
         "A": _start(root / "A", models.tracking_uri,
                     "--model-uri", f"models:/{models.sklearn_name}@champion",
                     "--ttl-seconds", str(TTL_A)),
         "B": _start(root / "B", models.tracking_uri, "--multi-model", "--ttl-seconds", "600"),
         "C": _start(root / "C", models.tracking_uri, "--multi-model", "--ttl-seconds", "600",
-                    "--memory-budget", str(int(lru_size * 1.5))),
+                    "--memory-budget", str(int(models.forest_bytes * 1.5))),
     }  # fmt: skip
     with serving(started):
         yield started
-
-
-def _artifact_bytes(name: str, where: Path) -> int:
-    import mlflow
-
-    path = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(where)))
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _direct_model(name: str, where: Path) -> Any:
@@ -537,22 +559,36 @@ def test_missing_artifacts_are_a_503_and_the_server_stays_up(
     assert b.metric("mlkube_model_loads_total", model=name, outcome="failure") >= 1
 
 
-# -- C: LRU under a memory budget ---------------------------------------------------------
-def test_least_recently_used_model_goes_first_under_the_budget(
+# -- C: LRU under a memory budget of resident bytes ---------------------------------------
+def test_budget_counts_resident_memory_and_evicts_least_recently_used_first(
     servers: dict[str, ModelServerProcess], models: Models
 ) -> None:
+    """Budget: 1.5 forests. The linear model, then forest A, fit; forest B does not: the
+    linear model goes first (least recently used, although the smallest), then forest A."""
     c = servers["C"]
-    first, second = models.lru_names
-    body = {"instances": ROWS[:1]}
+    small, (forest_a, forest_b) = models.small_name, models.forest_names
+    linear_row = {"instances": ROWS[:1]}
+    forest_row = {"instances": [{f"x{i}": 0.5 for i in range(5)}]}
 
-    assert c.post(f"/v1/models/{first}:predict", body).is_success
-    assert c.metric("mlkube_model_cache_bytes", model=first) > 0
-    assert c.post(f"/v1/models/{second}:predict", body).is_success
-    assert c.metric("mlkube_model_cache_evictions_total", model=first, reason="memory") == 1
-    assert c.metric("mlkube_model_cache_bytes", model=first) == 0
-    assert c.metric("mlkube_model_cache_bytes", model=second) > 0
+    assert c.post(f"/v1/models/{small}:predict", linear_row).is_success
+    assert c.post(f"/v1/models/{forest_a}:predict", forest_row).is_success
+    small_bytes = c.metric("mlkube_model_cache_bytes", model=small)
+    forest_a_bytes = c.metric("mlkube_model_cache_bytes", model=forest_a)
+    # what /metrics shows is memory: at least the forest's tree arrays, the linear model
+    # a small fraction of that
+    assert forest_a_bytes >= 0.9 * models.forest_bytes, (forest_a_bytes, models.forest_bytes)
+    assert small_bytes < models.forest_bytes / 10, (small_bytes, models.forest_bytes)
+    assert c.metric("mlkube_model_cache_evictions_total", model=small, reason="memory") == 0
 
-    assert c.post(f"/v1/models/{first}:predict", body).is_success
-    assert c.metric("mlkube_model_cache_evictions_total", model=second, reason="memory") == 1
-    assert c.metric("mlkube_model_loads_total", model=first, outcome="success") == 2
-    assert c.metric("mlkube_artifact_downloads_total", model=first) == 1
+    assert c.post(f"/v1/models/{forest_b}:predict", forest_row).is_success
+    assert c.metric("mlkube_model_cache_evictions_total", model=small, reason="memory") == 1
+    assert c.metric("mlkube_model_cache_evictions_total", model=forest_a, reason="memory") == 1
+    assert c.metric("mlkube_model_cache_bytes", model=small) == 0
+    assert c.metric("mlkube_model_cache_bytes", model=forest_a) == 0
+    assert c.metric("mlkube_model_cache_bytes", model=forest_b) >= 0.9 * models.forest_bytes
+
+    # the linear model again: it fits beside forest B, nothing else goes
+    assert c.post(f"/v1/models/{small}:predict", linear_row).is_success
+    assert c.metric("mlkube_model_cache_evictions_total", model=forest_b, reason="memory") == 0
+    assert c.metric("mlkube_model_loads_total", model=small, outcome="success") == 2
+    assert c.metric("mlkube_artifact_downloads_total", model=small) == 1

@@ -111,7 +111,7 @@ def test_crd_schema_has_bounds_columns_and_short_names() -> None:
     assert md["names"]["shortNames"] == ["md"]
     columns = md["versions"][0]["additionalPrinterColumns"]
     assert [c["name"] for c in columns if not c.get("priority")] == [
-        "Model", "Alias", "Version", "Ready", "URL", "Age",
+        "Model", "Alias", "Models", "Version", "Ready", "URL", "Age",
     ]  # fmt: skip
     # `kubectl get md -o wide` adds where to call the model, in its protocol.
     assert [c["name"] for c in columns if c.get("priority")] == ["Protocol", "Predict"]

@@ -44,7 +44,7 @@ def test_settings_name_the_bad_field() -> None:
         ServerSettings(model_uri="models:/a/1", memory_budget="lots")
     with pytest.raises(ValidationError, match="model_uri: required"):
         ServerSettings()
-    with pytest.raises(ValidationError, match="not both"):
+    with pytest.raises(ValidationError, match="give only one of --model-uri, --multi-model"):
         ServerSettings(model_uri="models:/a/1", multi_model=True)
 
 

@@ -1,12 +1,15 @@
 """Runs in a pod of the test node: asks a predictor for predictions over v1 REST, v2 REST
 and v2 gRPC, loads the same model version from MLflow directly, and prints one JSON object
-with everything the test compares. Arguments: a JSON object (see `main`)."""
+with everything the test compares. With "order" (model names), it calls those models of one
+predictor in turn over v1 instead, and asks each one's readiness. Arguments: a JSON object
+(see `main`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -68,8 +71,29 @@ def metrics(url: str) -> dict[str, float]:
     return found
 
 
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def several(base: str, order: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each model of `order` in turn over v1, each one's readiness, the metrics after."""
+    predictions = [
+        post(f"{base}/v1/models/{name}:predict", {"instances": rows})[0]["predictions"]
+        for name in order
+    ]
+    ready = {name: status_of(f"{base}/v2/models/{name}/ready") for name in set(order)}
+    return {"predictions": predictions, "ready": ready, "metrics": metrics(f"{base}/metrics")}
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
+    if args.get("order"):
+        print(json.dumps(several(args["url"].rstrip("/"), args["order"], args["rows"])))
+        return
     base, model, rows = args["url"].rstrip("/"), args["model"], args["rows"]
     out: dict[str, Any] = {}
     if args.get("served", True):

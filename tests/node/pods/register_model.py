@@ -2,8 +2,9 @@
 registers it in MLflow the way a team outside mlkube would (mlflow.sklearn.log_model with a
 signature and no input example), so that a test can serve a model without a TrainingRun.
 The registered model carries the owner tag a namespace's ModelDeployments need
-(docs/security.md). Prints one JSON object: {"version": N}. Argument: a JSON object with
-"model" (the registered name), "owner" (the namespace) and "data" (the CSV's URL). The
+(docs/security.md). Prints one JSON object: {"version": N} (of the last model), and
+"versions" by name. Argument: a JSON object with "model" (the registered name) or "models"
+(several names, one model each), "owner" (the namespace) and "data" (the CSV's URL). The
 MLflow server comes from $MLFLOW_TRACKING_URI."""
 
 from __future__ import annotations
@@ -31,20 +32,23 @@ def main() -> None:
         ),
         HistGradientBoostingRegressor(max_iter=50, random_state=0),
     ).fit(features, target)
-    mlflow.MlflowClient().create_registered_model(
-        args["model"], tags={"mlkube.owner.namespace": args["owner"]}
-    )
-    mlflow.set_experiment(f"{args['model']}-outside")
-    with mlflow.start_run():
-        info = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            signature=infer_signature(features, model.predict(features)),
-            serialization_format="cloudpickle",
-            pip_requirements=["scikit-learn", "pandas"],
-            registered_model_name=args["model"],
+    versions = {}
+    for name in args.get("models") or [args["model"]]:
+        mlflow.MlflowClient().create_registered_model(
+            name, tags={"mlkube.owner.namespace": args["owner"]}
         )
-    print(json.dumps({"version": int(info.registered_model_version)}))
+        mlflow.set_experiment(f"{name}-outside")
+        with mlflow.start_run():
+            info = mlflow.sklearn.log_model(
+                model,
+                name="model",
+                signature=infer_signature(features, model.predict(features)),
+                serialization_format="cloudpickle",
+                pip_requirements=["scikit-learn", "pandas"],
+                registered_model_name=name,
+            )
+        versions[name] = int(info.registered_model_version)
+    print(json.dumps({"version": versions[name], "versions": versions}))
 
 
 if __name__ == "__main__":
