@@ -177,7 +177,13 @@ def container_restart(node: Any, namespace: str, url: str) -> dict[str, float]:
     pods = json.loads(node.kubectl(
         "get", "pods", "-n", namespace, "-l", "serving.kserve.io/inferenceservice=insurance",
         "-o", "json").stdout)["items"]  # fmt: skip
-    status = pods[0]["status"]["containerStatuses"][0]
+    # The serving pod: a replaced one may still be on its way out.
+    (pod,) = [
+        p for p in pods
+        if not p["metadata"].get("deletionTimestamp")
+        and p["status"].get("containerStatuses", [{}])[0].get("ready")
+    ]  # fmt: skip
+    status = pod["status"]["containerStatuses"][0]
     node.ctr("tasks", "kill", "-s", "SIGKILL", status["containerID"].split("://", 1)[1])
     started = time.monotonic()
     poll = start_poll(node, namespace, url)
