@@ -189,13 +189,11 @@ def container_restart(node: Any, namespace: str, url: str) -> dict[str, float]:
     poll = start_poll(node, namespace, url)
 
     def restarted_and_ready() -> bool:
-        pod = json.loads(
-            node.kubectl(
-                "get", "pod", pods[0]["metadata"]["name"], "-n", namespace, "-o", "json"
-            ).stdout
-        )
-        now = pod["status"]["containerStatuses"][0]
-        return bool(now["restartCount"] > status["restartCount"] and now["ready"])
+        seen = node.kubectl(
+            "get", "pod", pod["metadata"]["name"], "-n", namespace, "-o", "json", check=False
+        ).stdout  # fmt: skip
+        now = json.loads(seen)["status"]["containerStatuses"][0] if seen else {}
+        return bool(now.get("restartCount", 0) > status["restartCount"] and now.get("ready"))
 
     times = {"predictor container killed -> Ready again": seconds_until(restarted_and_ready, 300)}
     out, err = poll.communicate(timeout=300)
