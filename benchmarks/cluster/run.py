@@ -29,19 +29,29 @@ from typing import Any
 
 # Runs in a pod: POST one row until the predictor answers; prints the last request's seconds.
 POLL = """
-import json, sys, time, urllib.request
+import http.client, json, sys, time, urllib.parse
+url = urllib.parse.urlsplit(sys.argv[1])
 body = json.dumps({"instances": [{"age": 40, "sex": "female", "bmi": 27.5, "children": 1,
-                                  "smoker": "no", "region": "northwest"}]}).encode()
+                                  "smoker": "no", "region": "northwest"}]})
 while True:
-    request = urllib.request.Request(sys.argv[1], data=body,
-                                     headers={"content-type": "application/json"})
-    started = time.monotonic()
+    # A short connect timeout: while no pod is ready, a connect can hang in SYN retries,
+    # which would be counted as the request's own time.
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=1)
     try:
-        urllib.request.urlopen(request, timeout=30).read()
-        print(time.monotonic() - started)
-        break
+        connection.connect()
+        connection.sock.settimeout(60)
+        started = time.monotonic()
+        connection.request("POST", url.path, body, {"content-type": "application/json"})
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status == 200:
+            print(time.monotonic() - started)
+            break
     except OSError:
-        time.sleep(0.1)
+        pass
+    finally:
+        connection.close()
+    time.sleep(0.1)
 """
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
