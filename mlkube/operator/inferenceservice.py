@@ -31,7 +31,7 @@ from mlkube.operator.pods import (
     pod_option_fields,
     restricted_pod,
 )
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES, OperatorSettings
+from mlkube.operator.settings import OperatorSettings, is_raw_mode
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 # KServe routes to the container with this name.
@@ -52,10 +52,6 @@ CACHE_FS_GROUP = 10001
 # The share of an emptyDir's size limit the cache may fill: the rest leaves room for the
 # download in progress (the kubelet evicts a pod whose emptyDir exceeds its limit).
 CACHE_SHARE_OF_LIMIT = 0.75
-
-
-def is_raw_mode(deployment_mode: str | None) -> bool:
-    return deployment_mode in RAW_DEPLOYMENT_MODES
 
 
 def deployment_mode(

@@ -31,7 +31,7 @@ from mlkube.operator.conditions import (
 from mlkube.operator.events import Event
 from mlkube.operator.inferenceservice import MODEL_PLACEHOLDER, client_endpoints
 from mlkube.operator.mlflow_reader import MlflowError, MlflowReader
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
+from mlkube.operator.settings import is_raw_mode
 from mlkube.operator.status import InferenceServiceView
 from mlkube.training.ownership import FIELD, ownership_refusal
 
@@ -101,8 +101,7 @@ def plan_rollout(
         else:
             step = _on_its_way(status, isvc, now)
     if desired_version is not None and _rollout_wanted(step, desired_version):
-        raw_mode = mode in RAW_DEPLOYMENT_MODES
-        step = _start_rollout(step, deployment, desired_version, raw_mode, now)
+        step = _start_rollout(step, deployment, desired_version, is_raw_mode(mode), now)
     return step
 
 
@@ -113,7 +112,7 @@ def endpoints(
     for the model's name."""
     model = deployment.spec.model
     name = model.name if model is not None else MODEL_PLACEHOLDER
-    return client_endpoints(url, name, deployment.spec.protocol, mode in RAW_DEPLOYMENT_MODES)
+    return client_endpoints(url, name, deployment.spec.protocol, is_raw_mode(mode))
 
 
 def _canary_support(
@@ -122,7 +121,7 @@ def _canary_support(
     """CanarySupported: False in KServe's raw modes, True otherwise; absent without a canary."""
     if deployment.spec.canary is None:
         return drop_condition(conditions, CANARY_SUPPORTED)
-    if mode in RAW_DEPLOYMENT_MODES:
+    if is_raw_mode(mode):
         return set_condition(
             conditions, CANARY_SUPPORTED, "False", "RawDeployment",
             f"canaryTrafficPercent is not supported in KServe {mode} mode; "

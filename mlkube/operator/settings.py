@@ -15,6 +15,10 @@ DeploymentMode = Literal["Serverless", "Knative", "RawDeployment", "Standard"]
 RAW_DEPLOYMENT_MODES = frozenset({"RawDeployment", "Standard"})
 
 
+def is_raw_mode(deployment_mode: str | None) -> bool:
+    return deployment_mode in RAW_DEPLOYMENT_MODES
+
+
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLKUBE_OPERATOR_", extra="ignore")
 

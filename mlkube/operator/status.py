@@ -36,7 +36,7 @@ from mlkube.operator.names import (
     ANNOTATION_MODEL_VERSION,
     ANNOTATION_MODEL_VERSIONS,
 )
-from mlkube.operator.settings import RAW_DEPLOYMENT_MODES
+from mlkube.operator.settings import is_raw_mode
 from mlkube.training.outcome import Outcome
 
 # TrainingRun condition types.
@@ -438,7 +438,7 @@ def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:
         ]
     ready = conditions.get("Ready", {}).get("status") == "True"
     mode = annotations.get(ANNOTATION_DEPLOYMENT_MODE) or status.get("deploymentMode")
-    if mode in RAW_DEPLOYMENT_MODES and ready:
+    if is_raw_mode(mode) and ready:
         ready = conditions.get("PredictorReady", {}).get("reason") == ROLLED_OUT_REASON
     component = (status.get("components") or {}).get("predictor") or {}
     latest_created = component.get("latestCreatedRevision")
