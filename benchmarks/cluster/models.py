@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cluster.run import REPO, _setup_env, bring_up, seconds_until
+from benchmarks.cluster.run import REPO, _setup_env, bench_namespace, seconds_until
 
 HERE = Path(__file__).resolve().parent
 PODS = REPO / "tests" / "node" / "pods"
@@ -113,29 +113,9 @@ def serve(
 
 
 def measure(shared: Path, count: int) -> dict[str, dict[str, float]]:
-    from tests.cluster.controllers import start_kserve, start_kuberay
-    from tests.cluster.images import image_archives
-    from tests.node.steps import (
-        CHART,
-        LANE_VALUES,
-        MLFLOW,
-        RELEASE_NS,
-        RUNTIME,
-        helm,
-        run_script_pod,
-        serve_dataset,
-        start_sleeper,
-    )
+    from tests.node.steps import MLFLOW, RUNTIME, run_script_pod, start_sleeper
 
-    node, _ = bring_up(list(image_archives().values()), cold=False)
-    try:
-        start_kuberay(node)
-        start_kserve(node)
-        helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
-             "--set", "mlflow.enabled=true", *LANE_VALUES, "--wait", "--timeout", "5m")  # fmt: skip
-        namespace = "bench"
-        node.kubectl("create", "namespace", namespace)
-        uri = serve_dataset(node, namespace, shared / "data" / "insurance.csv")
+    with bench_namespace(shared) as (node, namespace, uri):
         models = [f"small-{n}" for n in range(count)]
         registered = run_script_pod(
             node, namespace, "register", PODS / "register_model.py",
@@ -162,11 +142,6 @@ def measure(shared: Path, count: int) -> dict[str, dict[str, float]]:
         results[f"{count} ModelDeployments of 1 model"] = serve(
             node, namespace, each, [url(f"one-{n}", m) for n, m in enumerate(models)]
         )
-        escaped = node.escaped()
-        if escaped:
-            raise RuntimeError(f"traffic beyond the machine: {escaped}")
-    finally:
-        node.stop()
     return results
 
 

@@ -15,6 +15,7 @@ Writes benchmarks/cluster/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,37 @@ def bring_up(images: list[Path], *, cold: bool) -> tuple[Any, float]:
     started = time.monotonic()
     node = Node(images=images).start()
     return node, time.monotonic() - started
+
+
+def raise_if_escaped(node: Any) -> None:
+    escaped = node.escaped()
+    if escaped:
+        raise RuntimeError(f"traffic beyond the machine: {escaped}")
+
+
+@contextlib.contextmanager
+def bench_namespace(shared: Path, *chart_values: str) -> Iterator[tuple[Any, str, str]]:
+    """A warm node with the real KubeRay and KServe and the chart installed (the lane's
+    values, then `chart_values`), and a namespace `bench` with the insurance data served in
+    it: (node, namespace, the data's URI). After the block: no traffic may have left the
+    machine; the node is stopped either way."""
+    from tests.cluster.controllers import start_kserve, start_kuberay
+    from tests.cluster.images import image_archives
+    from tests.node.steps import CHART, LANE_VALUES, RELEASE_NS, helm, serve_dataset
+
+    node, _ = bring_up(list(image_archives().values()), cold=False)
+    try:
+        start_kuberay(node)
+        start_kserve(node)
+        helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
+             "--set", "mlflow.enabled=true", *LANE_VALUES, *chart_values,
+             "--wait", "--timeout", "5m")  # fmt: skip
+        namespace = "bench"
+        node.kubectl("create", "namespace", namespace)
+        yield node, namespace, serve_dataset(node, namespace, shared / "data" / "insurance.csv")
+        raise_if_escaped(node)
+    finally:
+        node.stop()
 
 
 def round_trip(shared: Path) -> dict[str, float]:
@@ -164,9 +197,7 @@ def round_trip(shared: Path) -> dict[str, float]:
         times["ModelDeployment: apply -> first prediction"] = time.monotonic() - started
         times["  of which the first request (loads the model)"] = float(out.strip())
         times.update(container_restart(node, namespace, url))
-        escaped = node.escaped()
-        if escaped:
-            raise RuntimeError(f"traffic beyond the machine: {escaped}")
+        raise_if_escaped(node)
     finally:
         node.stop()
     return times

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cluster.run import REPO, _setup_env, bring_up, seconds_until
+from benchmarks.cluster.run import REPO, _setup_env, bench_namespace, seconds_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,30 +53,12 @@ def timed_run(
 
 
 def measure(shared: Path, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    from tests.cluster.controllers import start_kserve, start_kuberay
-    from tests.cluster.images import image_archives
-    from tests.node.steps import (
-        CHART,
-        LANE_VALUES,
-        RELEASE_NS,
-        helm,
-        serve_dataset,
-        small_trainingrun,
-    )
+    from tests.node.steps import small_trainingrun
 
-    node, _ = bring_up(list(image_archives().values()), cold=False)
     results: dict[str, list[tuple[float, float]]] = {"new": [], "warm, first": [], "warm": []}
-    try:
-        start_kuberay(node)
-        start_kserve(node)
-        helm(node, "install", "mlkube", str(CHART), "-n", RELEASE_NS, "--create-namespace",
-             "--set", "mlflow.enabled=true", *LANE_VALUES,
-             "--set", "operator.statusPollSeconds=1",
-             "--set", "operator.warmClusterIdleSeconds=3600",
-             "--wait", "--timeout", "5m")  # fmt: skip
-        namespace = "bench"
-        node.kubectl("create", "namespace", namespace)
-        uri = serve_dataset(node, namespace, shared / "data" / "insurance.csv")
+    chart_values = ("--set", "operator.statusPollSeconds=1",
+                    "--set", "operator.warmClusterIdleSeconds=3600")  # fmt: skip
+    with bench_namespace(shared, *chart_values) as (node, namespace, uri):
         new = small_trainingrun(uri)
         warm = small_trainingrun(uri, **{"spec.ray.cluster": {"warm": True}})
         for n in range(rounds):
@@ -89,11 +71,6 @@ def measure(shared: Path, rounds: int) -> dict[str, list[tuple[float, float]]]:
         results["warm, first"].append(timed_run(node, namespace, "warm-first", warm))
         for n in range(rounds):
             results["warm"].append(timed_run(node, namespace, f"warm-{n}", warm))
-        escaped = node.escaped()
-        if escaped:
-            raise RuntimeError(f"traffic beyond the machine: {escaped}")
-    finally:
-        node.stop()
     return results
 
 
