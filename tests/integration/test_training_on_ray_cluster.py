@@ -80,16 +80,22 @@ def wait_until_ready(ray: str, address: str, process: subprocess.Popen[bytes]) -
     raise TimeoutError(f"the Ray head at {address} had no node up in 180 s")
 
 
+def insurance_run_file(folder: Path, csv: Path, model_name: str, trials: int = 2) -> Path:
+    """The insurance example as a TrainingRun file, on this CSV and model, with few trials."""
+    document = yaml.safe_load((REPO / "examples/insurance/trainingrun.yaml").read_text())
+    document["spec"]["dataset"]["uri"] = str(csv)
+    document["spec"]["model"]["name"] = model_name
+    document["spec"]["tuning"]["numTrials"] = trials
+    spec_file = folder / "run.yaml"
+    spec_file.write_text(yaml.safe_dump(document))
+    return spec_file
+
+
 def test_entrypoint_trains_on_the_cluster_ray_address_names(
     ray_cluster: tuple[str, Path], insurance_csv: Path, model_name: str, tmp_path: Path
 ) -> None:
     address, temp_dir = ray_cluster
-    document = yaml.safe_load((REPO / "examples/insurance/trainingrun.yaml").read_text())
-    document["spec"]["dataset"]["uri"] = str(insurance_csv)
-    document["spec"]["model"]["name"] = model_name
-    document["spec"]["tuning"]["numTrials"] = 2
-    spec_file = tmp_path / "run.yaml"
-    spec_file.write_text(yaml.safe_dump(document))
+    spec_file = insurance_run_file(tmp_path, insurance_csv, model_name)
 
     completed = subprocess.run(
         [sys.executable, "-m", "mlkube.flows.train", "--spec-file", str(spec_file)],

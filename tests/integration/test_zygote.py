@@ -20,6 +20,11 @@ from typing import Any
 
 import pytest
 
+from tests.integration.test_training_on_ray_cluster import (
+    insurance_run_file,
+    ray_cluster,  # noqa: F401 (a fixture)
+)
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,14 +37,18 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 class Zygote:
-    def __init__(self, module: str, *preload: str) -> None:
+    def __init__(self, module: str, *preload: str, env: dict[str, str] | None = None) -> None:
         # A short path: a Unix socket's name has at most 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="zy-", dir="/tmp"))
         self.socket = str(self.root / "private" / "z.sock")
         command = [sys.executable, "-m", "mlkube.flows.zygote", "serve", "--socket", self.socket]
         command += [arg for name in preload for arg in ("--preload", name)]
         self.process = subprocess.Popen(
-            [*command, module], cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True
+            [*command, module],
+            cwd=REPO,
+            env=env or environment(),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()  # it listens once it printed this
@@ -63,12 +72,14 @@ def client_command(socket_path: str, *args: str, module: str = TARGET) -> list[s
             module, *args]  # fmt: skip
 
 
-def run_client(socket_path: str, *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+def run_client(
+    socket_path: str, *args: str, module: str = TARGET, **options: Any
+) -> subprocess.CompletedProcess[str]:
     options.setdefault("env", environment())
     options.setdefault("cwd", REPO)
-    return subprocess.run(
-        client_command(socket_path, *args), capture_output=True, text=True, timeout=120, **options
-    )
+    options.setdefault("timeout", 120)
+    command = client_command(socket_path, *args, module=module)
+    return subprocess.run(command, capture_output=True, text=True, **options)
 
 
 def started_child(client: subprocess.Popen[str]) -> dict[str, Any]:
@@ -182,3 +193,54 @@ def test_a_run_whose_import_time_environment_differs_runs_plainly(zygote: Zygote
 def test_the_socket_directory_is_private(zygote: Zygote) -> None:
     mode = os.stat(Path(zygote.socket).parent).st_mode
     assert stat.S_IMODE(mode) == 0o700
+
+
+# --- the train flow itself -------------------------------------------------------------------
+
+TRAIN = "mlkube.flows.train"
+
+
+@pytest.fixture
+def train_zygote() -> Iterator[Zygote]:
+    started = Zygote(TRAIN, "mlkube.cli", env=environment(PREFECT_LOGGING_LEVEL="WARNING"))
+    yield started
+    started.stop()
+
+
+def test_the_train_flow_refuses_bad_input_through_its_zygote_as_it_does_plainly(
+    train_zygote: Zygote,
+) -> None:
+    bad = ["--spec-json", "{"]
+    env = environment(PREFECT_LOGGING_LEVEL="WARNING")
+    through = run_client(train_zygote.socket, *bad, module=TRAIN, env=env)
+    plain = subprocess.run(
+        [sys.executable, "-m", TRAIN, *bad], capture_output=True, text=True, env=env, cwd=REPO,
+        timeout=120,
+    )  # fmt: skip
+
+    assert through.returncode == plain.returncode == 2
+    assert through.stderr == plain.stderr
+    assert through.stderr.startswith("error: --spec-json: malformed JSON")
+
+
+def test_the_train_flow_trains_through_its_zygote_on_a_ray_cluster(
+    train_zygote: Zygote,
+    ray_cluster: tuple[str, Path],  # noqa: F811 (the fixture imported above)
+    insurance_csv: Path,
+    model_name: str,
+    tmp_path: Path,
+) -> None:
+    """As a warm head runs a RayJob: the client is the entrypoint, RAY_ADDRESS names the
+    cluster; the forked child connects to it, trains, registers and promotes."""
+    address, temp_dir = ray_cluster
+    spec_file = insurance_run_file(tmp_path, insurance_csv, model_name)
+    env = environment(PREFECT_LOGGING_LEVEL="WARNING", RAY_ADDRESS=address)
+
+    done = run_client(
+        train_zygote.socket, "--spec-file", str(spec_file), module=TRAIN, env=env, timeout=600
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert FALLBACK_LINE not in done.stderr  # the zygote's child ran it
+    assert '"version":1' in done.stdout and '"promoted":true' in done.stdout
+    assert list(temp_dir.glob("session_*/logs/python-core-driver-*")), "no driver on the cluster"

@@ -4,6 +4,7 @@ the policy on the cluster's images, and when an idle warm cluster goes."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import shlex
@@ -106,17 +107,20 @@ def test_one_warm_cluster_per_namespace_and_shape() -> None:
     assert prefect["image"] == ray_head["image"]
 
 
+def zygote_command(command: str) -> argparse.Namespace:
+    """A shell command `python -m mlkube.flows.zygote ...`, as the zygote reads it."""
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "mlkube.flows.zygote"]
+    parsed = zygote_parser().parse_args(words[3:])
+    assert (parsed.socket, parsed.module) == (ZYGOTE_SOCKET, "mlkube.flows.train")
+    return parsed
+
+
 def test_runs_on_a_warm_cluster_start_through_its_zygote_and_others_plainly() -> None:
     warm = build_rayjob(run(cluster={"warm": True}), "http://mlflow:5000",
                         cluster_name="mlkube-warm-0", allow_shared_models=True)  # fmt: skip
-    command = shlex.split(warm["spec"]["entrypoint"])
-    assert command[:3] == ["python", "-m", "mlkube.flows.zygote"]
-    client = zygote_parser().parse_args(command[3:])
-    assert (client.command, client.socket, client.module) == (
-        "run",
-        ZYGOTE_SOCKET,
-        "mlkube.flows.train",
-    )
+    client = zygote_command(warm["spec"]["entrypoint"])
+    assert client.command == "run"
     assert client.args[0] == "--spec-json" and client.args[2:] == ["--allow-shared-models"]
     assert json.loads(client.args[1])["metadata"]["name"] == "ins"
     # A cluster the user brings has no zygote; a run's own cluster neither.
@@ -134,14 +138,8 @@ def test_the_warm_heads_zygote_starts_in_bash_before_ray_as_kuberay_joins_them()
     script = "".join(f" {a} " for a in args) + " && ulimit -n 65536; ray start --head --block"
     checked = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    started = shlex.split(args[0].split("{")[1].rstrip("&} "))
-    assert started[:3] == ["python", "-m", "mlkube.flows.zygote"]
-    serve = zygote_parser().parse_args(started[3:])
-    assert (serve.command, serve.socket, serve.module) == (
-        "serve",
-        ZYGOTE_SOCKET,
-        "mlkube.flows.train",
-    )
+    serve = zygote_command(args[0].split("{")[1].rstrip("&} "))
+    assert serve.command == "serve" and serve.preload == ["mlkube.cli"]
 
 
 def cluster(name: str, state: str | None = "ready", image: str = "mlkube/runtime:0.1.0",
