@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.integration.test_training_on_ray_cluster import (
@@ -121,6 +122,7 @@ def test_a_second_run_is_a_fresh_process(zygote: Zygote) -> None:
     assert first["pid"] != second["pid"]
     assert first["imported_in"] == second["imported_in"] == zygote.process.pid
     assert first["runs_seen"] == second["runs_seen"] == 1  # the first run's state stayed its own
+    assert psutil.Process(zygote.process.pid).children() == []  # reaped, no zombies
 
 
 def test_an_exception_ends_the_run_as_python_would(zygote: Zygote) -> None:
@@ -159,13 +161,14 @@ def test_a_client_killed_takes_its_run_with_it(zygote: Zygote) -> None:
         env=environment(), cwd=REPO,
     )  # fmt: skip
     child = started_child(client)
+    # another run meanwhile: the zygote serves while runs go on
+    assert run_client(zygote.socket, "echo", "5", input="").returncode == 5
 
     client.kill()  # as Ray kills a job that did not stop on SIGTERM
     client.wait(timeout=30)
 
     assert gone(child["pid"])
-    # and the zygote still serves
-    assert run_client(zygote.socket, "echo", "0", input="").returncode == 0
+    assert psutil.Process(zygote.process.pid).children() == []
 
 
 def test_without_a_zygote_the_client_runs_the_module_itself(tmp_path: Path) -> None:
