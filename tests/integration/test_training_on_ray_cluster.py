@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from mlkube.local import free_port
+from mlkube.local import ensure_ray_bootstrap_config, free_port
 from tests.fixtures.mlflow_server import stop_process_group
 from tests.integration.conftest import REPO
 
@@ -29,6 +29,10 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
 
     Stopped through its own process group: `ray stop` would end every Ray on the machine,
     the session's own included (and with it this test process, a driver of that Ray)."""
+    # Without ~/ray_bootstrap_config.yaml the head's dashboard probes cloud metadata
+    # addresses (tests/integration/test_offline.py); heads under KubeRay know they run on
+    # Kubernetes instead (and probe too). Seen here with tests/integration/test_zygote.py.
+    ensure_ray_bootstrap_config()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-ext-"))
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))

@@ -34,7 +34,8 @@ FALLBACK_LINE = "mlkube.flows.zygote: no pre-imported"
 
 
 def environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "ZYGOTE_TEST_VALUE": "from-client", **extra}
+    # The session's PYTHONPATH has the repository (for the stand-in) and the network guard.
+    return {**os.environ, "ZYGOTE_TEST_VALUE": "from-client", **extra}
 
 
 class Zygote:
