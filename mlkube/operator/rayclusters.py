@@ -26,6 +26,7 @@ from mlkube.operator.rayjob import (
     RAYJOB_API_VERSION,
     TRAIN_MODULE,
     ZYGOTE_MODULE,
+    ZYGOTE_PRELOAD,
     ZYGOTE_SOCKET,
     ray_cluster_spec,
 )
@@ -74,7 +75,8 @@ def zygote_start() -> str:
     bash before its own `ulimit -n 65536; ray start ...` (joined with `&&`), so the braces:
     a command that ends in `&` can't be followed by `&&`. The limit is raised first so that
     the runs have the one a plain driver under `ray start` would have."""
-    serve = f"python -m {ZYGOTE_MODULE} serve --socket {ZYGOTE_SOCKET} --preload mlkube.cli"
+    preload = " ".join(f"--preload {name}" for name in ZYGOTE_PRELOAD)
+    serve = f"python -m {ZYGOTE_MODULE} serve --socket {ZYGOTE_SOCKET} {preload}"
     return f"ulimit -n 65536; {{ {serve} {TRAIN_MODULE} & }}"
 
 

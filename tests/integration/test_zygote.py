@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
+from mlkube.operator.rayjob import ZYGOTE_PRELOAD
 from tests.integration.test_training_on_ray_cluster import (
     insurance_run_file,
     ray_cluster,  # noqa: F401 (a fixture)
@@ -206,7 +207,7 @@ TRAIN = "mlkube.flows.train"
 
 @pytest.fixture
 def train_zygote() -> Iterator[Zygote]:
-    started = Zygote(TRAIN, "mlkube.cli", env=environment(PREFECT_LOGGING_LEVEL="WARNING"))
+    started = Zygote(TRAIN, *ZYGOTE_PRELOAD, env=environment(PREFECT_LOGGING_LEVEL="WARNING"))
     yield started
     started.stop()
 
