@@ -160,7 +160,6 @@ class Zygote:
         selector.register(listener, selectors.EVENT_READ, "accept")
         selector.register(wake_read, selectors.EVENT_READ, "reap")
         print(f"{PROG}: {self.module} imported; serving on {self.socket_path}", flush=True)
-        zygote_fds = [listener.fileno(), wake_read, wake_write]
         while True:
             for key, _ in selector.select():
                 if key.data == "accept":
@@ -168,8 +167,9 @@ class Zygote:
                     child = self._start(conn, import_env, selector)
                     if child is not None:  # in the forked child from here on
                         selector.close()
-                        for fd in zygote_fds:
-                            os.close(fd)
+                        listener.close()  # by its object: a bare close would leave it to
+                        os.close(wake_read)  # close a reused descriptor when collected
+                        os.close(wake_write)
                         return child
                 elif key.data == "reap":
                     with contextlib.suppress(BlockingIOError):
