@@ -21,7 +21,15 @@ from mlkube.local import TELEMETRY_OFF_ENV
 from mlkube.operator.conditions import parse_timestamp, timestamp
 from mlkube.operator.names import MANAGED_BY, OPERATOR_NAME
 from mlkube.operator.pods import CONTAINER_SECURITY_CONTEXT
-from mlkube.operator.rayjob import RAY_CLUSTER_SELECTOR_KEY, RAYJOB_API_VERSION, ray_cluster_spec
+from mlkube.operator.rayjob import (
+    RAY_CLUSTER_SELECTOR_KEY,
+    RAYJOB_API_VERSION,
+    TRAIN_MODULE,
+    ZYGOTE_MODULE,
+    ZYGOTE_PRELOAD,
+    ZYGOTE_SOCKET,
+    ray_cluster_spec,
+)
 
 WARM_LABEL = "mlkube.io/warm-cluster"
 LAST_USED = "mlkube.io/last-used"
@@ -61,13 +69,26 @@ def prefect_api_container(image: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def zygote_start() -> str:
+    """The warm head's container arguments: the train flow's zygote started in the
+    background (imported once, then forked for each run's entrypoint). KubeRay runs them in
+    bash before its own `ulimit -n 65536; ray start ...` (joined with `&&`), so the braces:
+    a command that ends in `&` can't be followed by `&&`. The limit is raised first so that
+    the runs have the one a plain driver under `ray start` would have."""
+    preload = " ".join(f"--preload {name}" for name in ZYGOTE_PRELOAD)
+    serve = f"python -m {ZYGOTE_MODULE} serve --socket {ZYGOTE_SOCKET} {preload}"
+    return f"ulimit -n 65536; {{ {serve} {TRAIN_MODULE} & }}"
+
+
 def warm_cluster_spec(run: TrainingRun, credentials_secret: str) -> dict[str, Any]:
     """The spec of the warm cluster a run asks for: a run's own cluster, plus Prefect's API
-    beside the head, which the head's processes (the train flow's driver) are pointed at."""
+    beside the head, which the head's processes (the train flow's driver) are pointed at,
+    and the train flow's zygote in the head."""
     spec = ray_cluster_spec(run, credentials_secret)
     pod = spec["headGroupSpec"]["template"]["spec"]
     head = pod["containers"][0]
     head["env"] = [*head["env"], {"name": "PREFECT_API_URL", "value": PREFECT_API_URL}]
+    head["args"] = [zygote_start()]
     pod["containers"] = [head, prefect_api_container(head["image"])]
     return spec
 

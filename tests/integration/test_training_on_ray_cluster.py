@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from mlkube.local import free_port
+from mlkube.local import ensure_ray_bootstrap_config, free_port
 from tests.fixtures.mlflow_server import stop_process_group
 from tests.integration.conftest import REPO
 
@@ -29,6 +29,10 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
 
     Stopped through its own process group: `ray stop` would end every Ray on the machine,
     the session's own included (and with it this test process, a driver of that Ray)."""
+    # Without ~/ray_bootstrap_config.yaml the head's dashboard probes cloud metadata
+    # addresses (tests/integration/test_offline.py); heads under KubeRay know they run on
+    # Kubernetes instead (and probe too). Seen here with tests/integration/test_zygote.py.
+    ensure_ray_bootstrap_config()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-ext-"))
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
@@ -80,16 +84,22 @@ def wait_until_ready(ray: str, address: str, process: subprocess.Popen[bytes]) -
     raise TimeoutError(f"the Ray head at {address} had no node up in 180 s")
 
 
+def insurance_run_file(folder: Path, csv: Path, model_name: str, trials: int = 2) -> Path:
+    """The insurance example as a TrainingRun file, on this CSV and model, with few trials."""
+    document = yaml.safe_load((REPO / "examples/insurance/trainingrun.yaml").read_text())
+    document["spec"]["dataset"]["uri"] = str(csv)
+    document["spec"]["model"]["name"] = model_name
+    document["spec"]["tuning"]["numTrials"] = trials
+    spec_file = folder / "run.yaml"
+    spec_file.write_text(yaml.safe_dump(document))
+    return spec_file
+
+
 def test_entrypoint_trains_on_the_cluster_ray_address_names(
     ray_cluster: tuple[str, Path], insurance_csv: Path, model_name: str, tmp_path: Path
 ) -> None:
     address, temp_dir = ray_cluster
-    document = yaml.safe_load((REPO / "examples/insurance/trainingrun.yaml").read_text())
-    document["spec"]["dataset"]["uri"] = str(insurance_csv)
-    document["spec"]["model"]["name"] = model_name
-    document["spec"]["tuning"]["numTrials"] = 2
-    spec_file = tmp_path / "run.yaml"
-    spec_file.write_text(yaml.safe_dump(document))
+    spec_file = insurance_run_file(tmp_path, insurance_csv, model_name)
 
     completed = subprocess.run(
         [sys.executable, "-m", "mlkube.flows.train", "--spec-file", str(spec_file)],

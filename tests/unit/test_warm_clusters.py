@@ -4,12 +4,19 @@ the policy on the cluster's images, and when an idle warm cluster goes."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from mlkube.api import ManifestError, TrainingRun, parse_resource
+from mlkube.flows.zygote import Request, refusal
+from mlkube.flows.zygote import build_parser as zygote_parser
 from mlkube.operator.policy import IMAGE_NOT_ALLOWED, raycluster_refusal
 from mlkube.operator.rayclusters import (
     LAST_USED,
@@ -18,8 +25,9 @@ from mlkube.operator.rayclusters import (
     cluster_images,
     pick_cluster,
     warm_cluster_action,
+    zygote_start,
 )
-from mlkube.operator.rayjob import build_rayjob, ray_cluster_spec
+from mlkube.operator.rayjob import ZYGOTE_SOCKET, build_rayjob, ray_cluster_spec
 from mlkube.operator.settings import OperatorSettings
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
@@ -93,10 +101,45 @@ def test_one_warm_cluster_per_namespace_and_shape() -> None:
     assert ray_head == {**own_head["containers"][0], "env": [
         *own_head["containers"][0]["env"],
         {"name": "PREFECT_API_URL", "value": "http://127.0.0.1:4200/api"},
-    ]}  # fmt: skip
+    ], "args": [zygote_start()]}  # fmt: skip
     assert prefect["command"][:5] == ["prefect", "server", "start", "--host", "127.0.0.1"]
     assert prefect["securityContext"] == ray_head["securityContext"]
     assert prefect["image"] == ray_head["image"]
+
+
+def zygote_command(command: str) -> argparse.Namespace:
+    """A shell command `python -m mlkube.flows.zygote ...`, as the zygote reads it."""
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "mlkube.flows.zygote"]
+    parsed = zygote_parser().parse_args(words[3:])
+    assert (parsed.socket, parsed.module) == (ZYGOTE_SOCKET, "mlkube.flows.train")
+    return parsed
+
+
+def test_runs_on_a_warm_cluster_start_through_its_zygote_and_others_plainly() -> None:
+    warm = build_rayjob(run(cluster={"warm": True}), "http://mlflow:5000",
+                        cluster_name="mlkube-warm-0", allow_shared_models=True)  # fmt: skip
+    client = zygote_command(warm["spec"]["entrypoint"])
+    assert client.command == "run"
+    assert client.args[0] == "--spec-json" and client.args[2:] == ["--allow-shared-models"]
+    assert json.loads(client.args[1])["metadata"]["name"] == "ins"
+    # A cluster the user brings has no zygote; a run's own cluster neither.
+    named = build_rayjob(run(cluster={"name": "shared"}), "u", cluster_name="shared")
+    for job in (named, build_rayjob(run(), "u")):
+        assert shlex.split(job["spec"]["entrypoint"])[:3] == ["python", "-m", "mlkube.flows.train"]
+
+
+def test_the_warm_heads_zygote_starts_in_bash_before_ray_as_kuberay_joins_them() -> None:
+    """KubeRay 1.5 (controllers/ray/common/pod.go) runs `/bin/bash -lc --` with the args,
+    each padded with spaces, then `&& ulimit -n 65536; ray start ...`."""
+    head = build_warm_raycluster(run(cluster={"warm": True}), "", NOW)["spec"]["headGroupSpec"]
+    args = head["template"]["spec"]["containers"][0]["args"]
+    assert "ray start" not in " ".join(args)  # else KubeRay would not add its own
+    script = "".join(f" {a} " for a in args) + " && ulimit -n 65536; ray start --head --block"
+    checked = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    serve = zygote_command(args[0].split("{")[1].rstrip("&} "))
+    assert serve.command == "serve" and serve.preload == ["mlkube.cli", "ray.tune"]
 
 
 def cluster(name: str, state: str | None = "ready", image: str = "mlkube/runtime:0.1.0",
@@ -147,3 +190,25 @@ def test_a_warm_cluster_goes_after_the_idle_time_since_its_last_use() -> None:
     ended = job_on("w", "Complete", end="2026-12-01T11:58:00Z")
     assert warm_cluster_action(warm, [ended], NOW, idle_seconds=300) == "keep"
     assert warm_cluster_action(warm, [ended], NOW, idle_seconds=60) == "idle"
+
+
+def test_the_zygote_refuses_runs_it_was_not_imported_for() -> None:
+    """A run the zygote's imports did not see the same way runs as a plain process."""
+    seen = {"PREFECT_API_URL": "http://127.0.0.1:4200/api", "HOME": "/home/ray"}
+
+    def request(module: str = "mlkube.flows.train", **env: str) -> Request:
+        return Request(module, [], {**seen, **env}, "/", sys.executable)
+
+    assert refusal("mlkube.flows.train", seen, request(HOME="/x", RAY_JOB_ID="02")) is None
+    assert refusal("mlkube.flows.train", seen, request(PYTHONUNBUFFERED="1")) is None
+    assert refusal("mlkube.flows.train", seen, request("other")) == (
+        "it serves mlkube.flows.train, not other"
+    )
+    changed = request(PREFECT_API_URL="http://elsewhere/api")
+    assert (
+        refusal("mlkube.flows.train", seen, changed) == "PREFECT_API_URL differs from the zygote's"
+    )
+    added = request(PYTHONPATH="/work")
+    assert refusal("mlkube.flows.train", seen, added) == "PYTHONPATH differs from the zygote's"
+    other_python = Request("mlkube.flows.train", [], seen, "/", "/usr/bin/python2")
+    assert "not /usr/bin/python2" in str(refusal("mlkube.flows.train", seen, other_python))
