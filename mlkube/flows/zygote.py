@@ -48,9 +48,10 @@ FORWARDED_SIGNALS = (
 )  # fmt: skip
 # Variables read while the zygote imported its modules (Prefect's settings, the module
 # search path, the dynamic loader): a run whose value differs is not the same program,
-# so it runs the plain way. PYTHONUNBUFFERED is applied in the child.
+# so it runs the plain way. PYTHONUNBUFFERED is applied in the child, and PYTHONBREAKPOINT
+# (which ray.init sets in the job supervisor, hence in every job) is read by breakpoint().
 IMPORT_TIME_ENV_PREFIXES = ("PREFECT_", "PYTHON", "LD_")
-APPLIED_IN_CHILD = frozenset({"PYTHONUNBUFFERED"})
+APPLIED_IN_CHILD = frozenset({"PYTHONUNBUFFERED", "PYTHONBREAKPOINT"})
 REQUEST_TIMEOUT_SECONDS = 10.0
 _LENGTH = struct.Struct("!I")
 
@@ -217,6 +218,7 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         self.runs[pid] = _Run(pid, conn)
+        print(f"{PROG}: run {pid} forked", flush=True)  # the head's log shows who ran it
         conn.setblocking(False)
         selector.register(conn, selectors.EVENT_READ, pid)
         with contextlib.suppress(OSError):  # a client gone is seen as end of file

@@ -74,10 +74,11 @@ def zygote_start() -> str:
     background (imported once, then forked for each run's entrypoint). KubeRay runs them in
     bash before its own `ulimit -n 65536; ray start ...` (joined with `&&`), so the braces:
     a command that ends in `&` can't be followed by `&&`. The limit is raised first so that
-    the runs have the one a plain driver under `ray start` would have."""
+    the runs have the one a plain driver under `ray start` would have (quietly: where the
+    hard limit is lower, KubeRay's own `ulimit` reports it)."""
     preload = " ".join(f"--preload {name}" for name in ZYGOTE_PRELOAD)
     serve = f"python -m {ZYGOTE_MODULE} serve --socket {ZYGOTE_SOCKET} {preload}"
-    return f"ulimit -n 65536; {{ {serve} {TRAIN_MODULE} & }}"
+    return f"ulimit -n 65536 2>/dev/null; {{ {serve} {TRAIN_MODULE} & }}"
 
 
 def warm_cluster_spec(run: TrainingRun, credentials_secret: str) -> dict[str, Any]:

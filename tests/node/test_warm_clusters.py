@@ -60,6 +60,12 @@ def test_trainingruns_share_a_warm_cluster_that_goes_when_idle(
     # All three ran on the one cluster: its head pod is the one the first run started.
     assert [c["metadata"]["name"] for c in warm_clusters(node, namespace)] == [name]
     assert head_pods(node, namespace) == heads
+    # The runs after the first found the train flow pre-imported on the head (its zygote
+    # forked them); the first may have come before the zygote's imports were done.
+    zygote_log = node.kubectl("logs", "-n", namespace, "-l", "ray.io/node-type=head",
+                              "-c", "ray-head", "--tail", "-1").stdout  # fmt: skip
+    assert "mlkube.flows.train imported; serving" in zygote_log, zygote_log[-3000:]
+    assert zygote_log.count("mlkube.flows.zygote: run ") >= 2, zygote_log[-3000:]
     for run in ("first", "second", "by-name"):
         job = json.loads(node.kubectl("get", "rayjob", run, "-n", namespace, "-o",
                                       "json").stdout)  # fmt: skip

@@ -201,6 +201,8 @@ def test_the_zygote_refuses_runs_it_was_not_imported_for() -> None:
 
     assert refusal("mlkube.flows.train", seen, request(HOME="/x", RAY_JOB_ID="02")) is None
     assert refusal("mlkube.flows.train", seen, request(PYTHONUNBUFFERED="1")) is None
+    ray_job = request(PYTHONBREAKPOINT="ray.util.rpdb._driver_set_trace")
+    assert refusal("mlkube.flows.train", seen, ray_job) is None
     assert refusal("mlkube.flows.train", seen, request("other")) == (
         "it serves mlkube.flows.train, not other"
     )
