@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from tests.cluster.node import Node
+from tests.cluster.objectstore import ObjectStore
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mlkube"
@@ -102,6 +103,22 @@ def serve_dataset(node: Node, namespace: str, csv_path: Path) -> str:
     )
     node.kubectl("rollout", "status", "deploy/data", "-n", namespace, "--timeout=120s", timeout=130)
     return f"http://data.{namespace}.svc.cluster.local:8000/{csv_path.name}"
+
+
+def secret(node: Node, namespace: str, name: str, data: dict[str, str]) -> None:
+    literals = [f"--from-literal={k}={v}" for k, v in data.items()]
+    node.kubectl("create", "secret", "generic", name, "-n", namespace, *literals)
+
+
+def s3_env_from(node: Node, namespace: str, store: ObjectStore) -> list[dict[str, Any]]:
+    """What docs/object-storage.md has a team make in its namespace: the store's keys in the
+    Secret `s3-credentials`, its address in the ConfigMap `s3`; the `envFrom` giving both."""
+    keys = {"AWS_ACCESS_KEY_ID": store.access_key, "AWS_SECRET_ACCESS_KEY": store.secret_key}
+    secret(node, namespace, "s3-credentials", keys)
+    node.kubectl("create", "configmap", "s3", "-n", namespace,
+                 f"--from-literal=AWS_ENDPOINT_URL={store.endpoint}",
+                 "--from-literal=AWS_EC2_METADATA_DISABLED=true")  # fmt: skip
+    return [{"secretRef": {"name": "s3-credentials"}}, {"configMapRef": {"name": "s3"}}]
 
 
 def example(name: str, **changes: Any) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from tests.node.steps import (
     insurance_rows,
     release_installed,
     run_script_pod,
+    s3_env_from,
+    secret,
     small_trainingrun,
     trainingrun_ended,
     uninstall_chart,
@@ -51,11 +53,6 @@ def apply(node: Node, namespace: str, manifest: dict[str, Any], check: bool = Tr
     return node.kubectl(
         "apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=check
     )
-
-
-def secret(node: Node, namespace: str, name: str, data: dict[str, str]) -> None:
-    literals = [f"--from-literal={k}={v}" for k, v in data.items()]
-    node.kubectl("create", "secret", "generic", name, "-n", namespace, *literals)
 
 
 def install_team_chart(node: Node, store: ObjectStore, db: Postgres) -> None:
@@ -118,24 +115,10 @@ def test_a_team_setup_s3_postgres_two_mlflow_replicas_and_pod_options(
 
         # The tenant's namespace: the store's keys in a Secret, its address in a ConfigMap, and
         # a ServiceAccount the admin allows.
-        secret(
-            node,
-            namespace,
-            "s3-credentials",
-            {
-                "AWS_ACCESS_KEY_ID": object_store.access_key,
-                "AWS_SECRET_ACCESS_KEY": object_store.secret_key,
-            },
-        )
-        node.kubectl("create", "configmap", "s3", "-n", namespace,
-                     f"--from-literal=AWS_ENDPOINT_URL={object_store.endpoint}",
-                     "--from-literal=AWS_EC2_METADATA_DISABLED=true")  # fmt: skip
+        env_from = s3_env_from(node, namespace, object_store)
         node.kubectl("create", "serviceaccount", "ml-runner", "-n", namespace)
         options = {
-            "envFrom": [
-                {"secretRef": {"name": "s3-credentials"}},
-                {"configMapRef": {"name": "s3"}},
-            ],
+            "envFrom": env_from,
             "env": [{"name": "AWS_DEFAULT_REGION", "value": "us-east-1"}],
             "serviceAccountName": "ml-runner",
             **PLACEMENT,
