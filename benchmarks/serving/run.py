@@ -617,27 +617,37 @@ def measure(
         load.rest(server, 16, WARM_UP_SECONDS)
     else:
         load.grpc(server, 16, WARM_UP_SECONDS)
+    mlkube = server.label.startswith("mlkube")
     for name, run in chosen:
+        before = batch_counts(server) if mlkube else (0.0, 0.0)
         point = run()
         if point is None:
             continue
         measured.points.setdefault(name, []).append(point)
+        batches = ""
+        if mlkube:
+            after = batch_counts(server)
+            predicts = after[1] - before[1]
+            if predicts:
+                batches = f", {(after[0] - before[0]) / predicts:.1f} requests a predict"
         say(
             f"  {name}: {point.rps:.0f} req/s, p50 {point.p50_ms:.2f} ms, "
-            f"p99 {point.p99_ms:.2f} ms, errors {point.errors}, load {point.load:.1f}"
+            f"p99 {point.p99_ms:.2f} ms, errors {point.errors}, load {point.load:.1f}{batches}"
         )
     if server.label.startswith("mlkube"):
         measured.notes = batching_verdicts(server.log)
 
 
-def profile_points(server: Server, variant: str, load: Load, seconds: float) -> list[str]:
+def profile_points(
+    server: Server, variant: str, load: Load, seconds: float, wanted: tuple[str, ...] = POINTS
+) -> list[str]:
     found = []
     for label, run in (
         ("REST c1", lambda s: load.rest(server, 1, s)),
         ("REST c16", lambda s: load.rest(server, 16, s)),
         ("gRPC c16", lambda s: load.grpc(server, 16, s)),
     ):
-        if label.startswith("gRPC") and load.ghz is None:
+        if label.lower() not in wanted or (label.startswith("gRPC") and load.ghz is None):
             continue
         say(f"  py-spy during {label}")
         found.append(f"## {variant}, {label}\n\n" + profile(server, label, run, seconds))
@@ -675,6 +685,14 @@ def reload_after_eviction(
         return statistics.median(reloads), statistics.median(loads)
     finally:
         stop(server)
+
+
+def batch_counts(server: Server) -> tuple[float, float]:
+    """(requests, predict calls) the mlkube predictor's batcher has seen."""
+    return (
+        metric(server, "mlkube_batch_requests_sum"),
+        metric(server, "mlkube_batch_requests_count"),
+    )
 
 
 def metric(server: Server, name: str) -> float:
@@ -801,7 +819,9 @@ def main() -> int:
                             args.points,
                         )
                         if args.profile and peer.label == "mlkube predictor" and repeat == 0:
-                            profiles += profile_points(server, variant, load, args.duration)
+                            profiles += profile_points(
+                                server, variant, load, args.duration, args.points
+                            )
                     finally:
                         stop(server)
         if "mlkube predictor" in [p.label for p in chosen] and args.points == POINTS:
@@ -818,6 +838,8 @@ def main() -> int:
     ]
     report = render(results, loads, reload_seconds, args)
     print(report)
+    if profiles and not args.write:
+        print("\n".join(profiles))
     if args.write:
         (HERE / "RESULTS.md").write_text(report)
         say(f"wrote {HERE / 'RESULTS.md'}")
