@@ -70,6 +70,7 @@ QUIET = {
 MODEL = "bench"  # the name every server serves the model under
 VARIANTS = {"without input example": "bench-plain", "with input example": "bench-example"}
 CHECK_ROWS = 64
+POINTS = ("rest c1", "rest c16", "grpc c16")
 WARM_UP_SECONDS = 3.0
 
 
@@ -299,7 +300,7 @@ def post(server: Server, body: bytes) -> dict[str, Any]:
         return dict(json.loads(answer.read()))
 
 
-def peers(python: str, mlserver: Path) -> list[Peer]:
+def peers(python: str, mlserver: Path, baseline: Path | None = None) -> list[Peer]:
     def bare(registered: str, model_dir: Path, http_port: int, grpc_port: int) -> list[str]:
         return [
             python,
@@ -343,9 +344,17 @@ def peers(python: str, mlserver: Path) -> list[Peer]:
     def mlserver_command(registered: str, model_dir: Path, http: int, grpc: int) -> list[str]:
         return [str(mlserver), "start", "."]
 
+    def mlkube_baseline(registered: str, model_dir: Path, http: int, grpc: int) -> list[str]:
+        # PYTHONPATH comes before the editable install on sys.path
+        assert baseline is not None
+        command = mlkube(registered, model_dir, http, grpc)
+        return ["env", f"PYTHONPATH={baseline.resolve()}", *command]
+
+    baseline_peers = [Peer("mlkube baseline", mlkube_baseline)] if baseline else []
     return [
         Peer("bare kserve.Model", bare),
         Peer("mlkube predictor", mlkube),
+        *baseline_peers,
         Peer("MLServer, adaptive batching (16 rows, 5 ms)", mlserver_command, mlserver_setup(True)),
         Peer("MLServer, no batching", mlserver_command, mlserver_setup(False)),
     ]
@@ -592,38 +601,53 @@ def measure(
     types: dict[str, Any],
     expected: list[float],
     seconds: float,
+    wanted: tuple[str, ...] = POINTS,
 ) -> None:
-    """Cold-path numbers, the prediction check, a warm-up, then every point."""
+    """Cold-path numbers, the prediction check, a warm-up, then the `wanted` points."""
     measured.ready.append(server.ready_seconds)
     measured.first.append(server.first_request_seconds)
     measured.mismatches.append(check_predictions(server, rows, types, expected))
-    load.rest(server, 16, WARM_UP_SECONDS)
     points: list[tuple[str, Callable[[], Point | None]]] = [
         ("rest c1", lambda: load.rest(server, 1, seconds)),
         ("rest c16", lambda: load.rest(server, 16, seconds)),
         ("grpc c16", lambda: load.grpc(server, 16, seconds)),
     ]
-    for name, run in points:
+    chosen = [(name, run) for name, run in points if name in wanted]
+    if any(name.startswith("rest") for name, _ in chosen):
+        load.rest(server, 16, WARM_UP_SECONDS)
+    else:
+        load.grpc(server, 16, WARM_UP_SECONDS)
+    mlkube = server.label.startswith("mlkube")
+    for name, run in chosen:
+        before = batch_counts(server) if mlkube else (0.0, 0.0)
         point = run()
         if point is None:
             continue
         measured.points.setdefault(name, []).append(point)
+        batches = ""
+        if mlkube:
+            after = batch_counts(server)
+            predicts = after[1] - before[1]
+            if predicts:
+                batches = f", {(after[0] - before[0]) / predicts:.1f} requests a predict"
         say(
             f"  {name}: {point.rps:.0f} req/s, p50 {point.p50_ms:.2f} ms, "
-            f"p99 {point.p99_ms:.2f} ms, errors {point.errors}, load {point.load:.1f}"
+            f"p99 {point.p99_ms:.2f} ms, errors {point.errors}, load {point.load:.1f}{batches}"
         )
-    if server.label == "mlkube predictor":
+    if server.label.startswith("mlkube"):
         measured.notes = batching_verdicts(server.log)
 
 
-def profile_points(server: Server, variant: str, load: Load, seconds: float) -> list[str]:
+def profile_points(
+    server: Server, variant: str, load: Load, seconds: float, wanted: tuple[str, ...] = POINTS
+) -> list[str]:
     found = []
     for label, run in (
         ("REST c1", lambda s: load.rest(server, 1, s)),
         ("REST c16", lambda s: load.rest(server, 16, s)),
         ("gRPC c16", lambda s: load.grpc(server, 16, s)),
     ):
-        if label.startswith("gRPC") and load.ghz is None:
+        if label.lower() not in wanted or (label.startswith("gRPC") and load.ghz is None):
             continue
         say(f"  py-spy during {label}")
         found.append(f"## {variant}, {label}\n\n" + profile(server, label, run, seconds))
@@ -663,6 +687,14 @@ def reload_after_eviction(
         stop(server)
 
 
+def batch_counts(server: Server) -> tuple[float, float]:
+    """(requests, predict calls) the mlkube predictor's batcher has seen."""
+    return (
+        metric(server, "mlkube_batch_requests_sum"),
+        metric(server, "mlkube_batch_requests_count"),
+    )
+
+
 def metric(server: Server, name: str) -> float:
     """The sum of a Prometheus metric's samples on the server's /metrics."""
     with urllib.request.urlopen(server.base + "/metrics", timeout=10) as answer:
@@ -699,7 +731,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over every point")
-    parser.add_argument("--only", help="run only the peers whose label contains this")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only the peers whose label contains this (repeat for several)",
+    )
+    parser.add_argument(
+        "--points",
+        type=lambda text: tuple(part.strip() for part in text.split(",")),
+        default=POINTS,
+        help=f"comma-separated subset of: {', '.join(POINTS)} (all by default)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the predictor of another mlkube checkout (a directory holding "
+        "mlkube/), as peer 'mlkube baseline', side by side with this one",
+    )
     parser.add_argument("--variant", choices=list(VARIANTS), help="run one model variant")
     parser.add_argument("--no-grpc", dest="grpc", action="store_false")
     parser.add_argument("--profile", action="store_true", help="py-spy the mlkube predictor")
@@ -747,7 +795,9 @@ def main() -> int:
         protoset = write_protoset(work / "inference.protoset")
         load = Load(wrk, ghz, protoset, body_file, grpc_file)
         chosen = [
-            p for p in peers(sys.executable, mlserver) if not args.only or args.only in p.label
+            p
+            for p in peers(sys.executable, mlserver, args.baseline)
+            if not args.only or any(part in p.label for part in args.only)
         ]
         variants = [args.variant] if args.variant else list(VARIANTS)
         for repeat in range(args.repeats):
@@ -758,12 +808,23 @@ def main() -> int:
                     say(f"round {repeat + 1}/{args.repeats}, {variant}: {peer.label}")
                     server = start(peer, variant, model_dirs[variant], env, work, body)
                     try:
-                        measure(server, measured, load, rows, types, expected, args.duration)
+                        measure(
+                            server,
+                            measured,
+                            load,
+                            rows,
+                            types,
+                            expected,
+                            args.duration,
+                            args.points,
+                        )
                         if args.profile and peer.label == "mlkube predictor" and repeat == 0:
-                            profiles += profile_points(server, variant, load, args.duration)
+                            profiles += profile_points(
+                                server, variant, load, args.duration, args.points
+                            )
                     finally:
                         stop(server)
-        if "mlkube predictor" in [p.label for p in chosen]:
+        if "mlkube predictor" in [p.label for p in chosen] and args.points == POINTS:
             reload_seconds = reload_after_eviction(
                 chosen, model_dirs["without input example"], env, work, body
             )
@@ -777,6 +838,8 @@ def main() -> int:
     ]
     report = render(results, loads, reload_seconds, args)
     print(report)
+    if profiles and not args.write:
+        print("\n".join(profiles))
     if args.write:
         (HERE / "RESULTS.md").write_text(report)
         say(f"wrote {HERE / 'RESULTS.md'}")
@@ -802,8 +865,8 @@ def render(
         "# Serving benchmark",
         "",
         f"{datetime.date.today().isoformat()} on {machine()} "
-        f"(`python benchmarks/serving/run.py --duration {args.duration:g} "
-        f"--repeats {args.repeats}`). HistGradientBoostingRegressor on 11 numeric columns, one "
+        f"(`python benchmarks/serving/run.py {' '.join(sys.argv[1:])}`). "
+        "HistGradientBoostingRegressor on 11 numeric columns, one "
         "row a request, Open Inference Protocol v2; wrk (1 thread) for REST, ghz (1 CPU, 1 "
         "connection) for gRPC; each server alone on 127.0.0.1; OMP_NUM_THREADS=1; median of "
         f"{args.repeats} rounds of {args.duration:g} s a point.",

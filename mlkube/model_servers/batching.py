@@ -16,12 +16,14 @@ cost more than the predict blocks the loop, and on a busy machine each hand-off 
 time slice. Before going inline it yields once, so requests that arrived with it queue up and
 are batched off the loop instead.
 
-There is no timer: while a predict runs (in a worker thread, off the event loop), new
-requests queue up; the next round takes all of them, up to `max_rows`. One request alone
-is predicted at once, so latency at concurrency 1 pays only the thread hop. The model sees
-rows in the same dtypes whether batched or not, and a batch whose predict fails, or whose
-output cannot be cut back per request, is retried request by request, so one bad request
-never fails its neighbours.
+While a predict runs (in a worker thread, off the event loop), new requests queue up; the
+next round takes all of them, up to `max_rows`. One request alone is predicted at once, so
+latency at concurrency 1 pays only the thread hop. A round waits briefly only where requests
+are known to be on their way (`_linger`): clients answered by the last round send their next
+requests right after, and without the wait a round took the first few and left the rest for
+another predict of about the same cost. The model sees rows in the same dtypes whether
+batched or not, and a batch whose predict fails, or whose output cannot be cut back per
+request, is retried request by request, so one bad request never fails its neighbours.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 BatchObserver = Callable[[int, int], None]  # (requests, rows) of each predict call
 PROBATION_BATCHES = 8  # live batches checked row by row before batching is trusted
+LINGER_GAP = 0.001  # a round stops waiting once no request came for this long
+LINGER_MAX = 0.005  # and never waits longer than this or one predict, whichever is shorter
 
 
 class Trust(enum.Enum):
@@ -61,6 +65,8 @@ class MicroBatcher:
         trust: Trust = Trust.ON,
         inline_below: float = 0.005,
         on_verdict: Callable[[Trust], None] | None = None,
+        linger_gap: float = LINGER_GAP,
+        linger_max: float = LINGER_MAX,
     ) -> None:
         self.trust = trust if codec.batchable else Trust.OFF
         self.on_verdict = on_verdict  # told when probation ends, ON or OFF
@@ -74,13 +80,16 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._queue: deque[tuple[Rows, asyncio.Future[Any]]] = deque()
         self._worker: asyncio.Task[None] | None = None
+        self._last_round = 1  # requests the last round answered: they come back first
+        self._arrival: asyncio.Future[bool] | None = None  # what a lingering round awaits
+        self._linger_gap, self._linger_max = linger_gap, linger_max
 
     async def submit(self, rows: Rows, alone: bool = True) -> Any:
         """This request's share of the model output (an array or a DataFrame). `alone`: no
         other request for this model is in flight (being read or decoded). Only a request
         alone may be predicted on the event loop: gRPC hands calls over one at a time, and
         predicting each on the loop as it came kept the batcher idle-looking and every
-        batch one request long."""
+        batch one request long (so gRPC calls never say they are alone)."""
         if alone and self._idle() and self._fast() and not self._probing:
             self._probing = True
             try:
@@ -92,9 +101,40 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((rows, future))
+        if self._arrival is not None:
+            _settle(self._arrival, True)  # a lingering round counts it
         if self._worker is None:
             self._worker = loop.create_task(self._drain())
         return await future
+
+    async def _linger(self, expected: int) -> None:
+        """Wait while requests known to be on their way still arrive. `expected`: those the
+        last round answered (closed-loop clients send the next one as soon as they have their
+        answer) and those that came while it ran. A round waits for that many, as long as
+        each came within `linger_gap` of the one before, and for at most one predict's time
+        (`linger_max` at most): a longer wait costs more than the second predict it saves.
+        After a round of one request with nothing queued meanwhile, no round waits."""
+        if self.trust is Trust.OFF or self.predict_seconds is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + min(self.predict_seconds, self._linger_max)
+        while len(self._queue) < expected and self._queued_rows() < self._max_rows:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            arrival: asyncio.Future[bool] = loop.create_future()
+            self._arrival = arrival
+            timer = loop.call_later(min(self._linger_gap, remaining), _settle, arrival, False)
+            try:
+                came = await arrival
+            finally:
+                timer.cancel()
+                self._arrival = None
+            if not came:
+                return  # nothing came: the others are not on their way
+
+    def _queued_rows(self) -> int:
+        return sum(rows.n for rows, _ in self._queue)
 
     def _idle(self) -> bool:
         return self._worker is None and not self._queue
@@ -103,6 +143,7 @@ class MicroBatcher:
         return self.predict_seconds is not None and self.predict_seconds < self.inline_below
 
     def _inline(self, rows: Rows) -> Any:
+        self._last_round = 1
         if self._on_batch:
             self._on_batch(1, rows.n)
         return normalize_output(self._call([rows]))
@@ -123,8 +164,12 @@ class MicroBatcher:
 
     async def _drain(self) -> None:
         try:
+            arrived = 0  # requests that came while the last round ran
             while self._queue:
-                batch = [item for item in self._take() if not item[1].cancelled()]
+                await self._linger(self._last_round + arrived)
+                taken = self._take()
+                self._last_round = len(taken)
+                batch = [item for item in taken if not item[1].cancelled()]
                 if not batch:
                     continue
                 try:
@@ -133,6 +178,7 @@ class MicroBatcher:
                     log.exception("micro-batching failed")
                     for _, future in batch:
                         _settle(future, error=error)
+                arrived = len(self._queue)
         finally:
             self._worker = None
 

@@ -203,13 +203,17 @@ class LazyModel(Model):
             async with self.loaded() as model:
                 if isinstance(payload, InferRequest):
                     rows = await self._decode(model, payload)
-                    output = await self._run(model, rows)
+                    # gRPC hands calls to Python one at a time: one in flight says nothing
+                    # about the calls behind it, so a gRPC call is never predicted inline
+                    alone = self._in_flight == 1 and not payload.from_grpc
+                    output = await self._run(model, rows, alone)
                     request_id = payload.id or uuid.uuid4().hex
                     return to_infer_response(
                         output, self.name, request_id, model.codec.output_name, payload
                     )
                 rows = await self._decode(model, payload)
-                return {"predictions": to_json(await self._run(model, rows))}
+                output = await self._run(model, rows, self._in_flight == 1)
+                return {"predictions": to_json(output)}
         finally:
             self._in_flight -= 1
 
@@ -233,9 +237,9 @@ class LazyModel(Model):
         check_rows(v1_rows(body), self.max_request_rows)
         return model.codec.decode_v1(body)
 
-    async def _run(self, model: LoadedModel, rows: Any) -> Any:
+    async def _run(self, model: LoadedModel, rows: Any, alone: bool) -> Any:
         try:
-            return await model.batcher.submit(rows, alone=self._in_flight == 1)
+            return await model.batcher.submit(rows, alone=alone)
         except (InvalidInput, InferenceError):
             raise
         except Exception as error:

@@ -94,23 +94,44 @@ def prepare_environment(settings: ServerSettings) -> None:
     quiet_fastapi()
 
 
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
 def _host_grpc_server(host: str, access_log: bool) -> Any:
     """KServe 0.21's GRPCServer binds [::] with no option and logs a line per call; this one
     binds `host` ([::] for 0.0.0.0 and ::, as KServe does) and logs calls only with
-    `access_log`."""
+    `access_log`. ModelInfer, the hot path, maps its errors to status codes itself, with
+    KServe's mapping: the interceptor that does it for the other methods builds a new method
+    handler and wrapper coroutine for every call."""
     from grpc import aio
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.grpc.servicer import InferenceServicer
 
+    class ErrorsToStatus(ExceptionToStatusInterceptor):
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            if details.method == MODEL_INFER:
+                return await continuation(details)
+            return await super().intercept_service(continuation, details)
+
+    errors = ErrorsToStatus()
+
+    class Servicer(InferenceServicer):
+        async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's)
+            try:
+                return await super().ModelInfer(request, context)
+            except Exception as error:
+                await errors.handle_exception(error, request, context, MODEL_INFER)
+                raise  # handle_exception aborts the call; never reached
+
     class HostGRPCServer(GRPCServer):
         async def start(self, max_workers: int) -> None:
-            servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+            servicer = Servicer(self._data_plane, self._model_repository_extension)
             interceptors = (LoggingInterceptor(),) if access_log else ()
             self._server = aio.server(
                 futures.ThreadPoolExecutor(max_workers=max_workers),
-                interceptors=(*interceptors, ExceptionToStatusInterceptor()),
+                interceptors=(*interceptors, errors),
                 options=[
                     (
                         "grpc.max_send_message_length",

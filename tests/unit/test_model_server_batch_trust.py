@@ -101,3 +101,70 @@ def test_probation_answers_row_by_row_until_live_batches_decide(
     assert max(sizes) > 1  # batches were formed and tried
     if verdict is Trust.OFF:
         assert sizes[-len(rows) :] == [1] * len(rows)  # no batch after the verdict
+
+
+def closed_loop(
+    batcher: MicroBatcher, rows: list[Rows], rounds: int, running: list[int] | None = None
+) -> list[list[Any]]:
+    """Each client sends its next request as soon as it has its answer, the clients one loop
+    iteration apart, as gRPC hands calls over one at a time. `running[0]`: clients not done."""
+    running = [0] if running is None else running
+    running[0] = len(rows)
+
+    async def client(index: int, row: Rows) -> list[Any]:
+        answers = []
+        for _ in range(rounds):
+            for _ in range(index):
+                await asyncio.sleep(0)
+            answers.append(np.asarray(await batcher.submit(row, alone=False)).tolist())
+        running[0] -= 1
+        return answers
+
+    async def main() -> list[list[Any]]:
+        return list(await asyncio.gather(*(client(i, r) for i, r in enumerate(rows))))
+
+    return asyncio.run(main())
+
+
+def test_a_round_waits_for_the_requests_the_last_round_answered() -> None:
+    rows = record_rows(8)
+    alone = [np.asarray(elementwise(NUMERIC.concat([r]))).tolist() for r in rows]
+    running = [0]
+    rounds: list[tuple[int, int]] = []  # (requests taken, clients not done)
+    # generous waits: the rounds end because every expected request came, never by the clock
+    batcher = MicroBatcher(
+        elementwise,
+        NUMERIC,
+        inline_below=0.0,
+        on_batch=lambda requests, _: rounds.append((requests, running[0])),
+        linger_gap=2.0,
+        linger_max=60.0,
+    )
+    batcher.predict_seconds = 60.0  # as if predicts were slow: lingering is worth it
+
+    answers = closed_loop(batcher, rows, 10, running)
+
+    assert answers == [[a] * 10 for a in alone]
+    # The first round takes the first client alone; each round waits for the clients the
+    # last one answered and those that came meanwhile, so rounds grow to all 8, and from
+    # then on each round takes every client still running.
+    taken = [requests for requests, _ in rounds]
+    assert taken[0] == 1 and 8 in taken
+    assert all(requests == left for requests, left in rounds[taken.index(8) :])
+
+
+def test_without_trust_in_batches_a_round_does_not_wait() -> None:
+    rows = record_rows(4)
+    batches: list[int] = []
+    batcher = MicroBatcher(
+        one_row_path,
+        NUMERIC,
+        trust=Trust.OFF,
+        inline_below=0.0,
+        on_batch=lambda requests, _: batches.append(requests),
+        linger_gap=3600.0,
+        linger_max=3600.0,
+    )
+    batcher.predict_seconds = 3600.0
+    closed_loop(batcher, rows, rounds=3)  # would take hours if it waited
+    assert batches == [1] * 12
