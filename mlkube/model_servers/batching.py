@@ -21,9 +21,14 @@ next round takes all of them, up to `max_rows`. One request alone is predicted a
 latency at concurrency 1 pays only the thread hop. A round waits briefly only where requests
 are known to be on their way (`_linger`): clients answered by the last round send their next
 requests right after, and without the wait a round took the first few and left the rest for
-another predict of about the same cost. The model sees rows in the same dtypes whether
-batched or not, and a batch whose predict fails, or whose output cannot be cut back per
-request, is retried request by request, so one bad request never fails its neighbours.
+another predict of about the same cost. gRPC calls (`one_by_one`) wait longer: grpc.aio hands
+them to Python one at a time, each after a round trip through grpc's poller thread and the
+event loop, so the requests the last round answered come back a millisecond or more apart (more
+while a predict holds the GIL); with REST's wait a round took half of them, the other half
+came while it ran, and the two halves then alternated, every predict paying the model's fixed
+cost for half a batch. The model sees rows in the same dtypes whether batched or not, and a
+batch whose predict fails, or whose output cannot be cut back per request, is retried request
+by request, so one bad request never fails its neighbours.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ BatchObserver = Callable[[int, int], None]  # (requests, rows) of each predict c
 PROBATION_BATCHES = 8  # live batches checked row by row before batching is trusted
 LINGER_GAP = 0.001  # a round stops waiting once no request came for this long
 LINGER_MAX = 0.005  # and never waits longer than this or one predict, whichever is shorter
+# gRPC calls: up to 5 ms between arrivals and 15 ms a round, not bounded by one predict's
+# time (a round that is cut short splits the clients into halves that stay split)
+ONE_BY_ONE_GAP = 0.005
+ONE_BY_ONE_MAX = 0.015
 
 
 class Trust(enum.Enum):
@@ -67,6 +76,8 @@ class MicroBatcher:
         on_verdict: Callable[[Trust], None] | None = None,
         linger_gap: float = LINGER_GAP,
         linger_max: float = LINGER_MAX,
+        one_by_one_gap: float = ONE_BY_ONE_GAP,
+        one_by_one_max: float = ONE_BY_ONE_MAX,
     ) -> None:
         self.trust = trust if codec.batchable else Trust.OFF
         self.on_verdict = on_verdict  # told when probation ends, ON or OFF
@@ -83,14 +94,18 @@ class MicroBatcher:
         self._last_round = 1  # requests the last round answered: they come back first
         self._arrival: asyncio.Future[bool] | None = None  # what a lingering round awaits
         self._linger_gap, self._linger_max = linger_gap, linger_max
+        self._one_by_one_gap, self._one_by_one_max = one_by_one_gap, one_by_one_max
+        self._one_by_one = False  # the last request came over gRPC
 
-    async def submit(self, rows: Rows, alone: bool = True) -> Any:
+    async def submit(self, rows: Rows, alone: bool = True, one_by_one: bool = False) -> Any:
         """This request's share of the model output (an array or a DataFrame). `alone`: no
-        other request for this model is in flight (being read or decoded). Only a request
-        alone may be predicted on the event loop: gRPC hands calls over one at a time, and
-        predicting each on the loop as it came kept the batcher idle-looking and every
-        batch one request long (so gRPC calls never say they are alone)."""
-        if alone and self._idle() and self._fast() and not self._probing:
+        other request for this model is in flight (being read or decoded). `one_by_one`: a
+        gRPC call; gRPC hands calls over one at a time, so one in flight says nothing about
+        the calls behind it. Only a request alone, and not over gRPC, may be predicted on the
+        event loop: predicting each gRPC call on the loop as it came kept the batcher
+        idle-looking and every batch one request long."""
+        self._one_by_one = one_by_one
+        if alone and not one_by_one and self._idle() and self._fast() and not self._probing:
             self._probing = True
             try:
                 await asyncio.sleep(0)  # others that arrived with us reach the queue meanwhile
@@ -113,18 +128,23 @@ class MicroBatcher:
         answer) and those that came while it ran. A round waits for that many, as long as
         each came within `linger_gap` of the one before, and for at most one predict's time
         (`linger_max` at most): a longer wait costs more than the second predict it saves.
+        gRPC calls wait `one_by_one_gap` and `one_by_one_max` instead (see the module's doc).
         After a round of one request with nothing queued meanwhile, no round waits."""
         if self.trust is Trust.OFF or self.predict_seconds is None:
             return
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + min(self.predict_seconds, self._linger_max)
+        if self._one_by_one:
+            gap, longest = self._one_by_one_gap, self._one_by_one_max
+        else:
+            gap, longest = self._linger_gap, min(self.predict_seconds, self._linger_max)
+        deadline = time.monotonic() + longest
         while len(self._queue) < expected and self._queued_rows() < self._max_rows:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             arrival: asyncio.Future[bool] = loop.create_future()
             self._arrival = arrival
-            timer = loop.call_later(min(self._linger_gap, remaining), _settle, arrival, False)
+            timer = loop.call_later(min(gap, remaining), _settle, arrival, False)
             try:
                 came = await arrival
             finally:

@@ -203,10 +203,8 @@ class LazyModel(Model):
             async with self.loaded() as model:
                 if isinstance(payload, InferRequest):
                     rows = await self._decode(model, payload)
-                    # gRPC hands calls to Python one at a time: one in flight says nothing
-                    # about the calls behind it, so a gRPC call is never predicted inline
-                    alone = self._in_flight == 1 and not payload.from_grpc
-                    output = await self._run(model, rows, alone)
+                    alone = self._in_flight == 1
+                    output = await self._run(model, rows, alone, one_by_one=payload.from_grpc)
                     request_id = payload.id or uuid.uuid4().hex
                     return to_infer_response(
                         output, self.name, request_id, model.codec.output_name, payload
@@ -237,9 +235,11 @@ class LazyModel(Model):
         check_rows(v1_rows(body), self.max_request_rows)
         return model.codec.decode_v1(body)
 
-    async def _run(self, model: LoadedModel, rows: Any, alone: bool) -> Any:
+    async def _run(
+        self, model: LoadedModel, rows: Any, alone: bool, one_by_one: bool = False
+    ) -> Any:
         try:
-            return await model.batcher.submit(rows, alone=alone)
+            return await model.batcher.submit(rows, alone=alone, one_by_one=one_by_one)
         except (InvalidInput, InferenceError):
             raise
         except Exception as error:

@@ -104,7 +104,11 @@ def test_probation_answers_row_by_row_until_live_batches_decide(
 
 
 def closed_loop(
-    batcher: MicroBatcher, rows: list[Rows], rounds: int, running: list[int] | None = None
+    batcher: MicroBatcher,
+    rows: list[Rows],
+    rounds: int,
+    running: list[int] | None = None,
+    one_by_one: bool = False,
 ) -> list[list[Any]]:
     """Each client sends its next request as soon as it has its answer, the clients one loop
     iteration apart, as gRPC hands calls over one at a time. `running[0]`: clients not done."""
@@ -116,7 +120,8 @@ def closed_loop(
         for _ in range(rounds):
             for _ in range(index):
                 await asyncio.sleep(0)
-            answers.append(np.asarray(await batcher.submit(row, alone=False)).tolist())
+            answer = await batcher.submit(row, alone=False, one_by_one=one_by_one)
+            answers.append(np.asarray(answer).tolist())
         running[0] -= 1
         return answers
 
@@ -150,6 +155,29 @@ def test_a_round_waits_for_the_requests_the_last_round_answered() -> None:
     # then on each round takes every client still running.
     taken = [requests for requests, _ in rounds]
     assert taken[0] == 1 and 8 in taken
+    assert all(requests == left for requests, left in rounds[taken.index(8) :])
+
+
+def test_grpc_rounds_wait_longer_than_one_predict() -> None:
+    rows = record_rows(8)
+    running = [0]
+    rounds: list[tuple[int, int]] = []  # (requests taken, clients not done)
+    batcher = MicroBatcher(
+        elementwise,
+        NUMERIC,
+        inline_below=0.0,
+        on_batch=lambda requests, _: rounds.append((requests, running[0])),
+        linger_gap=0.0,
+        linger_max=0.0,
+        one_by_one_gap=2.0,
+        one_by_one_max=60.0,
+    )
+    batcher.predict_seconds = 1e-9  # REST rounds would not wait at all
+
+    closed_loop(batcher, rows, 10, running, one_by_one=True)
+
+    taken = [requests for requests, _ in rounds]
+    assert 8 in taken
     assert all(requests == left for requests, left in rounds[taken.index(8) :])
 
 
