@@ -131,20 +131,27 @@ def closed_loop(
     return asyncio.run(main())
 
 
-def test_a_round_waits_for_the_requests_the_last_round_answered() -> None:
-    rows = record_rows(8)
-    alone = [np.asarray(elementwise(NUMERIC.concat([r]))).tolist() for r in rows]
-    running = [0]
-    rounds: list[tuple[int, int]] = []  # (requests taken, clients not done)
-    # generous waits: the rounds end because every expected request came, never by the clock
-    batcher = MicroBatcher(
+def recording_batcher(
+    running: list[int], rounds: list[tuple[int, int]], **waits: float
+) -> MicroBatcher:
+    """A batcher of `elementwise` that records each round: (requests taken, clients not
+    done)."""
+    return MicroBatcher(
         elementwise,
         NUMERIC,
         inline_below=0.0,
         on_batch=lambda requests, _: rounds.append((requests, running[0])),
-        linger_gap=2.0,
-        linger_max=60.0,
+        **waits,
     )
+
+
+def test_a_round_waits_for_the_requests_the_last_round_answered() -> None:
+    rows = record_rows(8)
+    alone = [np.asarray(elementwise(NUMERIC.concat([r]))).tolist() for r in rows]
+    running = [0]
+    rounds: list[tuple[int, int]] = []
+    # generous waits: the rounds end because every expected request came, never by the clock
+    batcher = recording_batcher(running, rounds, linger_gap=2.0, linger_max=60.0)
     batcher.predict_seconds = 60.0  # as if predicts were slow: lingering is worth it
 
     answers = closed_loop(batcher, rows, 10, running)
@@ -161,16 +168,9 @@ def test_a_round_waits_for_the_requests_the_last_round_answered() -> None:
 def test_grpc_rounds_wait_longer_than_one_predict() -> None:
     rows = record_rows(8)
     running = [0]
-    rounds: list[tuple[int, int]] = []  # (requests taken, clients not done)
-    batcher = MicroBatcher(
-        elementwise,
-        NUMERIC,
-        inline_below=0.0,
-        on_batch=lambda requests, _: rounds.append((requests, running[0])),
-        linger_gap=0.0,
-        linger_max=0.0,
-        one_by_one_gap=2.0,
-        one_by_one_max=60.0,
+    rounds: list[tuple[int, int]] = []
+    batcher = recording_batcher(
+        running, rounds, linger_gap=0.0, linger_max=0.0, one_by_one_gap=2.0, one_by_one_max=60.0
     )
     batcher.predict_seconds = 1e-9  # REST rounds would not wait at all
 
