@@ -23,7 +23,7 @@ def main() -> None:
     answers: list[float] = []
     requests, errors = 0, 0
     kinds: dict[str, int] = {}
-    error_window: list[float] = []  # wall-clock time of the first and the last error
+    failed: list[tuple[float, float]] = []  # each failed request: sent, ended (wall clock)
     while time.monotonic() < deadline:
         if args.get("stop_file") and os.path.exists(args["stop_file"]):
             break
@@ -31,13 +31,13 @@ def main() -> None:
             url, data=body, headers={"content-type": "application/json"}
         )
         requests += 1
+        sent = time.time()
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 value = json.load(response)["predictions"][0]
         except (urllib.error.URLError, OSError, ValueError) as error:
             errors += 1
-            now = time.time()
-            error_window = [error_window[0] if error_window else now, now]
+            failed.append((sent, time.time()))
             kind = f"{type(error).__name__}: {getattr(error, 'reason', error)}"[:120]
             kinds[kind] = kinds.get(kind, 0) + 1
             time.sleep(0.05)
@@ -49,7 +49,7 @@ def main() -> None:
         json.dumps(
             {
                 "requests": requests,
-                "error_window": error_window,
+                "failed": failed,
                 "errors": errors,
                 "error_kinds": kinds,
                 "answers": answers,
