@@ -4,6 +4,7 @@ logged once; a trial that had trained some epochs goes on from its last one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,9 +15,11 @@ from typing import Any
 
 import psutil
 import pytest
+import sqlalchemy.exc
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
 
 from mlkube.training import outcome
 
@@ -45,21 +48,56 @@ def steps(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(point.step for point in client.get_metric_history(run_id, "loss"))
 
 
-def wait_until_mid_search(client: MlflowClient, child: subprocess.Popen[str]) -> str:
-    """Polls the store until two trials finished and a running one has logged two epochs;
-    returns the parent run's id."""
+def mid_search_parent(client: MlflowClient) -> str | None:
+    """The parent run, once two trials finished and a running one has logged two epochs."""
+    experiment = client.get_experiment_by_name("digits")
+    if experiment is None:
+        return None
+    parents = client.search_runs(
+        [experiment.experiment_id], f"tags.`{outcome.TAG_ROLE}` = 'parent'"
+    )
+    for parent in parents:
+        trials = trial_runs(client, parent.info.run_id)
+        finished = [t for t in trials if t.info.status == "FINISHED"]
+        running = [t for t in trials if t.info.status == "RUNNING"]
+        if len(finished) >= 2 and any(len(steps(client, t.info.run_id)) >= 2 for t in running):
+            return str(parent.info.run_id)
+    return None
+
+
+def signal_all(processes: list[psutil.Process], signum: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+def stop_mid_search(
+    client: MlflowClient, child: subprocess.Popen[str]
+) -> tuple[str, list[psutil.Process]]:
+    """Looks at the store with the command's whole process tree stopped (driver, Ray,
+    Prefect's API), so the search cannot run past the state being checked. Polled while
+    running, a quiet machine once trained the last trials between two looks and the
+    command ended unkilled. Returns the parent run's id and the tree, still stopped."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         assert child.poll() is None, "mlkube train ended before it could be killed"
-        experiment = client.get_experiment_by_name("digits")
-        parents = client.search_runs([experiment.experiment_id]) if experiment else []
-        for parent in parents:
-            trials = trial_runs(client, parent.info.run_id)
-            finished = [t for t in trials if t.info.status == "FINISHED"]
-            running = [t for t in trials if t.info.status == "RUNNING"]
-            if len(finished) >= 2 and any(len(steps(client, t.info.run_id)) >= 2 for t in running):
-                return str(parent.info.run_id)
-        time.sleep(0.5)
+        try:
+            root = psutil.Process(child.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue  # ended: the next look says so
+        signal_all(tree, signal.SIGSTOP)
+        try:
+            parent = mid_search_parent(client)
+        except (MlflowException, sqlalchemy.exc.OperationalError):
+            parent = None  # stopped inside a commit, the store stays locked: go on
+        except BaseException:
+            signal_all(tree, signal.SIGCONT)
+            raise
+        if parent is not None:
+            return parent, tree
+        signal_all(tree, signal.SIGCONT)
+        time.sleep(0.2)
     raise AssertionError("the search did not get half way in 600 s")
 
 
@@ -82,10 +120,11 @@ def test_a_killed_search_resumes_when_the_same_trainingrun_runs_again(tmp_path: 
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
-        parent = wait_until_mid_search(client, first)
-        ours = psutil.Process(first.pid).children(recursive=True)
+        parent, tree = stop_mid_search(client, first)
+        ours = tree[1:]
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
+        signal_all(ours, signal.SIGCONT)  # so that they see their driver gone
     finally:
         if first.poll() is None:
             first.kill()
