@@ -9,10 +9,13 @@ UV_VERSION := 0.13.8
 
 venv: $(VENV)/.installed
 
+# Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (as on the CI
+# machines), every Python process would otherwise compile ray, mlflow and the rest from
+# source on each start (`import mlflow` 4.7 s instead of 1.7 s here).
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -e '.[dev]'
 	@touch $@
 
 # Builds the test cluster's binaries from Go modules (kube-apiserver, kube-controller-manager,
