@@ -23,6 +23,7 @@ from mlkube.background import BackgroundStart
 from mlkube.local import ensure_ray_bootstrap_config, mlkube_home
 from mlkube.training.search_space import grid_to_tune, to_tune
 from mlkube.training.tasks.base import Mode, SearchSpace, Task, TaskData
+from mlkube.training.trial_workers import prestart_trial_workers
 
 if TYPE_CHECKING:  # the module imports Ray: only when a search runs
     from mlkube.training.tune_events import TrialObserver
@@ -145,9 +146,10 @@ _ray_start: BackgroundStart | None = None
 _ray_start_lock = threading.Lock()
 
 
-def start_ray(num_cpus: int | None = None) -> None:
+def start_ray(num_cpus: int | None = None, trial_workers: int = 0) -> None:
     """Begins what ensure_ray() does without waiting, so Ray's start (about 5 s) overlaps
-    other work; ensure_ray() then waits for it."""
+    other work; ensure_ray() then waits for it. Once connected, `trial_workers` worker
+    processes for the search's first trials start too (mlkube.training.trial_workers)."""
     global _ray_start
     import ray
 
@@ -158,9 +160,20 @@ def start_ray(num_cpus: int | None = None) -> None:
             # Ray installs this handler itself only when started on the main thread.
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
         logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
-        _ray_start = BackgroundStart(
-            "mlkube-ray-start", lambda: _init_ray(num_cpus), keep_thread=True
-        )
+
+        def start() -> None:
+            _init_ray(num_cpus)
+            prestart_trial_workers(trial_workers)
+
+        _ray_start = BackgroundStart("mlkube-ray-start", start, keep_thread=True)
+
+
+def first_trial_workers(settings: SearchSettings) -> int:
+    """How many trials start at once, each in a worker of its own (GPU trials are left to
+    Ray: their workers are set up for the device they get)."""
+    if settings.gpus_per_trial > 0:
+        return 0
+    return min(settings.max_concurrent_trials, settings.num_trials)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

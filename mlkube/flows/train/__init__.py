@@ -32,7 +32,7 @@ from mlkube.training import outcome, registry
 from mlkube.training.ownership import owner_namespace
 from mlkube.training.prepare import MISSING_EXTRA, Prepared, preflight, prepare
 from mlkube.training.tracking import RunTracker, TrialRecord, end_orphaned_runs
-from mlkube.training.tune import SearchSettings, run_search, start_ray
+from mlkube.training.tune import SearchSettings, first_trial_workers, run_search, start_ray
 
 
 class TrainingFailed(UserError):
@@ -414,7 +414,7 @@ def train(
         run.metadata.uid = local_uid(run)
     prepared = prepare(run)
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
-    start_ray()
+    start_ray(trial_workers=first_trial_workers(prepared.settings))
     # Imported now, while Ray and Prefect's API come up, rather than after the search.
     for module in prepared.task.model_modules:
         try:

@@ -1,0 +1,82 @@
+"""Trial workers started ahead (mlkube.training.trial_workers): a driver that asks for them
+as it connects gets its first trials run in them, not in workers started for the trials.
+Run for a job with a runtime environment of its own (a RayJob's runtimeEnvYAML, given the
+way Ray's job submission gives it) and for one without (`mlkube train` on one machine):
+the raylet uses a started worker only when the texts of the two runtime environments match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlkube.training.trial_workers import trial_runtime_env
+
+pytestmark = pytest.mark.integration
+
+DRIVER = """
+import json, subprocess, sys, time
+import psutil
+from ray import tune
+from mlkube.training.tune import ensure_ray, start_ray
+
+start_ray(trial_workers=2)
+ensure_ray()
+time.sleep(2)  # the flow's own setup, while the workers start
+# A process's start time as psutil reads it (boot time + ticks) is off from time.time() by
+# up to a second here: compare with a process started now, on the same clock.
+marker = subprocess.Popen(["sleep", "60"])
+tuner_created = psutil.Process(marker.pid).create_time()
+marker.kill()
+
+def trainable(config):
+    tune.report({"worker_created": psutil.Process().create_time()})
+
+results = tune.Tuner(
+    trainable,
+    param_space={"n": tune.grid_search([1, 2])},
+    run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0),
+).fit()
+print(json.dumps({"tuner_created": tuner_created,
+                  "workers_created": [r.metrics["worker_created"] for r in results]}))
+"""
+
+JOB_CONFIG = {"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000/",
+                                           "DO_NOT_TRACK": "1"}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("job_env", ["runtimeEnvYAML", "none"])
+def test_first_trials_run_in_workers_started_as_the_driver_connected(
+    ray_local: None, tmp_path: Path, job_env: str
+) -> None:
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    if job_env == "runtimeEnvYAML":
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(JOB_CONFIG)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "tune")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # Both trials ran in processes that were up before Tune asked for any.
+    assert len(seen["workers_created"]) == 2
+    assert all(t < seen["tuner_created"] for t in seen["workers_created"]), seen
+
+
+def test_a_trials_runtime_environment_lays_tunes_variables_over_the_jobs() -> None:
+    job = json.dumps({"env_vars": {"B": "job", "A": "job"}, "config": {"setup_timeout_seconds": 5}})
+    assert trial_runtime_env(job, {"A": "tune", "C": "tune"}) == (
+        '{"config":{"setup_timeout_seconds":5},"env_vars":{"A":"tune","B":"job","C":"tune"}}'
+    )
+    assert trial_runtime_env("{}", {"PL_DISABLE_FORK": "1"}) == (
+        '{"env_vars": {"PL_DISABLE_FORK": "1"}}'
+    )
