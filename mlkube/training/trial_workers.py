@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,18 @@ def _prestart(count: int) -> None:
     info.serialized_runtime_env = trial_runtime_env(
         job_env.serialized_runtime_env, tune_trial_env_vars(os.environ)
     )
-    cpus = int(cast(dict[str, float], ray.available_resources()).get("CPU", 0))  # type: ignore[no-untyped-call]
+    # Only this node's raylet is asked: trials that Ray places on other nodes start there.
+    here = ray.get_runtime_context().get_node_id()
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    cpus = int(next((n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here), 0))
+    if cpus < 1:
+        return
     request = protos.PrestartWorkersRequest(
         language=common.PYTHON,
         job_id=worker.current_job_id.binary(),
         runtime_env_info=info,
         keep_alive_duration_secs=KEEP_ALIVE_SECONDS,
-        num_workers=min(count, max(cpus, 1)),
+        num_workers=min(count, cpus),
     )
     address = f"{worker.node.node_ip_address}:{worker.node.node_manager_port}"
     with grpc.insecure_channel(address) as channel:
