@@ -25,6 +25,8 @@ from tests.node.steps import (
 )
 
 PODS = Path(__file__).resolve().parent / "pods"
+# The search the Ray head is deleted in the middle of.
+TRIALS = 5
 
 
 def predictor_pods(node: Node, namespace: str) -> list[str]:
@@ -183,12 +185,14 @@ def test_the_ray_head_deleted_mid_search_resumes_the_search_on_a_new_ray_cluster
 
 
 def resumed_search(node: Node, namespace: str, model_name: str, uri: str) -> None:
-    # Slow trials (1500 boosting rounds each), so that the search is still going.
+    # Slow trials (1500 boosting rounds each, one at a time on the head's one Ray CPU), so that
+    # the search is still going when the head goes: three trials are left to the next
+    # attempt (every trial after the second costs the lane about 30 s).
     run = small_trainingrun(
         uri,
         **{
             "spec.model.name": model_name,
-            "spec.tuning.numTrials": 10,
+            "spec.tuning.numTrials": TRIALS,
             "spec.tuning.searchSpace": {"max_iter": {"choice": [1500]}},
             "spec.tuning.storage": {"claimName": "tune-state"},
             "spec.ray.retries": 1,
@@ -207,7 +211,7 @@ def resumed_search(node: Node, namespace: str, model_name: str, uri: str) -> Non
     ended = trainingrun_ended(node, namespace, "insurance", timeout=900)
     status = tr_status(node, namespace, "insurance")
     assert ended["PHASE"] == "Succeeded", status
-    assert status["trials"] == {"completed": 10, "total": 10}, status
+    assert status["trials"] == {"completed": TRIALS, "total": TRIALS}, status
     assert (ended["VERSION"], ended["PROMOTED"]) == ("1", "true"), ended
 
     uid = json.loads(node.kubectl("get", "tr", "insurance", "-n", namespace, "-o", "json").stdout)[
@@ -223,7 +227,7 @@ def resumed_search(node: Node, namespace: str, model_name: str, uri: str) -> Non
     # One parent run, resumed once; each trial logged once.
     (parent,) = runs["parents"]
     assert parent["status"] == "FINISHED" and int(parent["resumed"] or 0) >= 1, runs
-    assert runs["trials"] == 10 and len(runs["trial_ids"]) == 10, runs
+    assert runs["trials"] == TRIALS and len(runs["trial_ids"]) == TRIALS, runs
 
 
 def test_a_trainingrun_whose_dataset_is_missing_fails_saying_which(
