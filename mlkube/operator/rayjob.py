@@ -29,9 +29,6 @@ TRAIN_MODULE = "mlkube.flows.train"
 # (mlkube.flows.zygote, started beside Ray: rayclusters.zygote_start); a job's entrypoint is
 # its thin client, which runs `python -m mlkube.flows.train` itself when the zygote is not up.
 ZYGOTE_MODULE = "mlkube.flows.zygote"
-# Run by each worker of the job as it starts (Ray's worker_process_setup_hook): the trial
-# workers the driver asks for ahead import what their trials need before they exist.
-TRIAL_SETUP_HOOK = "mlkube.training.trial_workers.preload_trial_modules"
 ZYGOTE_SOCKET = "/tmp/mlkube-zygote/train.sock"
 # Imported by the zygote beside the train flow: its `python -m` entry (mlkube.cli) and Ray
 # Tune, which a run imports when its search starts (2.5 s more on these cores).
@@ -88,9 +85,7 @@ def storage_env(run: TrainingRun) -> dict[str, str]:
 
 def runtime_env_yaml(tracking_uri: str, extra: dict[str, str] | None = None) -> str:
     env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **TELEMETRY_OFF_ENV, **(extra or {})}
-    return yaml.safe_dump(
-        {"env_vars": env_vars, "worker_process_setup_hook": TRIAL_SETUP_HOOK}, sort_keys=True
-    )
+    return yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
 
 
 def trial_pod_gpus(run: TrainingRun) -> int:

@@ -27,28 +27,6 @@ KEEP_ALIVE_SECONDS = 120
 PRESTART_TIMEOUT_SECONDS = 5.0
 
 
-# Imported by every worker of a RayJob as it starts (its runtimeEnvYAML names
-# preload_trial_modules as Ray's worker_process_setup_hook): in a worker started ahead,
-# before the trial that takes it exists.
-TRIAL_MODULES = (
-    "ray.tune",
-    "mlkube.training.tune_events",
-    "sklearn.ensemble",
-    "sklearn.model_selection",
-)
-
-
-def preload_trial_modules() -> None:
-    """What a trial imports first (Tune's trainable, mlkube's trial loop, scikit-learn's
-    estimators), imported as the worker starts. Never fails: Ray ends a worker whose hook
-    raises, and a module that is missing is the trial's to report."""
-    for name in TRIAL_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception as error:
-            log.info("not preloaded: %s (%s)", name, error)
-
-
 def tune_trial_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment variables Tune gives every trial actor, as it computes them."""
     from ray.tune.execution import class_cache

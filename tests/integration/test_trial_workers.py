@@ -3,7 +3,6 @@ as it connects gets its first trials run in them, not in workers started for the
 Run for a job with a runtime environment of its own (a RayJob's runtimeEnvYAML, given the
 way Ray's job submission gives it) and for one without (`mlkube train` on one machine):
 the raylet uses a started worker only when the texts of the two runtime environments match.
-A RayJob's workers also import what trials need as they start (its setup hook).
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from mlkube.operator.rayjob import runtime_env_yaml
 from mlkube.training.trial_workers import trial_runtime_env
 
 pytestmark = pytest.mark.integration
@@ -38,8 +35,7 @@ tuner_created = psutil.Process(marker.pid).create_time()
 marker.kill()
 
 def trainable(config):
-    tune.report({"worker_created": psutil.Process().create_time(),
-                 "preloaded": "sklearn.ensemble" in sys.modules})
+    tune.report({"worker_created": psutil.Process().create_time()})
 
 results = tune.Tuner(
     trainable,
@@ -47,12 +43,11 @@ results = tune.Tuner(
     run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0),
 ).fit()
 print(json.dumps({"tuner_created": tuner_created,
-                  "workers_created": [r.metrics["worker_created"] for r in results],
-                  "preloaded": [r.metrics["preloaded"] for r in results]}))
+                  "workers_created": [r.metrics["worker_created"] for r in results]}))
 """
 
-# What Ray's job submission gives the driver of a RayJob the operator made.
-JOB_CONFIG = {"runtime_env": yaml.safe_load(runtime_env_yaml("http://mlflow:5000/"))}
+JOB_CONFIG = {"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000/",
+                                           "DO_NOT_TRACK": "1"}}}  # fmt: skip
 
 
 @pytest.mark.parametrize("job_env", ["runtimeEnvYAML", "none"])
@@ -75,9 +70,6 @@ def test_first_trials_run_in_workers_started_as_the_driver_connected(
     # Both trials ran in processes that were up before Tune asked for any.
     assert len(seen["workers_created"]) == 2
     assert all(t < seen["tuner_created"] for t in seen["workers_created"]), seen
-    # The RayJob's setup hook had imported what trials need before they came; without it,
-    # nothing did (this trainable imports no scikit-learn).
-    assert seen["preloaded"] == [job_env == "runtimeEnvYAML"] * 2, seen
 
 
 def test_a_trials_runtime_environment_lays_tunes_variables_over_the_jobs() -> None:
