@@ -121,12 +121,15 @@ def test_runs_on_a_warm_cluster_start_through_its_zygote_and_others_plainly() ->
                         cluster_name="mlkube-warm-0", allow_shared_models=True)  # fmt: skip
     client = zygote_command(warm["spec"]["entrypoint"])
     assert client.command == "run"
-    assert client.args[0] == "--spec-json" and client.args[2:] == ["--allow-shared-models"]
+    assert client.args[0] == "--spec-json"
+    # Trial workers are started ahead on warm clusters only (measured: operator/rayjob.py).
+    assert client.args[2:] == ["--allow-shared-models", "--trial-workers-ahead"]
     assert json.loads(client.args[1])["metadata"]["name"] == "ins"
     # A cluster the user brings has no zygote; a run's own cluster neither.
     named = build_rayjob(run(cluster={"name": "shared"}), "u", cluster_name="shared")
     for job in (named, build_rayjob(run(), "u")):
         assert shlex.split(job["spec"]["entrypoint"])[:3] == ["python", "-m", "mlkube.flows.train"]
+        assert "--trial-workers-ahead" not in job["spec"]["entrypoint"]
 
 
 def test_the_warm_heads_zygote_starts_in_bash_before_ray_as_kuberay_joins_them() -> None:

@@ -403,10 +403,14 @@ def local_uid(run: TrainingRun) -> str:
 
 
 def train(
-    run: TrainingRun, show_progress: bool = True, allow_shared_models: bool = False
+    run: TrainingRun,
+    show_progress: bool = True,
+    allow_shared_models: bool = False,
+    trial_workers_ahead: bool = False,
 ) -> TrainResult:
     """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do.
-    `allow_shared_models`: the admin lets namespaces use each other's registered models."""
+    `allow_shared_models`: the admin lets namespaces use each other's registered models.
+    `trial_workers_ahead`: start the first trials' Ray workers as soon as Ray is connected."""
     from mlkube.training.tune import search_lock
 
     if not run.metadata.uid:
@@ -414,7 +418,7 @@ def train(
         run.metadata.uid = local_uid(run)
     prepared = prepare(run)
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
-    start_ray(trial_workers=first_trial_workers(prepared.settings))
+    start_ray(trial_workers=first_trial_workers(prepared.settings) if trial_workers_ahead else 0)
     # Imported now, while Ray and Prefect's API come up, rather than after the search.
     for module in prepared.task.model_modules:
         try:
@@ -451,6 +455,12 @@ def entrypoint_parser() -> argparse.ArgumentParser:
         help="register and promote versions of models other namespaces own (the operator "
         "passes it when the admin allows shared models)",
     )
+    parser.add_argument(
+        "--trial-workers-ahead",
+        action="store_true",
+        help="start the first trials' Ray workers while the flow sets up (the operator "
+        "passes it on warm clusters)",
+    )
     parser.set_defaults(handler=run_entrypoint)
     return parser
 
@@ -461,5 +471,10 @@ def run_entrypoint(args: argparse.Namespace) -> int:
     run = read_trainingrun(args.spec_json, args.spec_file)
     preflight(run)
     start_prefect_api()
-    print(train(run, allow_shared_models=args.allow_shared_models).model_dump_json())
+    result = train(
+        run,
+        allow_shared_models=args.allow_shared_models,
+        trial_workers_ahead=args.trial_workers_ahead,
+    )
+    print(result.model_dump_json())
     return 0
