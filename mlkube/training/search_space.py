@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from collections.abc import Mapping
@@ -95,6 +96,17 @@ def plain(value: Any) -> Any:
     """numpy scalars from Tune's samplers as plain Python numbers."""
     item = getattr(value, "item", None)
     return item() if callable(item) else value
+
+
+def logged_value(text: str) -> Any:
+    """A trial's parameter as MLflow kept it (str() of the value Tune drew) turned back into
+    that value: numbers, booleans, None and lists as Python reads them, anything else the
+    string itself. A resumed search fits its best trial from these."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return text if isinstance(value, str | bytes) else value
 
 
 def config_key(config: Mapping[str, Any]) -> str:

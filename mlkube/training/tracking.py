@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from mlkube.training import outcome
-from mlkube.training.search_space import config_key, plain
+from mlkube.training.search_space import config_key, logged_value, plain
 from mlkube.training.tasks.base import Mode
 
 
@@ -91,7 +91,8 @@ class RunTracker:
                 continue
             status = run.info.status
             record = TrialRecord(
-                number, trial_id, run.info.run_id, dict(run.data.params),
+                number, trial_id, run.info.run_id,
+                {k: logged_value(v) for k, v in run.data.params.items()},
                 metrics=dict(run.data.metrics),
                 error=tags.get(outcome.TAG_ERROR) if status == "FAILED" else None,
                 done=status in ("FINISHED", "FAILED"),

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from mlkube.api import TrainingRun, parse_resource
-from mlkube.training.search_space import config_key, grid_points, grid_size
+from mlkube.training.search_space import config_key, grid_points, grid_size, logged_value, plain
 from mlkube.training.tasks import BUILTIN, TaskError, resolve_task
 from mlkube.training.tasks.atmos_temperature import HOURS_IN, HOURS_OUT, hourly_series, windows
 from mlkube.training.tasks.tabular import ROUND_ITERATIONS, is_classification
@@ -134,6 +134,18 @@ def test_grid_and_tpe_settings_are_checked_against_the_spec() -> None:
 def test_a_configuration_has_one_key_whether_drawn_or_read_back_from_mlflow() -> None:
     drawn = {"lr": np.float64(0.5), "depth": np.int64(3)}
     assert config_key(drawn) == config_key({"depth": "3", "lr": "0.5"})
+
+
+def test_parameters_read_back_from_mlflow_are_the_values_tune_drew() -> None:
+    """A resumed search fits its best trial from what MLflow kept: a float given as the
+    string '0.29...' made scikit-learn refuse it (seen on the node, Ray head deleted)."""
+    drawn = {"l2": np.float64(0.2995942429704568), "depth": 3, "early": True, "loss": "absolute",
+             "layers": [64, 32], "seed": None}  # fmt: skip
+    logged = {k: str(plain(v)) for k, v in drawn.items()}
+    back = {k: logged_value(v) for k, v in logged.items()}
+    assert back == drawn
+    assert [type(v) for v in back.values()] == [float, int, bool, str, list, type(None)]
+    assert config_key(back) == config_key(drawn)
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
