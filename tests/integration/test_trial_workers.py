@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from mlkube.operator.rayjob import runtime_env_yaml
 from mlkube.training.trial_workers import trial_runtime_env
 
 pytestmark = pytest.mark.integration
@@ -46,8 +48,8 @@ print(json.dumps({"tuner_created": tuner_created,
                   "workers_created": [r.metrics["worker_created"] for r in results]}))
 """
 
-JOB_CONFIG = {"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000/",
-                                           "DO_NOT_TRACK": "1"}}}  # fmt: skip
+# What Ray's job submission gives the driver of a RayJob the operator made.
+JOB_CONFIG = {"runtime_env": yaml.safe_load(runtime_env_yaml("http://mlflow:5000/"))}
 
 
 @pytest.mark.parametrize("job_env", ["runtimeEnvYAML", "none"])
