@@ -296,6 +296,16 @@ def _kill_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)
 
 
+def apply_thread_limit(omp_num_threads: str | None) -> None:
+    """Native thread pools (OpenMP, BLAS) read OMP_NUM_THREADS once, as they load: in the
+    zygote, before the run's value was known (Ray's job supervisor gives its entrypoint 1).
+    The run's value is applied to the pools loaded, as a new process would have read it."""
+    threadpoolctl = sys.modules.get("threadpoolctl")  # loaded with scikit-learn
+    if threadpoolctl is None or not (omp_num_threads or "").isdigit():
+        return
+    threadpoolctl.threadpool_limits(limits=max(1, int(omp_num_threads or 1)))
+
+
 def run_child(request: Request) -> None:
     """In the forked child: becomes `python -m module *args` as the client would have
     started it (environment, directory, module path, buffering, fresh random state)."""
@@ -322,6 +332,7 @@ def run_child(request: Request) -> None:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()  # Python's own random reseeds itself in a forked child
+    apply_thread_limit(request.env.get("OMP_NUM_THREADS"))
     # runpy warns that the module is imported already: the zygote imported it on purpose.
     warnings.filterwarnings(
         "ignore", f"'{re.escape(request.module)}' found in sys.modules", RuntimeWarning

@@ -30,9 +30,10 @@ TRAIN_MODULE = "mlkube.flows.train"
 # its thin client, which runs `python -m mlkube.flows.train` itself when the zygote is not up.
 ZYGOTE_MODULE = "mlkube.flows.zygote"
 ZYGOTE_SOCKET = "/tmp/mlkube-zygote/train.sock"
-# Imported by the zygote beside the train flow: its `python -m` entry (mlkube.cli) and Ray
-# Tune, which a run imports when its search starts (2.5 s more on these cores).
-ZYGOTE_PRELOAD = ("mlkube.cli", "ray.tune")
+# Imported by the zygote beside the train flow: its `python -m` entry (mlkube.cli), Ray
+# Tune, which a run imports when its search starts (2.5 s more on these cores), and the
+# built-in tasks' libraries (scikit-learn, skops), which it imports as it reads its data.
+ZYGOTE_PRELOAD = ("mlkube.cli", "ray.tune", "mlkube.training.preload")
 # The train flow's flag that lets it register versions of a model another namespace owns.
 SHARED_MODELS_FLAG = "--allow-shared-models"
 # The train flow's flag that starts its trial workers as it connects to Ray

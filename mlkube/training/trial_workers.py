@@ -9,22 +9,39 @@ environment, byte for byte. Tune gives its trial actors environment variables of
 runtimeEnvYAML) as JSON with sorted keys and no spaces, or keeps Tune's as Python wrote them
 when the job has none. trial_runtime_env() writes the same text: a test
 (tests/integration/test_trial_workers.py) fails if a Ray upgrade changes either side.
+
+The workers belong to no job: the raylet gives one to the first job whose actor has the
+same runtime environment. On a warm cluster a run leaves its successor's workers started as
+it ends (leave_trial_workers), and notes so in a file of the head; the next run that finds
+the note for its own runtime environment starts none itself, and its first trials take
+those, already up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import json
 import logging
 import os
+import tempfile
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# How long a started worker waits for its trial before the raylet ends it.
+# How long a started worker waits for its trial before the raylet may end it: one started
+# as a run begins, and one left for the next run on a warm cluster.
 KEEP_ALIVE_SECONDS = 120
+KEEP_AHEAD_SECONDS = 900
 PRESTART_TIMEOUT_SECONDS = 5.0
+# Where a run notes the workers it left (the head's own temporary directory, which every run
+# forked there shares), and how long before their end a run no longer counts on them.
+AHEAD_NOTE = Path(tempfile.gettempdir()) / "mlkube-trial-workers-ahead.json"
+AHEAD_MARGIN_SECONDS = 30
 
 
 def tune_trial_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
@@ -52,17 +69,80 @@ def trial_runtime_env(job_runtime_env: str, trial_env_vars: Mapping[str, str]) -
 
 
 def prestart_trial_workers(count: int) -> None:
-    """Asks this node's raylet for `count` idle workers fit for this job's Tune trials. An
-    optimisation only: if Ray refuses, the trials start their own workers as before."""
+    """Asks this node's raylet for `count` idle workers fit for this job's Tune trials,
+    unless the run before left them (leave_trial_workers). An optimisation only: if Ray
+    refuses, the trials start their own workers as before."""
     if count <= 0:
         return
     try:
-        _prestart(count)
+        runtime_env = _trial_runtime_env_info()
+        if not take_ahead_note(AHEAD_NOTE, _digest(runtime_env), time.time()):
+            _prestart(runtime_env, count, KEEP_ALIVE_SECONDS)
     except Exception as error:  # never worth failing a search for
         log.info("trial workers were not started ahead: %s", error)
 
 
-def _prestart(count: int) -> None:
+def leave_trial_workers(count: int) -> None:
+    """As a run on a warm cluster ends: starts `count` workers for the next run's first
+    trials, kept for KEEP_AHEAD_SECONDS, and notes them in AHEAD_NOTE."""
+    if count <= 0:
+        return
+    try:
+        runtime_env = _trial_runtime_env_info()
+        if _prestart(runtime_env, count, KEEP_AHEAD_SECONDS):
+            write_ahead_note(AHEAD_NOTE, _digest(runtime_env), time.time() + KEEP_AHEAD_SECONDS)
+    except Exception as error:
+        log.info("trial workers were not left for the next run: %s", error)
+
+
+def write_ahead_note(note: Path, digest: str, until: float) -> None:
+    temporary = note.with_suffix(f".{os.getpid()}")
+    temporary.write_text(json.dumps({"runtime_env": digest, "until": until}))
+    os.replace(temporary, note)
+
+
+def take_ahead_note(note: Path, digest: str, now: float) -> bool:
+    """Whether the run before left workers for this runtime environment that the raylet
+    still keeps; the note is taken (removed) either way, so that one run counts on them,
+    not two."""
+    taken = note.with_suffix(f".taken.{os.getpid()}")
+    try:
+        os.rename(note, taken)  # atomic: of two runs starting at once, one gets it
+    except FileNotFoundError:
+        return False
+    try:
+        left = json.loads(taken.read_text())
+        return bool(
+            left.get("runtime_env") == digest
+            and float(left.get("until", 0)) - AHEAD_MARGIN_SECONDS > now
+        )
+    except (ValueError, TypeError, AttributeError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            taken.unlink()
+
+
+def _digest(runtime_env: Any) -> str:
+    return hashlib.sha256(runtime_env.serialized_runtime_env.encode()).hexdigest()
+
+
+def _trial_runtime_env_info() -> Any:
+    """The RuntimeEnvInfo of this job's Tune trial actors (Ray's protobuf)."""
+    import ray
+
+    worker: Any = ray._private.worker.global_worker
+    job_env = worker.core_worker.get_job_config().runtime_env_info
+    info = type(job_env)()
+    info.CopyFrom(job_env)
+    info.serialized_runtime_env = trial_runtime_env(
+        job_env.serialized_runtime_env, tune_trial_env_vars(os.environ)
+    )
+    return info
+
+
+def _prestart(runtime_env: Any, count: int, keep_alive: int) -> int:
+    """Asks this node's raylet for workers of no job; returns how many were asked for."""
     import grpc
     import ray
 
@@ -72,27 +152,22 @@ def _prestart(count: int) -> None:
     stubs: Any = importlib.import_module("ray.core.generated.node_manager_pb2_grpc")
     common: Any = importlib.import_module("ray.core.generated.common_pb2")
 
-    job_env = worker.core_worker.get_job_config().runtime_env_info
-    info = type(job_env)()
-    info.CopyFrom(job_env)
-    info.serialized_runtime_env = trial_runtime_env(
-        job_env.serialized_runtime_env, tune_trial_env_vars(os.environ)
-    )
     # Only this node's raylet is asked: trials that Ray places on other nodes start there.
     here = ray.get_runtime_context().get_node_id()
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
     cpus = int(next((n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here), 0))
-    if cpus < 1:
-        return
+    count = min(count, cpus)
+    if count < 1:
+        return 0
     request = protos.PrestartWorkersRequest(
         language=common.PYTHON,
-        job_id=worker.current_job_id.binary(),
-        runtime_env_info=info,
-        keep_alive_duration_secs=KEEP_ALIVE_SECONDS,
-        num_workers=min(count, cpus),
+        runtime_env_info=runtime_env,
+        keep_alive_duration_secs=keep_alive,
+        num_workers=count,
     )
     address = f"{worker.node.node_ip_address}:{worker.node.node_manager_port}"
     with grpc.insecure_channel(address) as channel:
         stubs.NodeManagerServiceStub(channel).PrestartWorkers(
             request, timeout=PRESTART_TIMEOUT_SECONDS
         )
+    return count

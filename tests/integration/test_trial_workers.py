@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,14 +28,19 @@ import psutil
 from ray import tune
 from mlkube.training.tune import ensure_ray, start_ray
 
+def now():
+    # A process's start time as psutil reads it (boot time + ticks) is off from time.time()
+    # by up to a second here: compare with a process started now, on the same clock.
+    marker = subprocess.Popen(["sleep", "60"])
+    created = psutil.Process(marker.pid).create_time()
+    marker.kill()
+    return created
+
+driver_started = now()
 start_ray(trial_workers=2)
 ensure_ray()
 time.sleep(2)  # the flow's own setup, while the workers start
-# A process's start time as psutil reads it (boot time + ticks) is off from time.time() by
-# up to a second here: compare with a process started now, on the same clock.
-marker = subprocess.Popen(["sleep", "60"])
-tuner_created = psutil.Process(marker.pid).create_time()
-marker.kill()
+tuner_created = now()
 
 def trainable(config):
     tune.report({"worker_created": psutil.Process().create_time()})
@@ -44,8 +50,17 @@ results = tune.Tuner(
     param_space={"n": tune.grid_search([1, 2])},
     run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0),
 ).fit()
-print(json.dumps({"tuner_created": tuner_created,
+print(json.dumps({"driver_started": driver_started, "tuner_created": tuner_created,
                   "workers_created": [r.metrics["worker_created"] for r in results]}))
+"""
+
+# A run ending on a warm cluster, which leaves the next run's trial workers.
+LEAVING_DRIVER = """
+from mlkube.training.trial_workers import leave_trial_workers
+from mlkube.training.tune import ensure_ray
+
+ensure_ray()
+leave_trial_workers(2)
 """
 
 # What Ray's job submission gives the driver of a RayJob the operator made.
@@ -56,22 +71,46 @@ JOB_CONFIG = {"runtime_env": yaml.safe_load(runtime_env_yaml("http://mlflow:5000
 def test_first_trials_run_in_workers_started_as_the_driver_connected(
     ray_local: None, tmp_path: Path, job_env: str
 ) -> None:
+    seen = run_driver(DRIVER, tmp_path, job_env)
+    # Both trials ran in processes that were up before Tune asked for any.
+    assert len(seen["workers_created"]) == 2
+    assert all(t < seen["tuner_created"] for t in seen["workers_created"]), seen
+
+
+def test_a_run_takes_the_trial_workers_the_run_before_left(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """On a warm cluster: the workers a run left as it ended are the next run's, and that
+    run starts none of its own (it takes the note the first left in the head's /tmp)."""
+    run_driver(LEAVING_DRIVER, tmp_path, "runtimeEnvYAML")
+    note = tmp_path / "mlkube-trial-workers-ahead.json"
+    assert note.is_file()
+
+    seen = run_driver(DRIVER, tmp_path, "runtimeEnvYAML")
+
+    assert len(seen["workers_created"]) == 2
+    assert all(t < seen["driver_started"] for t in seen["workers_created"]), seen
+    assert not note.exists()
+
+
+def run_driver(source: str, tmp_path: Path, job_env: str) -> dict[str, Any]:
+    """Runs a driver script as a job of the session's Ray (with a RayJob's runtime env, or
+    none); its last line of output, as JSON. Its temporary directory is tmp_path."""
     import ray
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "TMPDIR": str(tmp_path)}  # fmt: skip
     if job_env == "runtimeEnvYAML":
         env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(JOB_CONFIG)
     script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
+    script.write_text(source)
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "tune")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    # Both trials ran in processes that were up before Tune asked for any.
-    assert len(seen["workers_created"]) == 2
-    assert all(t < seen["tuner_created"] for t in seen["workers_created"]), seen
+    last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+    return dict(json.loads(last))
 
 
 def test_a_trials_runtime_environment_lays_tunes_variables_over_the_jobs() -> None:

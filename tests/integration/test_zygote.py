@@ -195,6 +195,27 @@ def test_a_run_whose_import_time_environment_differs_runs_plainly(zygote: Zygote
     assert "PREFECT_API_URL differs" in done.stderr.splitlines()[0]
 
 
+def test_a_run_gets_the_openmp_threads_its_environment_asks_for_as_a_plain_run_does() -> None:
+    """The zygote loads OpenMP (with scikit-learn) before any run's OMP_NUM_THREADS is known;
+    Ray's job supervisor gives its entrypoint 1."""
+    assert (os.cpu_count() or 1) > 1, "one core: every run has one thread anyway"
+    quiet = {k: v for k, v in environment().items() if k != "OMP_NUM_THREADS"}
+    started = Zygote(TARGET, "sklearn.ensemble", env=quiet)
+    try:
+        for asked in ({"OMP_NUM_THREADS": "1"}, {}):
+            env = {**quiet, **asked}
+            through = run_client(started.socket, "threads", env=env)
+            plain = subprocess.run(
+                [sys.executable, "-m", TARGET, "threads"], env=env, cwd=REPO,
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert FALLBACK_LINE not in through.stderr
+            assert json.loads(through.stdout) == json.loads(plain.stdout), asked
+    finally:
+        started.stop()
+    assert json.loads(plain.stdout) != [1]  # unasked, a run uses more than one
+
+
 def test_the_socket_directory_is_private(zygote: Zygote) -> None:
     mode = os.stat(Path(zygote.socket).parent).st_mode
     assert stat.S_IMODE(mode) == 0o700
@@ -210,6 +231,35 @@ def train_zygote() -> Iterator[Zygote]:
     started = Zygote(TRAIN, *ZYGOTE_PRELOAD, env=environment(PREFECT_LOGGING_LEVEL="WARNING"))
     yield started
     started.stop()
+
+
+PRELOAD_COVERAGE = """
+import json, sys
+import mlkube.training.preload
+before = set(sys.modules)
+from mlkube.training.tasks import resolve_task
+from skops.io import dumps, get_untrusted_types
+task = resolve_task("insurance")
+data = task.load(sys.argv[1], None, 0)
+model = task.fit({"max_iter": 20}, data, 0)
+task.score(model, *data.holdout)
+get_untrusted_types(data=dumps(model))
+print(json.dumps(sorted(m for m in set(sys.modules) - before
+                        if m.split(".")[0] in ("sklearn", "skops", "scipy"))))
+"""
+
+
+def test_after_the_warm_preload_a_tabular_run_imports_no_more_of_scikit_learn(
+    insurance_csv: Path,
+) -> None:
+    """What the driver of a tabular run imports (its data's split, its pipeline, the refit,
+    the scores, the model's skops check) is in mlkube.training.preload."""
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOAD_COVERAGE, str(insurance_csv)], capture_output=True,
+        text=True, env=environment(), cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def test_the_train_flow_refuses_bad_input_through_its_zygote_as_it_does_plainly(

@@ -39,6 +39,13 @@ def main(argv: list[str]) -> int:
         print(json.dumps({**report(), "stdin": line}))
         print("to stderr", file=sys.stderr)
         return int(argv[1])
+    if action == "threads":  # the OpenMP pools' size, as the run would use them
+        import sklearn.ensemble  # noqa: F401 (loads OpenMP; pre-imported by the test's zygote)
+        from threadpoolctl import threadpool_info
+
+        print(json.dumps(sorted({p["num_threads"] for p in threadpool_info()
+                                 if p["user_api"] == "openmp"})))  # fmt: skip
+        return 0
     if action == "raise":
         raise RuntimeError("boom from the stand-in")
     if action == "sleep":

@@ -142,7 +142,8 @@ def test_the_warm_heads_zygote_starts_in_bash_before_ray_as_kuberay_joins_them()
     checked = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     serve = zygote_command(args[0].split("{")[1].rstrip("&} "))
-    assert serve.command == "serve" and serve.preload == ["mlkube.cli", "ray.tune"]
+    assert serve.command == "serve"
+    assert serve.preload == ["mlkube.cli", "ray.tune", "mlkube.training.preload"]
 
 
 def cluster(name: str, state: str | None = "ready", image: str = "mlkube/runtime:0.1.0",

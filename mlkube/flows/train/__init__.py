@@ -32,6 +32,7 @@ from mlkube.training import outcome, registry
 from mlkube.training.ownership import owner_namespace
 from mlkube.training.prepare import MISSING_EXTRA, Prepared, preflight, prepare
 from mlkube.training.tracking import RunTracker, TrialRecord, end_orphaned_runs
+from mlkube.training.trial_workers import leave_trial_workers
 from mlkube.training.tune import SearchSettings, first_trial_workers, run_search, start_ray
 
 
@@ -410,7 +411,8 @@ def train(
 ) -> TrainResult:
     """Validate, then run the flow: what `mlkube train` and the RayJob entrypoint do.
     `allow_shared_models`: the admin lets namespaces use each other's registered models.
-    `trial_workers_ahead`: start the first trials' Ray workers as soon as Ray is connected."""
+    `trial_workers_ahead`: start the first trials' Ray workers as soon as Ray is connected,
+    unless the run before left them, and leave the next run's as this one ends."""
     from mlkube.training.tune import search_lock
 
     if not run.metadata.uid:
@@ -429,8 +431,12 @@ def train(
                 f"{MISSING_EXTRA}"
             ) from None
     wait_for_prefect_api()
-    with search_lock(search_experiment(run)):
-        return train_flow(prepared, show_progress, allow_shared_models)
+    try:
+        with search_lock(search_experiment(run)):
+            return train_flow(prepared, show_progress, allow_shared_models)
+    finally:
+        if trial_workers_ahead:  # the next run's, on this warm cluster
+            leave_trial_workers(first_trial_workers(prepared.settings))
 
 
 def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:
@@ -458,8 +464,8 @@ def entrypoint_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trial-workers-ahead",
         action="store_true",
-        help="start the first trials' Ray workers while the flow sets up (the operator "
-        "passes it on warm clusters)",
+        help="start the first trials' Ray workers while the flow sets up, and the next "
+        "run's as it ends (the operator passes it on warm clusters)",
     )
     parser.set_defaults(handler=run_entrypoint)
     return parser

@@ -63,7 +63,8 @@ class Task(ABC):
     # Worth a checkpoint at every report (an epoch of a network); otherwise a trial that
     # was running when its search's driver died starts over when the search resumes.
     checkpoints: bool = False
-    # What log_model imports; the flow imports them while it waits for Ray and Prefect.
+    # What log_model imports; the flow imports them while it waits for Ray and Prefect, and
+    # a warm head's zygote ahead of every run (mlkube.training.preload).
     model_modules: tuple[str, ...] = ("mlflow.models",)
     # What spec.dataset.problem may say besides "auto"; the flow sets `problem` before load.
     problems: tuple[Problem, ...] = ()
