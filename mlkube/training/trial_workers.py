@@ -15,6 +15,11 @@ same runtime environment. On a warm cluster a run leaves its successor's workers
 it ends (leave_trial_workers), and notes so in a file of the head; the next run that finds
 the note for its own runtime environment starts none itself, and its first trials take
 those, already up.
+
+Those workers also import what a trial imports (Ray Tune, pandas, the task's libraries) as
+they start, through Ray's worker setup hook: a run on a warm cluster adds the hook to the
+environment Tune gives its trial actors (set_up_trial_imports), so that it is part of the
+runtime environment the started workers and the trial actors share.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,38 @@ PRESTART_TIMEOUT_SECONDS = 5.0
 # forked there shares), and how long before their end a run no longer counts on them.
 AHEAD_NOTE = Path(tempfile.gettempdir()) / "mlkube-trial-workers-ahead.json"
 AHEAD_MARGIN_SECONDS = 30
+
+
+# Ray's worker setup hook, as an environment variable of a runtime environment (the
+# `worker_process_setup_hook` of a runtime env becomes this); Ray runs it in a new worker
+# before the worker takes work.
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+SETUP_HOOK = f"{__name__}.import_trial_modules"
+TRIAL_MODULES_ENV = "MLKUBE_TRIAL_MODULES"
+# What every trial imports, whatever its task: the trainable (Ray Tune) and its data.
+TRIAL_BASE_MODULES = ("mlkube.training.tune_events", "pandas")
+
+
+def set_up_trial_imports(task_modules: Sequence[str]) -> None:
+    """Tune's trial actors of this process, and the workers started for them, import the
+    trial's modules (TRIAL_BASE_MODULES and `task_modules`) as their worker starts."""
+    from ray.tune.execution import class_cache
+
+    class_cache.DEFAULT_ENV_VARS.update(
+        {SETUP_HOOK_ENV: SETUP_HOOK, TRIAL_MODULES_ENV: ",".join(task_modules)}
+    )
+
+
+def import_trial_modules() -> None:
+    """The setup hook, in a new Ray worker. A module that fails to import is left for the
+    trial to report: the hook failing would end the worker."""
+    wanted = [m for m in os.environ.get(TRIAL_MODULES_ENV, "").split(",") if m]
+    for module in (*TRIAL_BASE_MODULES, *wanted):
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            log.warning("trial worker setup: %s not imported: %s", module, error)
+            return
 
 
 def tune_trial_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
@@ -171,3 +208,4 @@ def _prestart(runtime_env: Any, count: int, keep_alive: int) -> int:
             request, timeout=PRESTART_TIMEOUT_SECONDS
         )
     return count
+

@@ -12,7 +12,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from mlkube.background import BackgroundStart
 from mlkube.local import ensure_ray_bootstrap_config, mlkube_home
 from mlkube.training.search_space import grid_to_tune, to_tune
 from mlkube.training.tasks.base import Mode, SearchSpace, Task, TaskData
-from mlkube.training.trial_workers import prestart_trial_workers
+from mlkube.training.trial_workers import prestart_trial_workers, set_up_trial_imports
 
 if TYPE_CHECKING:  # the module imports Ray: only when a search runs
     from mlkube.training.tune_events import TrialObserver
@@ -146,10 +146,13 @@ _ray_start: BackgroundStart | None = None
 _ray_start_lock = threading.Lock()
 
 
-def start_ray(num_cpus: int | None = None, trial_workers: int = 0) -> None:
+def start_ray(
+    num_cpus: int | None = None, trial_workers: int = 0, trial_modules: Sequence[str] = ()
+) -> None:
     """Begins what ensure_ray() does without waiting, so Ray's start (about 5 s) overlaps
     other work; ensure_ray() then waits for it. Once connected, `trial_workers` worker
-    processes for the search's first trials start too (mlkube.training.trial_workers)."""
+    processes for the search's first trials start too, and import `trial_modules` as they
+    start (mlkube.training.trial_workers)."""
     global _ray_start
     import ray
 
@@ -160,6 +163,9 @@ def start_ray(num_cpus: int | None = None, trial_workers: int = 0) -> None:
             # Ray installs this handler itself only when started on the main thread.
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
         logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
+
+        if trial_workers > 0:
+            set_up_trial_imports(trial_modules)
 
         def start() -> None:
             _init_ray(num_cpus)

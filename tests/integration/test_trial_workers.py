@@ -37,13 +37,14 @@ def now():
     return created
 
 driver_started = now()
-start_ray(trial_workers=2)
+start_ray(trial_workers=2, trial_modules=["sklearn.ensemble"])
 ensure_ray()
 time.sleep(2)  # the flow's own setup, while the workers start
 tuner_created = now()
 
 def trainable(config):
-    tune.report({"worker_created": psutil.Process().create_time()})
+    tune.report({"worker_created": psutil.Process().create_time(),
+                 "imported_ahead": "sklearn.ensemble" in sys.modules})
 
 results = tune.Tuner(
     trainable,
@@ -51,14 +52,16 @@ results = tune.Tuner(
     run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0),
 ).fit()
 print(json.dumps({"driver_started": driver_started, "tuner_created": tuner_created,
-                  "workers_created": [r.metrics["worker_created"] for r in results]}))
+                  "workers_created": [r.metrics["worker_created"] for r in results],
+                  "imported_ahead": [r.metrics["imported_ahead"] for r in results]}))
 """
 
 # A run ending on a warm cluster, which leaves the next run's trial workers.
 LEAVING_DRIVER = """
-from mlkube.training.trial_workers import leave_trial_workers
+from mlkube.training.trial_workers import leave_trial_workers, set_up_trial_imports
 from mlkube.training.tune import ensure_ray
 
+set_up_trial_imports(["sklearn.ensemble"])
 ensure_ray()
 leave_trial_workers(2)
 """
@@ -72,9 +75,11 @@ def test_first_trials_run_in_workers_started_as_the_driver_connected(
     ray_local: None, tmp_path: Path, job_env: str
 ) -> None:
     seen = run_driver(DRIVER, tmp_path, job_env)
-    # Both trials ran in processes that were up before Tune asked for any.
+    # Both trials ran in processes that were up before Tune asked for any, and that had
+    # imported the task's modules as they started (Ray's worker setup hook).
     assert len(seen["workers_created"]) == 2
     assert all(t < seen["tuner_created"] for t in seen["workers_created"]), seen
+    assert seen["imported_ahead"] == [True, True]
 
 
 def test_a_run_takes_the_trial_workers_the_run_before_left(
@@ -90,6 +95,7 @@ def test_a_run_takes_the_trial_workers_the_run_before_left(
 
     assert len(seen["workers_created"]) == 2
     assert all(t < seen["driver_started"] for t in seen["workers_created"]), seen
+    assert seen["imported_ahead"] == [True, True]
     assert not note.exists()
 
 
@@ -111,6 +117,42 @@ def run_driver(source: str, tmp_path: Path, job_env: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr[-3000:]
     last = (done.stdout.strip().splitlines() or ["{}"])[-1]
     return dict(json.loads(last))
+
+
+def test_a_trial_worker_whose_module_is_missing_still_takes_trials(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """The setup hook never ends a worker: a trial that needs the module fails by itself."""
+    seen = run_driver(DRIVER.replace('"sklearn.ensemble"]', '"no_such_module_here"]'), tmp_path,
+                      "none")  # fmt: skip
+    assert len(seen["workers_created"]) == 2
+
+
+TRIAL_IMPORTS = """
+import json, os, sys
+from mlkube.training.tasks import resolve_task
+from mlkube.training.trial_workers import TRIAL_MODULES_ENV, import_trial_modules
+
+task = resolve_task("insurance")
+os.environ[TRIAL_MODULES_ENV] = ",".join(task.trial_modules)
+import_trial_modules()
+data = task.load(sys.argv[1], None, 0)
+before = set(sys.modules)
+task.train({"max_iter": 50}, data, report=lambda *args, **kwargs: None, seed=0)
+print(json.dumps(sorted(m for m in set(sys.modules) - before
+                        if m.split(".")[0] in ("sklearn", "scipy", "pandas", "ray"))))
+"""
+
+
+def test_a_worker_set_up_for_tabular_trials_imports_nothing_more_to_train_one(
+    insurance_csv: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TRIAL_IMPORTS, str(insurance_csv)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def test_a_trials_runtime_environment_lays_tunes_variables_over_the_jobs() -> None:

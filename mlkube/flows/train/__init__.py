@@ -420,7 +420,10 @@ def train(
         run.metadata.uid = local_uid(run)
     prepared = prepare(run)
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
-    start_ray(trial_workers=first_trial_workers(prepared.settings) if trial_workers_ahead else 0)
+    start_ray(
+        trial_workers=first_trial_workers(prepared.settings) if trial_workers_ahead else 0,
+        trial_modules=prepared.task.trial_modules,
+    )
     # Imported now, while Ray and Prefect's API come up, rather than after the search.
     for module in prepared.task.model_modules:
         try:

@@ -82,6 +82,7 @@ def build_forecaster(hidden: int, layers: int, mean: float, std: float) -> Any:
 class AtmosTemperatureTask(Task):
     name = "atmos-temperature"
     model_modules = ("mlflow.models", "mlflow.pytorch", "torch")
+    trial_modules = ("torch",)
     metric = "mae"
     mode = "min"
     has_epochs = True

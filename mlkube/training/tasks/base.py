@@ -66,6 +66,9 @@ class Task(ABC):
     # What log_model imports; the flow imports them while it waits for Ray and Prefect, and
     # a warm head's zygote ahead of every run (mlkube.training.preload).
     model_modules: tuple[str, ...] = ("mlflow.models",)
+    # What a trial imports in its Ray worker; on warm clusters the workers import them as
+    # they start (mlkube.training.trial_workers), before a trial is given to them.
+    trial_modules: tuple[str, ...] = ()
     # What spec.dataset.problem may say besides "auto"; the flow sets `problem` before load.
     problems: tuple[Problem, ...] = ()
     problem: Problem = "auto"

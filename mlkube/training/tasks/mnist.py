@@ -81,6 +81,7 @@ def read_mnist_csv(uri: str, target: str) -> tuple[np.ndarray, np.ndarray]:
 class MnistTask(Task):
     name = "mnist"
     model_modules = ("mlflow.pyfunc", "torch")
+    trial_modules = ("torch",)
     metric = "loss"
     mode = "min"
     has_epochs = True

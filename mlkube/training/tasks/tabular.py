@@ -55,6 +55,10 @@ def rounds_of(max_iter: int) -> int:
 class TabularTask(Task):
     name = "tabular"
     model_modules = ("mlflow.models", "mlflow.sklearn", "skops.io")
+    trial_modules = (
+        "sklearn.compose", "sklearn.ensemble", "sklearn.metrics", "sklearn.model_selection",
+        "sklearn.pipeline", "sklearn.preprocessing",
+    )  # fmt: skip
     has_epochs = True
     default_target: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = ("regression", "classification")
