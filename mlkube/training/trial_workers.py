@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +121,38 @@ def prestart_trial_workers(count: int) -> None:
 
 def leave_trial_workers(count: int) -> None:
     """As a run on a warm cluster ends: starts `count` workers for the next run's first
-    trials, kept for KEEP_AHEAD_SECONDS, and notes them in AHEAD_NOTE."""
+    trials, kept for KEEP_AHEAD_SECONDS, and notes them in AHEAD_NOTE; and one for the next
+    run's Ray job supervisor."""
     if count <= 0:
         return
     try:
         runtime_env = _trial_runtime_env_info()
         if _prestart(runtime_env, count, KEEP_AHEAD_SECONDS):
             write_ahead_note(AHEAD_NOTE, _digest(runtime_env), time.time() + KEEP_AHEAD_SECONDS)
+        _prestart(_supervisor_runtime_env_info(), 1, KEEP_AHEAD_SECONDS)
     except Exception as error:
-        log.info("trial workers were not left for the next run: %s", error)
+        log.info("workers were not left for the next run: %s", error)
+
+
+def supervisor_runtime_env(job_runtime_env: str) -> str:
+    """The serialized runtime environment of the Ray job supervisor of a job submitted with
+    the runtime environment this job has (`job_runtime_env`, serialized). Ray's job manager
+    adds these variables to the submitted environment for the supervisor, which takes them
+    out again for its driver; the supervisor's actor keeps Python's serialization, as the
+    dashboard's own job has no runtime environment."""
+    from ray._private import ray_constants
+    from ray._private.accelerators.npu import NOSET_ASCEND_RT_VISIBLE_DEVICES_ENV_VAR
+    from ray._private.accelerators.nvidia_gpu import NOSET_CUDA_VISIBLE_DEVICES_ENV_VAR
+    from ray.runtime_env import RuntimeEnv
+
+    submitted = json.loads(job_runtime_env or "{}")
+    env_vars = {
+        **(submitted.get("env_vars") or {}),
+        ray_constants.RAY_WORKER_NICENESS: "0",
+        NOSET_CUDA_VISIBLE_DEVICES_ENV_VAR: "1",
+        NOSET_ASCEND_RT_VISIBLE_DEVICES_ENV_VAR: "1",
+    }
+    return str(RuntimeEnv(**{**submitted, "env_vars": env_vars}).serialize())
 
 
 def write_ahead_note(note: Path, digest: str, until: float) -> None:
@@ -166,15 +189,25 @@ def _digest(runtime_env: Any) -> str:
 
 def _trial_runtime_env_info() -> Any:
     """The RuntimeEnvInfo of this job's Tune trial actors (Ray's protobuf)."""
+    return _job_runtime_env_info(
+        lambda job: trial_runtime_env(job, tune_trial_env_vars(os.environ))
+    )
+
+
+def _supervisor_runtime_env_info() -> Any:
+    """The RuntimeEnvInfo of the next job's supervisor, submitted as this one was."""
+    return _job_runtime_env_info(supervisor_runtime_env)
+
+
+def _job_runtime_env_info(serialized: Callable[[str], str]) -> Any:
+    """This job's RuntimeEnvInfo (Ray's protobuf), its environment made `serialized(...)`."""
     import ray
 
     worker: Any = ray._private.worker.global_worker
     job_env = worker.core_worker.get_job_config().runtime_env_info
     info = type(job_env)()
     info.CopyFrom(job_env)
-    info.serialized_runtime_env = trial_runtime_env(
-        job_env.serialized_runtime_env, tune_trial_env_vars(os.environ)
-    )
+    info.serialized_runtime_env = serialized(job_env.serialized_runtime_env)
     return info
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mlkube.operator.rayjob import runtime_env_yaml
-from mlkube.training.trial_workers import trial_runtime_env
+from mlkube.training.trial_workers import supervisor_runtime_env, trial_runtime_env
 
 pytestmark = pytest.mark.integration
 
@@ -36,10 +36,24 @@ def now():
     marker.kill()
     return created
 
+def idle_trial_workers():
+    # Ray workers idle with the environment of Tune's trial actors (its PL_DISABLE_FORK).
+    found = 0
+    for process in psutil.process_iter():
+        try:
+            idle = process.cmdline()[:1] == ["ray::IDLE"]
+            found += idle and process.environ().get("PL_DISABLE_FORK") == "1"
+        except (psutil.Error, IndexError):
+            pass
+    return found
+
 driver_started = now()
 start_ray(trial_workers=2, trial_modules=["sklearn.ensemble"])
 ensure_ray()
-time.sleep(2)  # the flow's own setup, while the workers start
+# The flow's own setup, while the workers start (on a loaded machine, until they are up).
+deadline = time.monotonic() + 60
+while idle_trial_workers() < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
 tuner_created = now()
 
 def trainable(config):
@@ -163,3 +177,18 @@ def test_a_trials_runtime_environment_lays_tunes_variables_over_the_jobs() -> No
     assert trial_runtime_env("{}", {"PL_DISABLE_FORK": "1"}) == (
         '{"env_vars": {"PL_DISABLE_FORK": "1"}}'
     )
+
+
+def test_the_next_supervisors_runtime_environment_is_the_one_rays_job_manager_gives_it() -> None:
+    """A RayJob's runtime env as its driver sees it, made into its supervisor's, is the text
+    Ray's job manager gives the supervisor actor of a job submitted with it: the raylet
+    hands the worker left for it only to an actor of the same text."""
+    from ray.dashboard.modules.job.job_manager import JobManager
+    from ray.runtime_env import RuntimeEnv
+
+    submitted = JOB_CONFIG["runtime_env"]
+    manager: Any = JobManager  # its method reads no state of the manager for these arguments
+    given = manager._get_supervisor_runtime_env(None, dict(submitted), "job-1", False)
+
+    assert supervisor_runtime_env(json.dumps(submitted)) == RuntimeEnv(**given).serialize()
+
