@@ -301,9 +301,9 @@ def apply_thread_limit(omp_num_threads: str | None) -> None:
     zygote, before the run's value was known (Ray's job supervisor gives its entrypoint 1).
     The run's value is applied to the pools loaded, as a new process would have read it."""
     threadpoolctl = sys.modules.get("threadpoolctl")  # loaded with scikit-learn
-    if threadpoolctl is None or not (omp_num_threads or "").isdigit():
+    if threadpoolctl is None or omp_num_threads is None or not omp_num_threads.isdigit():
         return
-    threadpoolctl.threadpool_limits(limits=max(1, int(omp_num_threads or 1)))
+    threadpoolctl.threadpool_limits(limits=max(1, int(omp_num_threads)))
 
 
 def run_child(request: Request) -> None:

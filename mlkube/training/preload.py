@@ -7,9 +7,8 @@ its data and waits for Prefect."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
-from mlkube.training.tasks import BUILTIN
+from mlkube.training.tasks import BUILTIN, installed
 
 
 def task_modules() -> list[str]:
@@ -18,12 +17,6 @@ def task_modules() -> list[str]:
     for make in BUILTIN.values():
         modules.update(dict.fromkeys(make().model_modules))
     return list(modules)
-
-
-def installed(module: str) -> bool:
-    """Whether the module's top-level package is in this environment (the runtime image
-    without the torch extra has no torch)."""
-    return importlib.util.find_spec(module.split(".")[0]) is not None
 
 
 def preload() -> list[str]:

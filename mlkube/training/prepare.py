@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from mlkube.api import TrainingRun, UserError
 from mlkube.api.errors import first_line
 from mlkube.training.search_space import grid_points, grid_size
-from mlkube.training.tasks import Task, TaskData, TaskError, resolve_task
+from mlkube.training.tasks import Task, TaskData, TaskError, installed, resolve_task
 from mlkube.training.tasks.base import DataError, SearchSpace
 from mlkube.training.tasks.data import local_path
 from mlkube.training.tune import SearchSettings
@@ -45,8 +44,8 @@ def preflight(run: TrainingRun) -> Task:
     with spec.dataset.problem applied. Raises UserError with one line."""
     the_task = resolve_task(run.spec.task)
     for module in the_task.model_modules:
-        top = module.split(".")[0]
-        if importlib.util.find_spec(top) is None:
+        if not installed(module):
+            top = module.split(".")[0]
             raise UserError(
                 f"spec.task: {run.spec.task} needs {top}, which this install lacks: {MISSING_EXTRA}"
             )

@@ -191,4 +191,3 @@ def test_the_next_supervisors_runtime_environment_is_the_one_rays_job_manager_gi
     given = manager._get_supervisor_runtime_env(None, dict(submitted), "job-1", False)
 
     assert supervisor_runtime_env(json.dumps(submitted)) == RuntimeEnv(**given).serialize()
-

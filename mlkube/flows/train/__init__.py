@@ -419,11 +419,9 @@ def train(
         run = run.model_copy(deep=True)
         run.metadata.uid = local_uid(run)
     prepared = prepare(run)
+    workers_ahead = first_trial_workers(prepared.settings) if trial_workers_ahead else 0
     # Ray starts while Prefect starts the flow run and MLflow opens its store.
-    start_ray(
-        trial_workers=first_trial_workers(prepared.settings) if trial_workers_ahead else 0,
-        trial_modules=prepared.task.trial_modules,
-    )
+    start_ray(trial_workers=workers_ahead, trial_modules=prepared.task.trial_modules)
     # Imported now, while Ray and Prefect's API come up, rather than after the search.
     for module in prepared.task.model_modules:
         try:
@@ -438,8 +436,7 @@ def train(
         with search_lock(search_experiment(run)):
             return train_flow(prepared, show_progress, allow_shared_models)
     finally:
-        if trial_workers_ahead:  # the next run's, on this warm cluster
-            leave_trial_workers(first_trial_workers(prepared.settings))
+        leave_trial_workers(workers_ahead)  # the next run's, on this warm cluster
 
 
 def read_trainingrun(spec_json: str | None, spec_file: str | None) -> TrainingRun:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 
 from mlkube.api.errors import UserError
@@ -45,6 +46,12 @@ BUILTIN: dict[str, Callable[[], Task]] = {
 }
 
 
+def installed(module: str) -> bool:
+    """Whether the module's top-level package is in this environment (the runtime image
+    without the torch extra has no torch)."""
+    return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
 def resolve_task(name: str) -> Task:
     if name in BUILTIN:
         return BUILTIN[name]()
@@ -73,5 +80,6 @@ __all__ = [
     "Task",
     "TaskData",
     "TaskError",
+    "installed",
     "resolve_task",
 ]
