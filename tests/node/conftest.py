@@ -24,10 +24,27 @@ from tests.cluster.postgres import Postgres
 NODE_DIR = Path(__file__).resolve().parent
 
 
+# The lane's order, to install the chart and start the node as few times as possible: the
+# node's own tests, the tests sharing the lane's release, then the two that install a
+# release of their own (team setup uninstalls the shared one, the user's path uninstalls its
+# own), and last the test that stops the node. Files not named here go with the shared ones.
+LANE_ORDER = ("test_node.py", "*", "test_team_setup.py", "test_user_path.py", "node stops")
+LAST = {"test_stopping_the_node_leaves_nothing_behind": "node stops"}
+
+
+def lane_position(item: pytest.Item) -> int:
+    place = LAST.get(getattr(item, "originalname", item.name))
+    if place is None:
+        place = item.path.name if item.path.name in LANE_ORDER else "*"
+    return LANE_ORDER.index(place)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if NODE_DIR in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.node)
+    if all(NODE_DIR in Path(str(item.path)).parents for item in items):
+        items.sort(key=lane_position)  # stable: each file keeps its own order
 
 
 class NodeSession:

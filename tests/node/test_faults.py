@@ -25,8 +25,9 @@ from tests.node.steps import (
 )
 
 PODS = Path(__file__).resolve().parent / "pods"
-# The search the Ray head is deleted in the middle of.
-TRIALS = 5
+# The search the Ray head is deleted in the middle of: once the first trial has a result,
+# two are left to the next attempt (each trial costs the lane about 30 s).
+TRIALS = 3
 
 
 def predictor_pods(node: Node, namespace: str) -> list[str]:
@@ -186,8 +187,7 @@ def test_the_ray_head_deleted_mid_search_resumes_the_search_on_a_new_ray_cluster
 
 def resumed_search(node: Node, namespace: str, model_name: str, uri: str) -> None:
     # Slow trials (1500 boosting rounds each, one at a time on the head's one Ray CPU), so that
-    # the search is still going when the head goes: three trials are left to the next
-    # attempt (every trial after the second costs the lane about 30 s).
+    # the search is still going when the head goes.
     run = small_trainingrun(
         uri,
         **{
@@ -205,7 +205,7 @@ def resumed_search(node: Node, namespace: str, model_name: str, uri: str) -> Non
                            "jsonpath={.status.trials.completed}").stdout  # fmt: skip
         return int(out or 0)
 
-    wait_for(node, "two trial results", lambda: trials_completed() >= 2, timeout=600)
+    wait_for(node, "a trial result", lambda: trials_completed() >= 1, timeout=600)
     node.kubectl("delete", "pod", "-n", namespace, "-l", "ray.io/node-type=head",
                  "--wait=false")  # fmt: skip
     ended = trainingrun_ended(node, namespace, "insurance", timeout=900)

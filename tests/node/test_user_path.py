@@ -50,6 +50,9 @@ def test_install_train_serve_predict_uninstall(
     assert (tr["TRIALS"], tr["VERSION"], tr["PROMOTED"]) == ("4", "1", "true"), tr
     rayjobs = node.kubectl("get", "rayjobs", "-n", namespace, "-o", "name").stdout.split()
     assert rayjobs == ["rayjob.ray.io/insurance"]
+    rayjob = json.loads(node.kubectl("get", "rayjob", "insurance", "-n", namespace, "-o",
+                                     "json").stdout)  # fmt: skip
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True  # a cluster of the run's own
 
     # Serve what `champion` points at.
     deployment = example(
