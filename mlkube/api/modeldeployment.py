@@ -57,6 +57,9 @@ class ModelSelector(CamelModel):
 
 # Models one ModelDeployment may list (spec.models): one predictor process holds them all.
 MAX_MODELS = 64
+# A predictor serving one pinned version exits with this status when that version's files
+# download but do not load; the operator reads it off the pod and fails the rollout at once.
+UNLOADABLE_EXIT_CODE = 3
 
 
 class AnyModel(CamelModel):

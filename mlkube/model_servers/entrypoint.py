@@ -123,6 +123,19 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not download the artifacts at start",
     )
+    parser.add_argument(
+        "--exit-if-unloadable",
+        dest="exit_if_unloadable",
+        action="store_const",
+        const=True,
+        help="exit with status 3 when a pinned model's files download but do not load "
+        "(a crash Kubernetes shows; otherwise that model is never ready)",
+    )
+    parser.add_argument(
+        "--termination-log",
+        dest="termination_log",
+        help="where --exit-if-unloadable writes why (default /dev/termination-log)",
+    )
 
 
 def served_models(pairs: list[str]) -> dict[str, str]:

@@ -95,6 +95,7 @@ class LazyModel(Model):
         missing_is_404: bool = False,
         on_missing: Callable[[str], None] | None = None,
         max_request_rows: int | None = None,
+        on_unloadable: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__(name)
         self.uri = uri
@@ -102,6 +103,7 @@ class LazyModel(Model):
         self._loader = loader
         self._missing_is_404 = missing_is_404
         self._on_missing = on_missing
+        self._on_unloadable = on_unloadable  # (uri, why): the version will never load
         self.max_request_rows = max_request_rows
         self.ready = True
         self.unloadable: str | None = None  # why the version cannot load, once it could not
@@ -153,6 +155,8 @@ class LazyModel(Model):
         except Unloadable as error:
             self.unloadable = str(error)
             log.warning("%s does not load; it will never be ready: %s", self.uri, error)
+            if self._on_unloadable:
+                self._on_unloadable(self.uri, public_reason(str(error)))
         except Exception as error:  # readiness stays false; a request would say why
             self._prepare_after = time.monotonic() + PREPARE_RETRY_SECONDS
             log.warning("preparing %s failed: %s", self.uri, error)

@@ -15,13 +15,17 @@ import threading
 import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import orjson
 
+from mlkube.api.modeldeployment import UNLOADABLE_EXIT_CODE
 from mlkube.model_servers.settings import ServerSettings
 
 log = logging.getLogger("mlkube.model_servers")
+# The kubelet keeps at most this much of a container's termination message.
+TERMINATION_MESSAGE_BYTES = 4096
 
 
 def quiet_fastapi() -> None:
@@ -537,12 +541,35 @@ def build(settings: ServerSettings) -> tuple[Any, list[Any], Any]:
         served = {settings.model_name: settings.model_uri}
     # Each model has its own readiness (/v2/models/{name}/ready) and metrics (label
     # model); the server is ready when all of them are (their versions are pinned).
+    exits = settings.exit_if_unloadable
+    on_unloadable = exit_unloadable(settings.termination_log) if exits else None
     models = [
-        LazyModel(name, uri, cache, loader, max_request_rows=settings.max_request_rows)
+        LazyModel(
+            name, uri, cache, loader,
+            max_request_rows=settings.max_request_rows, on_unloadable=on_unloadable,
+        )
         for name, uri in served.items()
-    ]
+    ]  # fmt: skip
     server = make_model_server(settings, ModelRepository(), [model.name for model in models])
     return server, models, loader
+
+
+def exit_unloadable(termination_log: Path) -> Callable[[str, str], None]:
+    """What --exit-if-unloadable does once a pinned version is known not to load: say why
+    where Kubernetes reads a container's last words, then exit with UNLOADABLE_EXIT_CODE.
+    Nothing is lost: that model never served, and the server serves nothing else."""
+
+    def leave(uri: str, why: str) -> None:
+        message = f"{uri} does not load: {why}"
+        log.error("%s; exiting with status %d", message, UNLOADABLE_EXIT_CODE)
+        try:
+            termination_log.write_text(message[:TERMINATION_MESSAGE_BYTES])
+        except OSError as error:
+            log.warning("could not write %s: %s", termination_log, error)
+        logging.shutdown()
+        os._exit(UNLOADABLE_EXIT_CODE)  # from the preparing thread: no clean shutdown to wait for
+
+    return leave
 
 
 def run(settings: ServerSettings) -> None:

@@ -69,6 +69,16 @@ class ServerSettings(BaseModel):
     prefetch: bool = Field(
         default=True, description="Download artifacts at start (not into memory); readiness waits"
     )
+    exit_if_unloadable: bool = Field(
+        default=False,
+        description="Exit with status 3 when a pinned model's files download but do not load, "
+        "saying why in termination_log (a pod's status then shows it); otherwise that model is "
+        "never ready and the server stays up",
+    )
+    termination_log: Path = Field(
+        default=Path("/dev/termination-log"),
+        description="Where --exit-if-unloadable writes why (Kubernetes' terminationMessagePath)",
+    )
     max_request_bytes: int = Field(
         default=64 * 2**20, ge=1, description="Largest request body; larger ones get a 413"
     )

@@ -29,6 +29,7 @@ from mlkube.operator.inferenceservice import (
     deployment_mode,
     inferenceservice_for,
     inferenceservice_patch,
+    predictor_pod_selector,
 )
 from mlkube.operator.metrics import CHILDREN_CREATED, TRANSITIONS, measured
 from mlkube.operator.mlflow_reader import GuardedReader, MlflowError, reader_for
@@ -64,6 +65,7 @@ from mlkube.operator.rollout import (
 )
 from mlkube.operator.settings import get_settings
 from mlkube.operator.status import (
+    failed_to_load,
     inferenceservice_view,
     phase_event,
     rayjob_created_status,
@@ -483,6 +485,8 @@ def reconcile_deployment(
     # step, never a watch that lags behind it. ModelDeployments are few.
     isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
     view = inferenceservice_view(isvc) if isvc is not None else None
+    if view is not None and view.state == "Progressing" and view.version is not None:
+        view = failed_to_load(view, _predictor_pods(meta["namespace"], meta["name"], view.version))
     mode = deployment_mode(deployment, isvc, SETTINGS.kserve_deployment_mode)
     plan = plan_deployment(
         deployment,
@@ -515,6 +519,19 @@ def reconcile_deployment(
     if new.phase != previous.phase:
         TRANSITIONS.labels("modeldeployment", new.phase).inc()
     return Update(status=status_patch(body.get("status") or {}, new), events=events)
+
+
+def _predictor_pods(namespace: str, deployment_name: str, version: int) -> list[dict[str, Any]]:
+    """The pods serving `version`; none when the operator may not list pods (a chart from
+    before it needed to), so that the rollout timeout still decides."""
+    selector = predictor_pod_selector(inferenceservice_name(deployment_name), version)
+    try:
+        return kube.list_pods(namespace, selector)
+    except kube.ApiException as error:
+        if error.status != 403:
+            raise
+        LOG.warning("listing pods in %s refused (403): the chart's RBAC is older", namespace)
+        return []
 
 
 def _update_inferenceservice(isvc: dict[str, Any], manifest: dict[str, Any]) -> None:

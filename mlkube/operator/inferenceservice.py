@@ -19,6 +19,8 @@ from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
     ANNOTATION_MODEL_VERSION,
     ANNOTATION_MODEL_VERSIONS,
+    LABEL_KSERVE_INFERENCESERVICE,
+    LABEL_MODEL_VERSION,
     LABEL_MODELDEPLOYMENT,
     MANAGED_BY,
     OPERATOR_NAME,
@@ -118,7 +120,16 @@ def predictor_args(
         args += ["--max-request-rows", str(spec.limits.max_request_rows)]
     if spec.memory_budget is not None:
         args += ["--memory-budget", spec.memory_budget]
+    if isinstance(version, int):
+        # A version that cannot load crashes its pod, which the operator reads (see
+        # predictor_pod_selector); several models in one process keep serving the others.
+        args.append("--exit-if-unloadable")
     return args
+
+
+def predictor_pod_selector(isvc_name: str, version: int) -> str:
+    """The label selector of the predictor pods serving `version` of this InferenceService."""
+    return f"{LABEL_KSERVE_INFERENCESERVICE}={isvc_name},{LABEL_MODEL_VERSION}={version}"
 
 
 def version_annotations(version: int | ModelVersions) -> dict[str, str]:
@@ -216,12 +227,15 @@ def build_inferenceservice(
         # Service, so no request reaches a server that already stopped listening.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", PRESTOP_SECONDS]}}},
     }
+    labels = dict(MLFLOW_CLIENT_LABELS)
+    if isinstance(version, int):
+        labels[LABEL_MODEL_VERSION] = str(version)
     # KServe's predictor is a pod spec with replica bounds and the pods' labels.
     predictor: dict[str, Any] = restricted_pod(
         [container],
         minReplicas=spec.replicas.min,
         maxReplicas=spec.replicas.max,
-        labels=dict(MLFLOW_CLIENT_LABELS),
+        labels=labels,
         volumes=[cache_volume(spec.cache)],
         **pod_option_fields(spec),
     )

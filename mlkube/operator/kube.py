@@ -107,6 +107,13 @@ def list_objects(kind: Kind, namespace: str, label_selector: str = "") -> list[d
     return cast(list[dict[str, Any]], found.get("items", []))
 
 
+def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    """The pods of one namespace with these labels, as plain dicts (camelCase keys)."""
+    found = _core().list_namespaced_pod(namespace, label_selector=label_selector)
+    items: list[dict[str, Any]] = _core().api_client.sanitize_for_serialization(found)["items"]
+    return items
+
+
 def create(kind: Kind, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Create the object; (the existing one, False) if its name is taken."""
     meta = manifest["metadata"]

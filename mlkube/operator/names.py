@@ -10,6 +10,10 @@ OPERATOR_NAME = "mlkube-operator"
 LABEL_TRAININGRUN = "mlkube.io/trainingrun"
 LABEL_MODELDEPLOYMENT = "mlkube.io/modeldeployment"
 ANNOTATION_MODEL_VERSION = "mlkube.io/model-version"
+# On a predictor's pods, the one version they serve (the operator finds a version's pods by it).
+LABEL_MODEL_VERSION = "mlkube.io/model-version"
+# KServe's label on an InferenceService's pods.
+LABEL_KSERVE_INFERENCESERVICE = "serving.kserve.io/inferenceservice"
 # spec.models: the pinned versions, a JSON object {name: version}.
 ANNOTATION_MODEL_VERSIONS = "mlkube.io/model-versions"
 ANNOTATION_DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"

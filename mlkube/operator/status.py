@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
+from mlkube.api.modeldeployment import UNLOADABLE_EXIT_CODE
 from mlkube.api.trainingrun import (
     TERMINAL_PHASES,
     BestTrial,
@@ -31,6 +32,7 @@ from mlkube.operator.conditions import (
     timestamp,
 )
 from mlkube.operator.events import Event
+from mlkube.operator.inferenceservice import PREDICTOR_CONTAINER
 from mlkube.operator.names import (
     ANNOTATION_DEPLOYMENT_MODE,
     ANNOTATION_MODEL_VERSION,
@@ -366,6 +368,8 @@ STARTING_REASONS = frozenset({"MinimumReplicasUnavailable"})
 ROLLED_OUT_REASON = "NewReplicaSetAvailable"
 # modelStatus.transitionStatus values by which KServe says the model will not load.
 FAILED_TRANSITIONS = frozenset({"BlockedByFailedLoad", "InvalidSpec"})
+# The reason a version whose predictor exited because it does not load fails with (KServe's own).
+MODEL_LOAD_FAILED = "ModelLoadFailed"
 
 
 class InferenceServiceView(BaseModel):
@@ -403,6 +407,25 @@ def pinned_versions(text: str | None) -> dict[str, int] | None:
         if isinstance(version, int) and not isinstance(version, bool)
     }
     return pinned if len(pinned) == len(found) else None
+
+
+def failed_to_load(view: InferenceServiceView, pods: list[dict[str, Any]]) -> InferenceServiceView:
+    """The view, Failed if a predictor pod of its pinned version exited because that version
+    does not load (UNLOADABLE_EXIT_CODE; the termination message says why). In raw mode
+    KServe stays Ready on the old pods meanwhile, and would say nothing until the timeout."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if container.get("name") != PREDICTOR_CONTAINER:
+                continue
+            for state in (container.get("state"), container.get("lastState")):
+                ended = (state or {}).get("terminated") or {}
+                if ended.get("exitCode") == UNLOADABLE_EXIT_CODE:
+                    why = ended.get("message") or f"version {view.version} does not load"
+                    return view.model_copy(
+                        update={"state": "Failed", "reason": MODEL_LOAD_FAILED,
+                                "message": one_line(why)}
+                    )  # fmt: skip
+    return view
 
 
 def inferenceservice_view(isvc: dict[str, Any]) -> InferenceServiceView:

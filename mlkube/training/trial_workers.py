@@ -241,4 +241,3 @@ def _prestart(runtime_env: Any, count: int, keep_alive: int) -> int:
             request, timeout=PRESTART_TIMEOUT_SECONDS
         )
     return count
-

@@ -443,9 +443,11 @@ def test_operator_reconciles_under_the_chart_rbac_cluster_wide(
         ("list", "trainingruns.mlkube.io"), ("watch", "modeldeployments.mlkube.io"),
         ("patch", "trainingruns.mlkube.io/status"), ("create", "rayjobs.ray.io"),
         ("patch", "inferenceservices.serving.kserve.io"), ("create", "events"),
+        ("list", "pods"),
     ]  # fmt: skip
     refused = [
         ("get", "secrets"), ("list", "secrets"), ("delete", "pods"), ("create", "pods"),
+        ("get", "pods"), ("watch", "pods"), ("get", "pods/log"),
         ("get", "configmaps"), ("delete", "rayjobs.ray.io"),
         ("delete", "inferenceservices.serving.kserve.io"),
         ("list", "inferenceservices.serving.kserve.io"),

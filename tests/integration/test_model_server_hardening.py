@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from mlkube.api.modeldeployment import UNLOADABLE_EXIT_CODE
 from tests.fixtures.mlflow_server import MlflowServer, stop_process_group, wait_http_ok
 from tests.integration.test_model_server import (
     ROWS,
@@ -214,6 +215,28 @@ def test_a_version_that_downloads_but_does_not_load_is_never_ready(
     assert answer.status_code == 503
     assert str(e.root) not in answer.json()["error"]
     assert _ready(e, UNLOADABLE) == (503, 503, 503)
+
+
+def test_with_exit_if_unloadable_a_version_that_does_not_load_exits_saying_why(
+    registered: MlflowServer, tmp_path: Path
+) -> None:
+    """How the operator's predictors run: the process exits with UNLOADABLE_EXIT_CODE and
+    leaves why where Kubernetes reads a container's termination message, with nothing of
+    the server's internals in it."""
+    termination_log = tmp_path / "termination-log"
+    server = _start(
+        tmp_path / "X", registered.tracking_uri, "--model-uri", f"models:/{UNLOADABLE}/1",
+        "--exit-if-unloadable", "--termination-log", str(termination_log),
+    )  # fmt: skip
+    try:
+        status = server.process.wait(timeout=120)
+    finally:
+        stop_process_group(server.process)
+    assert status == UNLOADABLE_EXIT_CODE, (server.root / "server.log").read_text()
+    message = termination_log.read_text()
+    assert message.startswith(f"models:/{UNLOADABLE}/1 does not load: "), message
+    for internal in (registered.tracking_uri, "127.0.0.1", str(registered.root), str(tmp_path)):
+        assert internal not in message, message
 
 
 # -- requests that are too big or hostile ----------------------------------------------------

@@ -96,9 +96,7 @@ def test_first_trials_run_in_workers_started_as_the_driver_connected(
     assert seen["imported_ahead"] == [True, True]
 
 
-def test_a_run_takes_the_trial_workers_the_run_before_left(
-    ray_local: None, tmp_path: Path
-) -> None:
+def test_a_run_takes_the_trial_workers_the_run_before_left(ray_local: None, tmp_path: Path) -> None:
     """On a warm cluster: the workers a run left as it ended are the next run's, and that
     run starts none of its own (it takes the note the first left in the head's /tmp)."""
     run_driver(LEAVING_DRIVER, tmp_path, "runtimeEnvYAML")

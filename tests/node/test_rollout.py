@@ -144,7 +144,11 @@ def test_new_versions_roll_out_under_traffic_and_a_broken_one_never_takes_it(
         timeout=600,
     )  # fmt: skip
     assert failed["servedVersion"] == 2, failed
-    assert "traffic stays on version 2" in failed.get("message", ""), failed
+    # Its predictor exited saying why, and the operator read that off the pod: the rollout
+    # failed then, not at operator.rolloutTimeoutSeconds.
+    message = failed.get("message", "")
+    assert "(ModelLoadFailed)" in message and "does not load" in message, failed
+    assert "traffic stays on version 2" in message, failed
     assert get_columns(node, "md", namespace, "insurance")["VERSION"] == "2"
     seen = stop_load(node, namespace)
 

@@ -18,6 +18,7 @@ from mlkube.operator.inferenceservice import (
     build_inferenceservice,
     deployment_mode,
     inferenceservice_patch,
+    predictor_pod_selector,
 )
 from mlkube.operator.names import ISVC_NAME_MAX, RAYJOB_NAME_MAX, inferenceservice_name, rayjob_name
 from mlkube.operator.rayjob import build_rayjob
@@ -166,6 +167,13 @@ def test_inferenceservice_pins_the_version() -> None:
     for name, value in TELEMETRY_OFF_ENV.items():
         assert {"name": name, "value": value} in container["env"]
     assert isvc["metadata"]["annotations"]["mlkube.io/model-version"] == "7"
+    # Its pods say which version they serve, and exit if it does not load (the operator
+    # finds them by that label, and reads the exit off them).
+    assert predictor["labels"]["mlkube.io/model-version"] == "7"
+    assert "--exit-if-unloadable" in args
+    assert predictor_pod_selector(isvc["metadata"]["name"], 7) == (
+        f"serving.kserve.io/inferenceservice={isvc['metadata']['name']},mlkube.io/model-version=7"
+    )
 
 
 def test_inferenceservice_gpus_are_the_predictors_limit() -> None:
@@ -321,7 +329,8 @@ def test_predictor_pods_are_restricted_have_no_token_and_carry_the_mlflow_client
     assert predictor["automountServiceAccountToken"] is False
     assert predictor["securityContext"]["runAsNonRoot"] is True
     assert predictor["containers"][0]["securityContext"] == RESTRICTED
-    assert predictor["labels"] == {"mlkube.io/mlflow-client": "true"}
+    labels = {"mlkube.io/mlflow-client": "true", "mlkube.io/model-version": "1"}
+    assert predictor["labels"] == labels
 
 
 def test_mlflow_credentials_come_from_the_namespace_secret_into_ray_and_predictor_pods() -> None:

@@ -92,6 +92,9 @@ def test_listed_models_are_pinned_one_by_one_and_checked_for_their_owner() -> No
     assert values_of(args, "--owner-namespace") == ["team-a"]
     assert values_of(args, "--memory-budget") == ["1Gi"]
     assert "--model-uri" not in args and "--multi-model" not in args
+    # One model that does not load must not take the others down with the process.
+    assert "--exit-if-unloadable" not in args
+    assert "mlkube.io/model-version" not in isvc["spec"]["predictor"]["labels"]
     annotations = isvc["metadata"]["annotations"]
     assert json.loads(annotations["mlkube.io/model-versions"]) == {"churn": 7, "fraud": 3}
     assert "mlkube.io/model-version" not in annotations

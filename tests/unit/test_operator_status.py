@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 
+from mlkube.api.modeldeployment import UNLOADABLE_EXIT_CODE
 from mlkube.api.trainingrun import TrainingRunStatus, TrialCounts
 from mlkube.operator.conditions import MLFLOW_REACHABLE, find_condition, mlflow_answered
 from mlkube.operator.events import Event, mlflow_events
@@ -13,6 +15,7 @@ from mlkube.operator.status import (
     JOB_FAILING,
     OUTCOME_READABLE,
     SUCCEEDED,
+    failed_to_load,
     inferenceservice_view,
     one_line,
     phase_event,
@@ -213,6 +216,37 @@ def test_inferenceservice_view() -> None:
         "RPredictorReady",
         "Standard",
     )
+
+
+def predictor_pod(container: str, **states: dict[str, Any]) -> dict[str, Any]:
+    return {"status": {"containerStatuses": [{"name": container, **states}]}}
+
+
+def test_a_predictor_that_exited_because_its_version_does_not_load_fails_the_rollout() -> None:
+    """In raw mode KServe stays Ready on the old pods while the new one crash-loops; the
+    server's exit status on the new version's pods tells the operator at once."""
+    rolling = inferenceservice_view(
+        isvc(2, {"observedGeneration": 2, "conditions": conds(Ready="True")},
+             annotations={"serving.kserve.io/deploymentMode": "Standard"})
+    )  # fmt: skip
+    assert rolling.state == "Progressing"
+    said = "models:/insurance/2 does not load: not a model"
+    crashed = {"terminated": {"exitCode": UNLOADABLE_EXIT_CODE, "message": said}}
+    looping = predictor_pod("kserve-container", state={"waiting": {"reason": "CrashLoopBackOff"}},
+                            lastState=crashed)  # fmt: skip
+    failed = failed_to_load(rolling, [predictor_pod("kserve-container", state={"running": {}}),
+                                      looping])  # fmt: skip
+    assert (failed.state, failed.reason, failed.message) == ("Failed", "ModelLoadFailed", said)
+    just_exited = failed_to_load(rolling, [predictor_pod("kserve-container", state=crashed)])
+    assert just_exited.state == "Failed"
+    # Other exits (OOM, a bug) and other containers are left to the rollout timeout.
+    other = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    for pods in ([], [predictor_pod("kserve-container", lastState=other)],
+                 [predictor_pod("queue-proxy", lastState=crashed)]):  # fmt: skip
+        assert failed_to_load(rolling, pods) == rolling
+    silent = {"terminated": {"exitCode": UNLOADABLE_EXIT_CODE}}
+    unsaid = failed_to_load(rolling, [predictor_pod("kserve-container", lastState=silent)])
+    assert unsaid.message == "version 2 does not load"
 
 
 def test_status_patch_writes_defaults_and_removes_what_is_gone() -> None:

@@ -121,6 +121,11 @@ Exactly what mlkube/operator (handlers.py, kube.py) and kopf do:
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Predictor pods, read only: a version whose pod exited because it does not load fails its
+# rollout at once (see docs/serving.md).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- end }}
 
 {{/* The MLflow server's database URI: from the admin's Secret, or SQLite on its volume. */}}
