@@ -33,11 +33,11 @@ DEMO_TRIALS ?= 8
 demo: venv
 	$(VENV)/bin/mlkube demo --trials $(DEMO_TRIALS)
 
-# Everything: lint, then unit, integration and the control-plane e2e tests, with the
-# real-node lane running beside them (tests/run-lanes.sh).
-test: venv lint k8s-binaries node-deps images
+# Everything: the real-node lane starts first and runs in the background; lint, then unit,
+# integration and the control-plane e2e tests run beside it (tests/run-lanes.sh).
+test: venv k8s-binaries node-deps images
 	$(PY) -m tests.cluster.node clean
-	@bash tests/run-lanes.sh $(PY)
+	@bash tests/run-lanes.sh --first "$(MAKE) --no-print-directory lint" $(PY)
 
 # The real-node lane alone (tests/node), from nothing built to torn down.
 test-cluster: venv k8s-binaries node-deps images

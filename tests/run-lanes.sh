@@ -4,10 +4,17 @@
 # most of its time waiting for pods, controllers and probes, so the two together take little
 # more than the longer of them instead of their sum. Each is its own pytest session (its own
 # HOME, MLflow, Ray and network guard); neither uses the other's ports or processes.
-# Usage: tests/run-lanes.sh PYTHON [pytest args for both lanes...]
+# Usage: tests/run-lanes.sh [--first COMMAND] PYTHON [pytest args for both lanes...]
+# COMMAND (make test: `make lint`) runs in the foreground before the other tests, while the
+# node lane already starts its node; it failing fails the run, after both lanes ran.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+first=""
+if [[ ${1:-} == --first ]]; then
+    first=$2
+    shift 2
+fi
 py=$1
 shift
 log=$(mktemp -t mlkube-node-lane.XXXXXX)
@@ -19,6 +26,11 @@ node_pid=$!
 # Stop the node lane too when this script is interrupted (its fixtures tear the node down).
 trap 'kill -INT "$node_pid" 2>/dev/null; wait "$node_pid"; exit 130' INT TERM
 
+first_status=0
+if [[ -n $first ]]; then
+    bash -c "$first"
+    first_status=$?
+fi
 "$py" -m pytest -q -p no:cacheprovider --durations=15 --ignore=tests/node "$@" tests
 rest=$?
 
@@ -33,7 +45,9 @@ node=$?
 echo
 echo "======================== node lane (tests/node) ========================"
 cat "$log"
-echo "run-lanes: rest exit $rest, node lane exit $node, $((SECONDS - started)) s in all"
+echo "run-lanes: ${first:+$first exit $first_status, }rest exit $rest, node lane exit $node," \
+    "$((SECONDS - started)) s in all"
 rm -f "$log"
+if [[ $first_status -ne 0 ]]; then exit "$first_status"; fi
 if [[ $rest -ne 0 ]]; then exit "$rest"; fi
 exit "$node"
