@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
 from mlkube.api.common import GROUP, VERSION
@@ -527,7 +528,7 @@ def _predictor_pods(namespace: str, deployment_name: str, version: int) -> list[
     selector = predictor_pod_selector(inferenceservice_name(deployment_name), version)
     try:
         return kube.list_pods(namespace, selector)
-    except kube.ApiException as error:
+    except ApiException as error:
         if error.status != 403:
             raise
         LOG.warning("listing pods in %s refused (403): the chart's RBAC is older", namespace)
