@@ -484,10 +484,11 @@ def reconcile_deployment(
         return _refused_deployment(body, previous, refusal)
     # Read, not indexed: a promotion or rollback must see the result of the previous
     # step, never a watch that lags behind it. ModelDeployments are few.
-    isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], inferenceservice_name(meta["name"]))
+    isvc_name = inferenceservice_name(meta["name"])
+    isvc = kube.get(kube.INFERENCESERVICE, meta["namespace"], isvc_name)
     view = inferenceservice_view(isvc) if isvc is not None else None
     if view is not None and view.state == "Progressing" and view.version is not None:
-        view = failed_to_load(view, _predictor_pods(meta["namespace"], meta["name"], view.version))
+        view = failed_to_load(view, _predictor_pods(meta["namespace"], isvc_name, view.version))
     mode = deployment_mode(deployment, isvc, SETTINGS.kserve_deployment_mode)
     plan = plan_deployment(
         deployment,
@@ -522,12 +523,11 @@ def reconcile_deployment(
     return Update(status=status_patch(body.get("status") or {}, new), events=events)
 
 
-def _predictor_pods(namespace: str, deployment_name: str, version: int) -> list[dict[str, Any]]:
+def _predictor_pods(namespace: str, isvc_name: str, version: int) -> list[dict[str, Any]]:
     """The pods serving `version`; none when the operator may not list pods (a chart from
     before it needed to), so that the rollout timeout still decides."""
-    selector = predictor_pod_selector(inferenceservice_name(deployment_name), version)
     try:
-        return kube.list_pods(namespace, selector)
+        return kube.list_pods(namespace, predictor_pod_selector(isvc_name, version))
     except ApiException as error:
         if error.status != 403:
             raise

@@ -109,8 +109,9 @@ def list_objects(kind: Kind, namespace: str, label_selector: str = "") -> list[d
 
 def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
     """The pods of one namespace with these labels, as plain dicts (camelCase keys)."""
-    found = _core().list_namespaced_pod(namespace, label_selector=label_selector)
-    items: list[dict[str, Any]] = _core().api_client.sanitize_for_serialization(found)["items"]
+    core = _core()
+    found = core.list_namespaced_pod(namespace, label_selector=label_selector)
+    items: list[dict[str, Any]] = core.api_client.sanitize_for_serialization(found)["items"]
     return items
 
 

@@ -28,15 +28,14 @@ NODE_DIR = Path(__file__).resolve().parent
 # node's own tests, the tests sharing the lane's release, then the two that install a
 # release of their own (team setup uninstalls the shared one, the user's path uninstalls its
 # own), and last the test that stops the node. Files not named here go with the shared ones.
-LANE_ORDER = ("test_node.py", "*", "test_team_setup.py", "test_user_path.py", "node stops")
-LAST = {"test_stopping_the_node_leaves_nothing_behind": "node stops"}
+LANE_ORDER = ("test_node.py", "*", "test_team_setup.py", "test_user_path.py")
+LAST = "test_stopping_the_node_leaves_nothing_behind"
 
 
 def lane_position(item: pytest.Item) -> int:
-    place = LAST.get(getattr(item, "originalname", item.name))
-    if place is None:
-        place = item.path.name if item.path.name in LANE_ORDER else "*"
-    return LANE_ORDER.index(place)
+    if getattr(item, "originalname", item.name) == LAST:
+        return len(LANE_ORDER)
+    return LANE_ORDER.index(item.path.name if item.path.name in LANE_ORDER else "*")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
